@@ -1,0 +1,141 @@
+"""The architect: computes the gradient of the validation loss with respect to α (section 2.3 of the paper).
+
+First order (ξ = 0) uses ∇α L_val(w, α). Second order (ξ > 0) differentiates through one virtual step of the
+weight optimizer (eq. 6-8)::
+
+    w' = w − ξ·(μ·v + ∇w L_train(w, α) + λ·w)            the SGD-momentum step the weight optimizer would take
+    ∇α L_val(w', α) − ξ·H
+    H  = (∇α L_train(w⁺, α) − ∇α L_train(w⁻, α)) / (2ε),   w± = w ± ε·∇w' L_val(w', α)
+    ε  = scale / ‖∇w' L_val(w', α)‖                          (scale = 0.01 in the paper)
+
+The network is evaluated with ``torch.func.functional_call`` on new weight tensors, so nothing is deep-copied and
+the network's own weights and batch-norm statistics are never touched: they are bit-identical afterwards.
+
+For data-parallel use, ``grad_reducer`` averages a list of tensors across ranks in place. It is applied to every
+gradient that enters the α step (∇w L_train for the virtual step, ∇w' L_val for ε and w±, and the final α
+gradient), so every rank computes the same w', the same ε, and ends with the same α gradient: the global batch's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call
+
+from nas.search_model import SearchNetwork
+
+GradReducer = Callable[[Sequence[Tensor]], None]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _no_reduce(tensors: Sequence[Tensor]) -> None:
+    return None
+
+
+class Architect:
+    """Computes α gradients for a :class:`SearchNetwork` and leaves them in each α's ``.grad``."""
+
+    def __init__(
+        self,
+        network: SearchNetwork,
+        w_optimizer: torch.optim.Optimizer,
+        xi: float | None = None,
+        hessian_scale: float = 0.01,
+        grad_reducer: GradReducer | None = None,
+        loss_fn: LossFn = F.cross_entropy,
+    ):
+        if xi is not None and xi < 0:
+            raise ValueError(f"xi must be >= 0 (0 = first order), got {xi}")
+        if hessian_scale <= 0:
+            raise ValueError(f"hessian_scale must be > 0, got {hessian_scale}")
+        self.network = network
+        self.w_optimizer = w_optimizer
+        self.xi = xi
+        self.hessian_scale = hessian_scale
+        self.reduce = grad_reducer or _no_reduce
+        self.loss_fn = loss_fn
+        named = list(network.named_weights())
+        self.weight_names = [n for n, _ in named]
+        self.weights = [p for _, p in named]
+        self.alpha_names = list(network.alpha_names())
+        self.alphas = list(network.alphas())
+        optimized = {id(p) for group in w_optimizer.param_groups for p in group["params"]}
+        if any(id(a) in optimized for a in self.alphas):
+            raise ValueError("the weight optimizer must not hold α: build it from network.weights()")
+        self._group_of = {id(p): group for group in w_optimizer.param_groups for p in group["params"]}
+
+    def current_xi(self) -> float:
+        """ξ of the virtual step: the configured value, or the weight optimizer's current learning rate."""
+        return float(self.w_optimizer.param_groups[0]["lr"]) if self.xi is None else float(self.xi)
+
+    def loss(self, weights: Sequence[Tensor], alphas: Sequence[Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """L(w, α) on a batch, with the given tensors standing in for the network's weights and α."""
+        params = dict(zip(self.weight_names, weights))
+        params.update(zip(self.alpha_names, alphas))
+        # Copies of the buffers take the batch-norm running-statistics updates of these side computations.
+        params.update({n: b.clone() for n, b in self.network.named_buffers()})
+        return self.loss_fn(functional_call(self.network, params, (x,)), y)
+
+    def step(self, train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor) -> Tensor:
+        """Set ``α.grad`` to the (first- or second-order) α gradient; return the validation loss used."""
+        xi = self.current_xi()
+        if xi == 0.0:
+            val_loss = self.loss(self.weights, self.alphas, val_x, val_y)
+            grads = list(torch.autograd.grad(val_loss, self.alphas))
+        else:
+            val_loss, grads = self._unrolled_gradient(train_x, train_y, val_x, val_y, xi)
+        self.reduce(grads)
+        for alpha, grad in zip(self.alphas, grads):
+            alpha.grad = grad.detach()
+        return val_loss.detach()
+
+    def virtual_step(self, train_x: Tensor, train_y: Tensor, xi: float) -> list[Tensor]:
+        """w' = w − ξ·d, where d is the exact update direction of the SGD weight optimizer (eq. 6)."""
+        train_loss = self.loss(self.weights, self.alphas, train_x, train_y)
+        grads = list(torch.autograd.grad(train_loss, self.weights))
+        self.reduce(grads)
+        with torch.no_grad():
+            return [w - xi * self._sgd_direction(w, g) for w, g in zip(self.weights, grads)]
+
+    def _sgd_direction(self, w: Tensor, g: Tensor) -> Tensor:
+        """What ``torch.optim.SGD.step`` would subtract from w divided by lr: μ·v + g + λ·w for dampening 0."""
+        group = self._group_of.get(id(w))
+        if group is None:
+            return g
+        d = g + group.get("weight_decay", 0.0) * w
+        momentum = group.get("momentum", 0.0)
+        if momentum:
+            buf = self.w_optimizer.state.get(w, {}).get("momentum_buffer")
+            buf = d if buf is None else momentum * buf + (1.0 - group.get("dampening", 0.0)) * d
+            d = d + momentum * buf if group.get("nesterov", False) else buf
+        return d
+
+    def _unrolled_gradient(
+        self, train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, xi: float
+    ) -> tuple[Tensor, list[Tensor]]:
+        unrolled = [w.requires_grad_() for w in self.virtual_step(train_x, train_y, xi)]
+        val_loss = self.loss(unrolled, self.alphas, val_x, val_y)
+        grads = torch.autograd.grad(val_loss, unrolled + self.alphas)
+        d_unrolled, d_alpha = list(grads[: len(unrolled)]), grads[len(unrolled) :]
+        self.reduce(d_unrolled)
+        hessian = self.hessian_vector_product(d_unrolled, train_x, train_y)
+        return val_loss, [da - xi * h for da, h in zip(d_alpha, hessian)]
+
+    def hessian_vector_product(
+        self, vector: Sequence[Tensor], train_x: Tensor, train_y: Tensor, scale: float | None = None
+    ) -> list[Tensor]:
+        """Central finite difference of ∇α L_train along ``vector``: ≈ ∇²_{α,w} L_train(w, α) · vector (eq. 8)."""
+        scale = self.hessian_scale if scale is None else scale
+        norm = torch.cat([v.reshape(-1) for v in vector]).norm()
+        if norm == 0:
+            return [torch.zeros_like(a) for a in self.alphas]
+        eps = scale / norm
+        with torch.no_grad():
+            w_plus = [w + eps * v for w, v in zip(self.weights, vector)]
+            w_minus = [w - eps * v for w, v in zip(self.weights, vector)]
+        g_plus = torch.autograd.grad(self.loss(w_plus, self.alphas, train_x, train_y), self.alphas)
+        g_minus = torch.autograd.grad(self.loss(w_minus, self.alphas, train_x, train_y), self.alphas)
+        return [(p - m) / (2 * eps) for p, m in zip(g_plus, g_minus)]

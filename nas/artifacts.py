@@ -1,0 +1,88 @@
+"""Files a search leaves behind, in stable formats other stages read: genotype JSON, α history, pictures.
+
+Every file is written atomically (temp file, then rename), so a reader never sees half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nas.genotypes import Genotype
+from nas.plot import save_alpha_heatmap, save_cells
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def save_torch_atomic(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` through a temp file: a checkpoint is either whole or absent."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_epoch_pictures(
+    out_dir: str | Path,
+    epoch: int,
+    genotype: Genotype,
+    alpha_normal: Any,
+    alpha_reduce: Any,
+    primitives: Sequence[str],
+) -> list[Path]:
+    """The derived cells and the softmax(α) heatmap of one epoch: ``cells/epoch_NNN.png``, ``alpha/epoch_NNN.png``."""
+    out = Path(out_dir)
+    name = f"epoch_{epoch + 1:03d}.png"
+    return [
+        save_cells(genotype, out / "cells" / name, title=f"epoch {epoch + 1}"),
+        save_alpha_heatmap(alpha_normal, alpha_reduce, primitives, out / "alpha" / name, title=f"epoch {epoch + 1}"),
+    ]
+
+
+def save_search_outputs(out_dir: str | Path, genotype: Genotype, history: Sequence[Any]) -> list[Path]:
+    """The final genotype (JSON and the authors' text form) and the per-epoch metrics and α history."""
+    out = Path(out_dir)
+    rows = []
+    for report in history:
+        metrics = report.metrics()
+        rows.append({
+            "epoch": report.epoch + 1,
+            **metrics,
+            "genotype": report.genotype.to_dict(),
+            "alpha_normal": report.alpha_normal,
+            "alpha_reduce": report.alpha_reduce,
+        })  # fmt: skip
+    return [
+        write_text_atomic(out / "genotype.json", genotype.to_json() + "\n"),
+        write_text_atomic(out / "genotype.txt", str(genotype) + "\n"),
+        write_json(out / "history.json", rows),
+    ]

@@ -1,0 +1,223 @@
+"""One typed configuration: YAML presets plus dotted command-line overrides, validated before anything runs.
+
+The same object is what the loops take and what later stages log, so a run is described by exactly one thing::
+
+    cfg = load_config("digits", ["search.epochs=3", "search.xi=0"])
+
+Presets are YAML files in ``nas/presets/`` (by name) or any YAML path. Later stages extend :class:`Config` with
+their own sections and pass their class as ``model=``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from nas.genotypes import GenotypeError, parse_genotype
+from nas.ops import PRIMITIVES, registered_ops
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one line naming the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: str = Field("digits", description="digits | cifar10 | parquet:<path or URI> | imagefolder:<path>")
+    root: str = Field("data", description="where downloaded data sets are kept")
+    download: bool = True
+    limit: int | None = Field(None, gt=0, description="use only the first N training examples")
+    test_limit: int | None = Field(None, gt=0, description="use only the first N test examples")
+    image_size: int = Field(32, gt=0, description="image side for imagefolder sources")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        kind = value.split(":", 1)[0]
+        if value not in ("digits", "cifar10") and kind not in ("parquet", "imagefolder"):
+            raise ValueError(f"unknown data source {value!r}; use digits, cifar10, parquet:<path>, imagefolder:<path>")
+        if kind in ("parquet", "imagefolder") and not value.split(":", 1)[1:]:
+            raise ValueError(f"{kind} source needs a path: {kind}:<path>")
+        return value
+
+
+class SearchConfig(_Section):
+    seed: int = 2
+    epochs: int = Field(50, gt=0)
+    batch_size: int = Field(64, gt=0, description="per worker; the global batch is batch_size × workers")
+    steps_per_epoch: int | None = Field(None, gt=0, description="cap on steps per epoch (quick runs)")
+    layers: int = Field(8, gt=0)
+    channels: int = Field(16, gt=0)
+    nodes: int = Field(4, gt=0)
+    stem_multiplier: int = Field(3, gt=0)
+    primitives: list[str] = Field(default_factory=lambda: list(PRIMITIVES))
+    train_portion: float = Field(0.5, gt=0, lt=1, description="share of the training set used for weights")
+    augment: bool = True
+    w_lr: float = Field(0.025, gt=0)
+    w_lr_min: float = Field(0.001, ge=0)
+    w_momentum: float = Field(0.9, ge=0, lt=1)
+    w_weight_decay: float = Field(3e-4, ge=0)
+    w_grad_clip: float = Field(5.0, gt=0)
+    alpha_lr: float = Field(3e-4, gt=0)
+    alpha_betas: tuple[float, float] = (0.5, 0.999)
+    alpha_weight_decay: float = Field(1e-3, ge=0)
+    xi: float | None = Field(None, ge=0, description="virtual-step lr; null = current weight lr, 0 = first order")
+    hessian_scale: float = Field(0.01, gt=0, description="ε = hessian_scale / ‖∇w' L_val‖")
+
+    @field_validator("primitives")
+    @classmethod
+    def _known_primitives(cls, value: list[str]) -> list[str]:
+        known = registered_ops()
+        for name in value:
+            if name not in known:
+                raise ValueError(f"unknown primitive {name!r} (registered: {', '.join(known)})")
+        if len(set(value)) != len(value):
+            raise ValueError("primitives must not repeat")
+        if not [p for p in value if p != "none"]:
+            raise ValueError("primitives need at least one operation other than 'none'")
+        return value
+
+    def is_second_order(self) -> bool:
+        return self.xi is None or self.xi > 0
+
+
+class RetrainConfig(_Section):
+    seed: int = 0
+    genotype: str = Field("DARTS_V2", description="zoo name, genotype text or JSON")
+    epochs: int = Field(600, gt=0)
+    batch_size: int = Field(96, gt=0, description="per worker")
+    steps_per_epoch: int | None = Field(None, gt=0)
+    layers: int = Field(20, gt=0)
+    channels: int = Field(36, gt=0)
+    stem: Literal["cifar", "imagenet"] = "cifar"
+    lr: float = Field(0.025, gt=0)
+    lr_min: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(3e-4, ge=0)
+    grad_clip: float = Field(5.0, gt=0)
+    auxiliary: bool = True
+    auxiliary_weight: float = Field(0.4, ge=0)
+    drop_path: float = Field(0.2, ge=0, lt=1)
+    cutout: int = Field(16, ge=0)
+    augment: bool = True
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="held-out share of train; 0 = train on all, test once")
+
+    @field_validator("genotype")
+    @classmethod
+    def _parsable_genotype(cls, value: str) -> str:
+        try:
+            parse_genotype(value)
+        except GenotypeError as err:
+            raise ValueError(str(err)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _auxiliary_depth(self) -> RetrainConfig:
+        if self.auxiliary and self.layers < 3:
+            raise ValueError("the auxiliary head needs layers >= 3 (set auxiliary: false)")
+        return self
+
+
+class Config(_Section):
+    name: str = Field("raydarts", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    output_dir: str = "runs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _read_yaml(preset: str | Path) -> dict[str, Any]:
+    path = Path(preset)
+    if not path.suffix and (PRESETS_DIR / f"{preset}.yaml").exists():
+        path = PRESETS_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"config {str(preset)!r} is neither a preset ({', '.join(list_presets())}) nor a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply ``a.b.c=value`` (value read as YAML: 3, 0.5, true, null, [a, b]) to nested dicts in place."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {override!r} must look like section.field=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line: every failing field by its dotted name, the problem, and the value given."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        given = e.get("input")
+        shown = "" if isinstance(given, dict) or e["type"] in ("missing",) else f" (got {given!r})"
+        parts.append(f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}")
+    return "invalid config: " + "; ".join(parts)
+
+
+def load_config(
+    preset: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    model: type[C] = Config,  # type: ignore[assignment]
+) -> C:
+    """Build and validate the configuration from a preset (or defaults) and ``section.field=value`` overrides."""
+    data = _read_yaml(preset) if preset is not None else {}
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def to_flat_dict(config: BaseModel) -> dict[str, Any]:
+    """``{"search.epochs": 50, ...}``: the config as flat params (for logging and comparison)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat[prefix] = value
+
+    walk("", config.model_dump(mode="json"))
+    return flat

@@ -1,0 +1,161 @@
+"""Evaluation networks built from a genotype: the models that are retrained from scratch after the search.
+
+Two settings from the paper: ``stem="cifar"`` (one 3x3 conv stem of 3·C channels, 32x32 inputs) and
+``stem="imagenet"`` (the mobile setting: three stride-2 convolutions take 224x224 to 28x28 before the first
+cell). Both put reduction cells at 1/3 and 2/3 of the depth and an optional auxiliary head at 2/3.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from nas.genotypes import Genotype
+from nas.ops import FactorizedReduce, Identity, ReLUConvBN, build_op
+from nas.search_model import reduction_layers
+
+
+def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
+    """Zero whole samples of a branch with probability ``drop_prob`` and rescale the rest (ScheduledDropPath)."""
+    if drop_prob <= 0.0:
+        return x
+    keep = 1.0 - drop_prob
+    mask = torch.empty(x.size(0), 1, 1, 1, dtype=x.dtype, device=x.device).bernoulli_(keep)
+    return x / keep * mask
+
+
+class EvalCell(nn.Module):
+    """A discrete cell: each intermediate node sums two operations applied to two earlier nodes."""
+
+    def __init__(
+        self, genotype: Genotype, c_prev_prev: int, c_prev: int, channels: int, reduction: bool, reduction_prev: bool
+    ):
+        super().__init__()
+        if reduction_prev:
+            self.preprocess0 = FactorizedReduce(c_prev_prev, channels)
+        else:
+            self.preprocess0 = ReLUConvBN(c_prev_prev, channels, 1, 1, 0)
+        self.preprocess1 = ReLUConvBN(c_prev, channels, 1, 1, 0)
+        edges = genotype.reduce if reduction else genotype.normal
+        self.concat = tuple(genotype.reduce_concat if reduction else genotype.normal_concat)
+        self.indices = tuple(index for _, index in edges)
+        self.ops = nn.ModuleList(
+            build_op(name, channels, 2 if reduction and index < 2 else 1, affine=True) for name, index in edges
+        )
+        self.multiplier = len(self.concat)
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float) -> torch.Tensor:
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        for node in range(len(self.ops) // 2):
+            total = 0
+            for k in (2 * node, 2 * node + 1):
+                op = self.ops[k]
+                h = op(states[self.indices[k]])
+                if self.training and drop_prob > 0.0 and not isinstance(op, Identity):
+                    h = drop_path(h, drop_prob)
+                total = total + h
+            states.append(total)
+        return torch.cat([states[i] for i in self.concat], dim=1)
+
+
+class AuxiliaryHead(nn.Module):
+    """Auxiliary classifier on the 2/3-depth features (8x8 for CIFAR, 14x14 for ImageNet)."""
+
+    def __init__(self, channels: int, num_classes: int, imagenet: bool):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.AvgPool2d(5, stride=2 if imagenet else 3, padding=0, count_include_pad=False),
+            nn.Conv2d(channels, 128, 1, bias=False),
+            nn.BatchNorm2d(128),
+            nn.ReLU(inplace=False),
+            nn.Conv2d(128, 768, 2, bias=False),
+            nn.BatchNorm2d(768),
+            nn.ReLU(inplace=False),
+            nn.AdaptiveAvgPool2d(1),  # 1x1 already at the paper's input sizes; keeps smaller inputs working
+        )
+        self.classifier = nn.Linear(768, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+class EvalNetwork(nn.Module):
+    """The network of stacked genotype cells. ``forward`` returns (logits, auxiliary logits or None)."""
+
+    def __init__(
+        self,
+        genotype: Genotype,
+        in_channels: int = 3,
+        channels: int = 36,
+        num_classes: int = 10,
+        layers: int = 20,
+        auxiliary: bool = True,
+        drop_path: float = 0.0,
+        stem: Literal["cifar", "imagenet"] = "cifar",
+        stem_multiplier: int = 3,
+    ):
+        super().__init__()
+        if stem not in ("cifar", "imagenet"):
+            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+        if layers < 3 and auxiliary:
+            raise ValueError(f"the auxiliary head needs at least 3 layers, got {layers}")
+        self.genotype = genotype
+        self.layers = layers
+        self.drop_path_prob = drop_path
+        self.auxiliary_index = 2 * layers // 3
+        if stem == "cifar":
+            c_curr = stem_multiplier * channels
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, c_curr, 3, padding=1, bias=False), nn.BatchNorm2d(c_curr))
+            self.stem_reduce = None
+            c_prev_prev, c_prev, c_curr = c_curr, c_curr, channels
+            reduction_prev = False
+        else:
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, channels // 2, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(channels // 2),
+                nn.ReLU(inplace=False),
+                nn.Conv2d(channels // 2, channels, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(channels),
+            )
+            self.stem_reduce = nn.Sequential(
+                nn.ReLU(inplace=False),
+                nn.Conv2d(channels, channels, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(channels),
+            )
+            c_prev_prev, c_prev, c_curr = channels, channels, channels
+            reduction_prev = True  # the two stem outputs differ in size: 56x56 and 28x28
+        reductions = reduction_layers(layers)
+        cells = []
+        c_auxiliary = c_prev
+        for i in range(layers):
+            reduction = i in reductions
+            if reduction:
+                c_curr *= 2
+            cell = EvalCell(genotype, c_prev_prev, c_prev, c_curr, reduction, reduction_prev)
+            cells.append(cell)
+            reduction_prev = reduction
+            c_prev_prev, c_prev = c_prev, cell.multiplier * c_curr
+            if i == self.auxiliary_index:
+                c_auxiliary = c_prev
+        self.cells = nn.ModuleList(cells)
+        self.auxiliary_head = AuxiliaryHead(c_auxiliary, num_classes, stem == "imagenet") if auxiliary else None
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c_prev, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits_aux = None
+        s0 = self.stem(x)
+        s1 = self.stem_reduce(s0) if self.stem_reduce is not None else s0
+        for i, cell in enumerate(self.cells):
+            s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
+            if i == self.auxiliary_index and self.auxiliary_head is not None and self.training:
+                logits_aux = self.auxiliary_head(s1)
+        return self.classifier(self.global_pooling(s1).flatten(1)), logits_aux
+
+
+def count_parameters(module: nn.Module, exclude: tuple[str, ...] = ("auxiliary", "alpha")) -> int:
+    """Parameter count as the DARTS authors log it: auxiliary head and α left out."""
+    return sum(p.numel() for n, p in module.named_parameters() if not any(e in n for e in exclude))

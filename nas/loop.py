@@ -1,0 +1,138 @@
+"""What the search and retrain loops share: the worker context, seeding, RNG capture, metrics and progress lines.
+
+A loop runs in one process (tests, notebooks) with the default :class:`LoopContext`; a distributed caller (the Ray
+Train stage) passes a context whose hooks average gradients, sum metrics and wrap the model in DDP, and the loop
+code is the same.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+
+def _identity_model(model: nn.Module) -> nn.Module:
+    return model
+
+
+def _no_reduce(tensors: Sequence[Tensor]) -> None:
+    return None
+
+
+@dataclass
+class LoopContext:
+    """Where a loop runs and how it talks to its peers; the defaults are a single process on the CPU."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # Averages a list of tensors across ranks in place (gradients that enter the α step).
+    grad_reducer: Callable[[Sequence[Tensor]], None] = _no_reduce
+    # Sums a list of tensors across ranks in place (metric totals).
+    sum_reducer: Callable[[Sequence[Tensor]], None] = _no_reduce
+    # Wraps the model used for the weight step (DDP in the distributed stage).
+    wrap_model: Callable[[nn.Module], nn.Module] = _identity_model
+    log: Callable[[str], None] = print
+    # Called as hook(step) at each step, for tests that inject faults at a chosen step.
+    step_hook: Callable[[int], None] | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG a loop draws from, so one seed gives one result on the CPU."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """The state of every RNG, as tensors and plain values (loadable with ``weights_only=True``)."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": list(np.random.get_state(legacy=True)[1:]),  # (keys, pos, has_gauss, cached_gaussian)
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+    }
+    state["numpy"][0] = torch.from_numpy(state["numpy"][0].astype(np.int64))
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    random.setstate((state["python_version"], tuple(int(x) for x in state["python"]), state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Meter:
+    """Running sums of loss, correct predictions and examples; reduced across ranks when read."""
+
+    def __init__(self) -> None:
+        self.loss = 0.0
+        self.correct = 0
+        self.count = 0
+
+    def update(self, loss: Tensor, logits: Tensor, target: Tensor) -> None:
+        n = target.size(0)
+        self.loss += float(loss.detach()) * n
+        self.correct += int((logits.detach().argmax(dim=1) == target).sum())
+        self.count += n
+
+    def result(self, context: LoopContext) -> tuple[float, float, int]:
+        """(mean loss, accuracy, examples) over every rank."""
+        totals = torch.tensor([self.loss, float(self.correct), float(self.count)], dtype=torch.float64)
+        if context.world_size > 1:
+            totals = totals.to(context.device)
+            context.sum_reducer([totals])
+            totals = totals.cpu()
+        loss, correct, count = totals.tolist()
+        return (loss / count if count else float("nan"), correct / count if count else float("nan"), int(count))
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class Progress:
+    """Per-epoch lines with elapsed time and an ETA from the mean epoch time so far."""
+
+    def __init__(self, label: str, total_epochs: int, log: Callable[[str], None]):
+        self.label = label
+        self.total = total_epochs
+        self.log = log
+        self.durations: list[float] = []
+
+    def epoch_done(self, epoch: int, seconds: float, fields: dict[str, str]) -> None:
+        self.durations.append(seconds)
+        remaining = (self.total - epoch - 1) * (sum(self.durations) / len(self.durations))
+        parts = " | ".join(f"{k} {v}" for k, v in fields.items())
+        self.log(
+            f"{self.label} epoch {epoch + 1}/{self.total} | {parts} | {seconds:.1f}s | ETA {format_duration(remaining)}"
+        )
+
+
+class Timer:
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start

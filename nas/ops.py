@@ -1,0 +1,199 @@
+"""Candidate operations of the DARTS search space and the registry that names them.
+
+Every operation is built by a factory ``factory(channels, stride, affine) -> nn.Module`` that keeps the channel
+count and divides the spatial size by ``stride``. The search supernet builds them with ``affine=False`` (as in
+the paper, so batch-norm scales cannot stand in for α); evaluation networks build them with ``affine=True``.
+
+Add an operation by name and it can be listed in a search's primitives or used in a genotype::
+
+    from nas.ops import register_op
+
+    @register_op("conv_3x3")
+    def conv_3x3(channels: int, stride: int, affine: bool) -> nn.Module:
+        return ReLUConvBN(channels, channels, 3, stride, 1, affine=affine)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+OpFactory = Callable[[int, int, bool], nn.Module]
+
+_REGISTRY: dict[str, OpFactory] = {}
+
+# The 8 candidate operations of the DARTS paper (section 3.1), in the authors' order.
+PRIMITIVES: tuple[str, ...] = (
+    "none",
+    "max_pool_3x3",
+    "avg_pool_3x3",
+    "skip_connect",
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "dil_conv_3x3",
+    "dil_conv_5x5",
+)
+
+
+def register_op(name: str, *, replace: bool = False) -> Callable[[OpFactory], OpFactory]:
+    """Register an operation factory under ``name`` so searches and genotypes can refer to it."""
+
+    def decorator(factory: OpFactory) -> OpFactory:
+        if not replace and name in _REGISTRY:
+            raise ValueError(f"operation {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def registered_ops() -> tuple[str, ...]:
+    """Names of every registered operation (the 8 DARTS primitives first)."""
+    return tuple(_REGISTRY)
+
+
+def is_registered(name: str) -> bool:
+    return name in _REGISTRY
+
+
+def build_op(name: str, channels: int, stride: int, affine: bool = True) -> nn.Module:
+    """Instantiate a registered operation."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown operation {name!r} (registered: {', '.join(_REGISTRY)})")
+    if stride not in (1, 2):
+        raise ValueError(f"stride must be 1 or 2, got {stride}")
+    return _REGISTRY[name](channels, stride, affine)
+
+
+class ReLUConvBN(nn.Sequential):
+    """ReLU -> conv -> batch norm: the preprocessing of cell inputs."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool = True):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=False),
+            nn.BatchNorm2d(c_out, affine=affine),
+        )
+
+
+class DilConv(nn.Sequential):
+    """ReLU -> dilated depthwise conv -> pointwise conv -> batch norm."""
+
+    def __init__(
+        self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, dilation: int, affine: bool = True
+    ):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(c_in, c_in, kernel, stride, padding, dilation=dilation, groups=c_in, bias=False),
+            nn.Conv2d(c_in, c_out, 1, bias=False),
+            nn.BatchNorm2d(c_out, affine=affine),
+        )
+
+
+class SepConv(nn.Sequential):
+    """Two stacked separable convolutions (the first carries the stride), as in the DARTS authors' code."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool = True):
+        super().__init__(
+            DilConv(c_in, c_in, kernel, stride, padding, 1, affine=affine),
+            DilConv(c_in, c_out, kernel, 1, padding, 1, affine=affine),
+        )
+
+
+class Identity(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class Zero(nn.Module):
+    """The 'none' operation: zeros of the output shape (a missing edge)."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            return x.mul(0.0)
+        return x[:, :, :: self.stride, :: self.stride].mul(0.0)
+
+
+class FactorizedReduce(nn.Module):
+    """Halve the spatial size with two offset stride-2 1x1 convolutions, concatenated.
+
+    The offset branch pads one row and column at the far edge, which equals the authors' ``x[:, :, 1:, 1:]`` on
+    even sizes and keeps both branches the same shape on odd sizes (the authors' version fails there).
+    """
+
+    def __init__(self, c_in: int, c_out: int, affine: bool = True):
+        super().__init__()
+        if c_out % 2:
+            raise ValueError(f"FactorizedReduce needs an even number of output channels, got {c_out}")
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, padding=0, bias=False)
+        self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, padding=0, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, affine=affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(x)
+        shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
+        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+
+
+@register_op("none")
+def _none(channels: int, stride: int, affine: bool) -> nn.Module:
+    return Zero(stride)
+
+
+@register_op("max_pool_3x3")
+def _max_pool_3x3(channels: int, stride: int, affine: bool) -> nn.Module:
+    return nn.MaxPool2d(3, stride=stride, padding=1)
+
+
+@register_op("avg_pool_3x3")
+def _avg_pool_3x3(channels: int, stride: int, affine: bool) -> nn.Module:
+    return nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)
+
+
+@register_op("skip_connect")
+def _skip_connect(channels: int, stride: int, affine: bool) -> nn.Module:
+    return Identity() if stride == 1 else FactorizedReduce(channels, channels, affine=affine)
+
+
+@register_op("sep_conv_3x3")
+def _sep_conv_3x3(channels: int, stride: int, affine: bool) -> nn.Module:
+    return SepConv(channels, channels, 3, stride, 1, affine=affine)
+
+
+@register_op("sep_conv_5x5")
+def _sep_conv_5x5(channels: int, stride: int, affine: bool) -> nn.Module:
+    return SepConv(channels, channels, 5, stride, 2, affine=affine)
+
+
+@register_op("dil_conv_3x3")
+def _dil_conv_3x3(channels: int, stride: int, affine: bool) -> nn.Module:
+    return DilConv(channels, channels, 3, stride, 2, 2, affine=affine)
+
+
+@register_op("dil_conv_5x5")
+def _dil_conv_5x5(channels: int, stride: int, affine: bool) -> nn.Module:
+    return DilConv(channels, channels, 5, stride, 4, 2, affine=affine)
+
+
+# Operations outside the DARTS search space, registered so the published NASNet and AmoebaNet cells build.
+@register_op("sep_conv_7x7")
+def _sep_conv_7x7(channels: int, stride: int, affine: bool) -> nn.Module:
+    return SepConv(channels, channels, 7, stride, 3, affine=affine)
+
+
+@register_op("conv_7x1_1x7")
+def _conv_7x1_1x7(channels: int, stride: int, affine: bool) -> nn.Module:
+    return nn.Sequential(
+        nn.ReLU(inplace=False),
+        nn.Conv2d(channels, channels, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
+        nn.Conv2d(channels, channels, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
+        nn.BatchNorm2d(channels, affine=affine),
+    )

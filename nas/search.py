@@ -1,0 +1,284 @@
+"""The per-worker DARTS search loop (Algorithm 1 of the paper), usable in one process or inside a Ray Train worker.
+
+Each step alternates, as in the paper: an α step on a batch of the α half (Adam), then a weight step on a batch of
+the weight half (SGD with momentum, cosine learning rate, gradient clipping). The training set is split into two
+seeded halves: weights are trained on one and α on the other.
+
+One process, on the digits preset::
+
+    python -m nas search --config digits --set search.epochs=3
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nas.architect import Architect
+from nas.config import Config
+from nas.data import epoch_batches, load_dataset, make_loader, split_indices
+from nas.genotypes import Genotype
+from nas.loop import LoopContext, Meter, Progress, rng_state, seed_everything, set_rng_state
+from nas.search_model import SearchNetwork
+
+
+def alpha_entropy(alpha: torch.Tensor) -> float:
+    """Mean entropy (nats) of softmax(α) over the edges: log(#ops) at the start, falling as edges commit."""
+    p = F.softmax(alpha.detach().double(), dim=-1)
+    return float(-(p * p.clamp_min(1e-30).log()).sum(dim=-1).mean())
+
+
+@dataclass
+class SearchEpoch:
+    """What one epoch reports."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    alpha_entropy_normal: float
+    alpha_entropy_reduce: float
+    genotype: Genotype
+    lr: float
+    xi: float
+    seconds: float
+    images_per_second: float
+    alpha_normal: list[list[float]] = field(default_factory=list)
+    alpha_reduce: list[list[float]] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "train_loss": self.train_loss,
+            "train_acc": self.train_acc,
+            "val_loss": self.val_loss,
+            "val_acc": self.val_acc,
+            "alpha_entropy_normal": self.alpha_entropy_normal,
+            "alpha_entropy_reduce": self.alpha_entropy_reduce,
+            "lr": self.lr,
+            "xi": self.xi,
+            "epoch_seconds": self.seconds,
+            "images_per_second": self.images_per_second,
+        }
+
+
+@dataclass
+class SearchResult:
+    genotype: Genotype
+    alpha_normal: torch.Tensor
+    alpha_reduce: torch.Tensor
+    history: list[SearchEpoch] = field(default_factory=list)
+
+
+class SearchRun:
+    """A whole search: data halves, supernet, both optimizers, the architect; checkpointable at epoch ends."""
+
+    def __init__(self, config: Config, context: LoopContext | None = None):
+        self.config = config
+        self.context = context or LoopContext()
+        cfg, data = config.search, config.data
+        seed_everything(cfg.seed)  # identical on every rank: same α and w at initialisation
+        self.train_set, info = load_dataset(
+            data.source, "train", root=data.root, download=data.download, augment=cfg.augment,
+            limit=data.limit, image_size=data.image_size,
+        )  # fmt: skip
+        self.eval_set, _ = load_dataset(
+            data.source, "train", root=data.root, download=False, augment=False,
+            limit=data.limit, image_size=data.image_size,
+        )  # fmt: skip
+        self.info = info
+        self.w_indices, self.a_indices = split_indices(len(self.train_set), cfg.seed, cfg.train_portion)
+        global_batch = cfg.batch_size * self.context.world_size
+        if min(len(self.w_indices), len(self.a_indices)) < global_batch:
+            raise ValueError(
+                f"each half of the training set ({min(len(self.w_indices), len(self.a_indices))} examples) is "
+                f"smaller than the global batch ({cfg.batch_size} x {self.context.world_size} workers)"
+            )
+        device = self.context.device
+        self.network = SearchNetwork(
+            in_channels=info.in_channels, channels=cfg.channels, num_classes=info.num_classes, layers=cfg.layers,
+            nodes=cfg.nodes, primitives=cfg.primitives, stem_multiplier=cfg.stem_multiplier,
+        ).to(device)  # fmt: skip
+        self.w_optimizer = torch.optim.SGD(
+            self.network.weights(), lr=cfg.w_lr, momentum=cfg.w_momentum, weight_decay=cfg.w_weight_decay
+        )
+        self.a_optimizer = torch.optim.Adam(
+            self.network.alphas(), lr=cfg.alpha_lr, betas=cfg.alpha_betas, weight_decay=cfg.alpha_weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.w_optimizer, T_max=cfg.epochs, eta_min=cfg.w_lr_min
+        )
+        self.architect = Architect(
+            self.network, self.w_optimizer, xi=cfg.xi, hessian_scale=cfg.hessian_scale,
+            grad_reducer=self.context.grad_reducer,
+        )  # fmt: skip
+        self.train_model: nn.Module = self.context.wrap_model(self.network)
+        self.epoch = 0
+        self.step = 0
+        self.history: list[SearchEpoch] = []
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly where this run stands (tensors and plain values only)."""
+        return {
+            "network": self.network.state_dict(),
+            "w_optimizer": self.w_optimizer.state_dict(),
+            "a_optimizer": self.a_optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "rng": rng_state(),
+            "history": [_epoch_to_dict(e) for e in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.network.load_state_dict(state["network"])
+        self.w_optimizer.load_state_dict(state["w_optimizer"])
+        self.a_optimizer.load_state_dict(state["a_optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])
+        self.history = [_epoch_from_dict(e) for e in state["history"]]
+        set_rng_state(state["rng"])
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+    def _batches(self, indices: list[int], epoch: int, salt: int, limit: int | None) -> list[list[int]]:
+        ctx, cfg = self.context, self.config.search
+        batches = epoch_batches(
+            indices, cfg.batch_size, rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed * 1000 + salt, epoch=epoch
+        )
+        return batches[:limit] if limit else batches
+
+    def run_epoch(self) -> SearchEpoch:
+        """One epoch of alternating α and weight steps, then the supernet on the α half."""
+        cfg, ctx, device = self.config.search, self.context, self.context.device
+        epoch = self.epoch
+        start = time.perf_counter()
+        w_batches = self._batches(self.w_indices, epoch, 1, cfg.steps_per_epoch)
+        a_batches = self._batches(self.a_indices, epoch, 2, cfg.steps_per_epoch)
+        steps = min(len(w_batches), len(a_batches))
+        w_loader = make_loader(self.train_set, w_batches[:steps], num_workers=self.config.data.num_workers)
+        a_loader = make_loader(self.train_set, a_batches[:steps], num_workers=self.config.data.num_workers)
+        lr = self.scheduler.get_last_lr()[0]
+        xi = self.architect.current_xi()
+        meter = Meter()
+        self.network.train()
+        for (x_w, y_w), (x_a, y_a) in zip(w_loader, a_loader):
+            if ctx.step_hook is not None:
+                ctx.step_hook(self.step)
+            x_w, y_w, x_a, y_a = (t.to(device, non_blocking=True) for t in (x_w, y_w, x_a, y_a))
+            self.a_optimizer.zero_grad(set_to_none=True)
+            self.architect.step(x_w, y_w, x_a, y_a)
+            self.a_optimizer.step()
+            self._weight_step(x_w, y_w, meter)
+            self.step += 1
+        self.scheduler.step()
+        train_loss, train_acc, seen = meter.result(ctx)
+        val_loss, val_acc = self.evaluate(epoch)
+        seconds = time.perf_counter() - start
+        self.epoch += 1
+        report = SearchEpoch(
+            epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
+            alpha_entropy_normal=alpha_entropy(self.network.alpha_normal),
+            alpha_entropy_reduce=alpha_entropy(self.network.alpha_reduce),
+            genotype=self.network.genotype(), lr=lr, xi=xi, seconds=seconds,
+            images_per_second=2 * seen / seconds if seconds > 0 else math.nan,
+            alpha_normal=self.network.alpha_normal.detach().cpu().tolist(),
+            alpha_reduce=self.network.alpha_reduce.detach().cpu().tolist(),
+        )  # fmt: skip
+        self.history.append(report)
+        return report
+
+    def _weight_step(self, x: torch.Tensor, y: torch.Tensor, meter: Meter) -> None:
+        cfg = self.config.search
+        self.w_optimizer.zero_grad(set_to_none=True)
+        for alpha in self.network.alphas():  # α is not trained by this step: skip its gradient
+            alpha.requires_grad_(False)
+        try:
+            logits = self.train_model(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+        finally:
+            for alpha in self.network.alphas():
+                alpha.requires_grad_(True)
+        nn.utils.clip_grad_norm_(list(self.network.weights()), cfg.w_grad_clip)
+        self.w_optimizer.step()
+        meter.update(loss, logits, y)
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> tuple[float, float]:
+        """Supernet loss and accuracy on the α half (no augmentation, running batch-norm statistics off)."""
+        meter = Meter()
+        self.network.eval()
+        device = self.context.device
+        for x, y in make_loader(self.eval_set, self._batches(self.a_indices, epoch, 3, None)):
+            x, y = x.to(device), y.to(device)
+            logits = self.network(x)
+            meter.update(F.cross_entropy(logits, y), logits, y)
+        self.network.train()
+        loss, acc, _ = meter.result(self.context)
+        return loss, acc
+
+    def run(self, on_epoch: Callable[[SearchEpoch, SearchRun], None] | None = None) -> SearchResult:
+        """Run the remaining epochs; ``on_epoch`` sees each report (and the run, to checkpoint it)."""
+        cfg = self.config.search
+        progress = Progress("search", cfg.epochs, self.context.log if self.context.is_main else _silent)
+        progress.durations = [e.seconds for e in self.history]
+        while self.epoch < cfg.epochs:
+            report = self.run_epoch()
+            progress.epoch_done(report.epoch, report.seconds, {
+                "train loss": f"{report.train_loss:.3f}", "acc": f"{report.train_acc:.1%}",
+                "val loss": f"{report.val_loss:.3f}", "acc ": f"{report.val_acc:.1%}",
+                "H(α)": f"{report.alpha_entropy_normal:.3f}/{report.alpha_entropy_reduce:.3f}",
+                "img/s": f"{report.images_per_second:.0f}",
+            })  # fmt: skip
+            if on_epoch is not None:
+                on_epoch(report, self)
+        return self.result()
+
+    def result(self) -> SearchResult:
+        return SearchResult(
+            genotype=self.network.genotype(),
+            alpha_normal=self.network.alpha_normal.detach().cpu().clone(),
+            alpha_reduce=self.network.alpha_reduce.detach().cpu().clone(),
+            history=list(self.history),
+        )
+
+
+def _silent(message: str) -> None:
+    return None
+
+
+def _epoch_to_dict(report: SearchEpoch) -> dict[str, Any]:
+    return {
+        "epoch": report.epoch,
+        **report.metrics(),
+        "genotype": report.genotype.to_json(),
+        "alpha_normal": report.alpha_normal,
+        "alpha_reduce": report.alpha_reduce,
+    }
+
+
+def _epoch_from_dict(data: dict[str, Any]) -> SearchEpoch:
+    metrics = dict(data)
+    return SearchEpoch(
+        epoch=int(metrics["epoch"]), train_loss=metrics["train_loss"], train_acc=metrics["train_acc"],
+        val_loss=metrics["val_loss"], val_acc=metrics["val_acc"],
+        alpha_entropy_normal=metrics["alpha_entropy_normal"], alpha_entropy_reduce=metrics["alpha_entropy_reduce"],
+        genotype=Genotype.from_dict(json.loads(metrics["genotype"])), lr=metrics["lr"],
+        xi=metrics["xi"], seconds=metrics["epoch_seconds"], images_per_second=metrics["images_per_second"],
+        alpha_normal=metrics["alpha_normal"], alpha_reduce=metrics["alpha_reduce"],
+    )  # fmt: skip
+
+
+def search(config: Config, context: LoopContext | None = None) -> SearchResult:
+    """Run a whole search in this process and return the derived genotype, α and per-epoch history."""
+    return SearchRun(config, context).run()

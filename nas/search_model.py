@@ -1,0 +1,150 @@
+"""The DARTS supernet: every edge of a cell is a softmax(α)-weighted mixture of all candidate operations.
+
+α lives on the network but apart from the weights: ``weights()`` and ``alphas()`` are disjoint parameter groups,
+so the weight optimizer never sees α and the α optimizer never sees the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nas.genotypes import Genotype, derive_genotype
+from nas.ops import PRIMITIVES, FactorizedReduce, ReLUConvBN, build_op
+
+
+def num_edges(nodes: int) -> int:
+    """Edges of a cell: intermediate node i has 2 + i incoming edges."""
+    return sum(2 + i for i in range(nodes))
+
+
+def reduction_layers(layers: int) -> tuple[int, ...]:
+    """Reduction cells sit at 1/3 and 2/3 of the depth, as in the paper."""
+    return tuple(sorted({layers // 3, 2 * layers // 3}))
+
+
+class MixedOp(nn.Module):
+    """Eq. 1 of the paper: the softmax-weighted sum of all candidate operations on one edge."""
+
+    def __init__(self, channels: int, stride: int, primitives: Sequence[str]):
+        super().__init__()
+        ops = []
+        for name in primitives:
+            op = build_op(name, channels, stride, affine=False)
+            if "pool" in name:  # pooling has no batch norm of its own; match the scale of the other ops
+                op = nn.Sequential(op, nn.BatchNorm2d(channels, affine=False))
+            ops.append(op)
+        self.ops = nn.ModuleList(ops)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return sum(w * op(x) for w, op in zip(weights, self.ops))
+
+
+class SearchCell(nn.Module):
+    """Two input nodes, ``nodes`` intermediate nodes, output = concatenation of the intermediate nodes."""
+
+    def __init__(
+        self,
+        nodes: int,
+        c_prev_prev: int,
+        c_prev: int,
+        channels: int,
+        reduction: bool,
+        reduction_prev: bool,
+        primitives: Sequence[str],
+    ):
+        super().__init__()
+        self.reduction = reduction
+        self.nodes = nodes
+        if reduction_prev:
+            self.preprocess0 = FactorizedReduce(c_prev_prev, channels, affine=False)
+        else:
+            self.preprocess0 = ReLUConvBN(c_prev_prev, channels, 1, 1, 0, affine=False)
+        self.preprocess1 = ReLUConvBN(c_prev, channels, 1, 1, 0, affine=False)
+        self.edges = nn.ModuleList(
+            MixedOp(channels, 2 if reduction and j < 2 else 1, primitives) for i in range(nodes) for j in range(2 + i)
+        )
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        offset = 0
+        for _ in range(self.nodes):
+            states.append(sum(self.edges[offset + j](h, weights[offset + j]) for j, h in enumerate(states)))
+            offset += len(states) - 1
+        return torch.cat(states[2:], dim=1)
+
+
+class SearchNetwork(nn.Module):
+    """Stem, ``layers`` search cells (reductions at 1/3 and 2/3, channels doubled there), pooling, classifier."""
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        channels: int = 16,
+        num_classes: int = 10,
+        layers: int = 8,
+        nodes: int = 4,
+        primitives: Sequence[str] = PRIMITIVES,
+        stem_multiplier: int = 3,
+    ):
+        super().__init__()
+        if layers < 1 or nodes < 1 or channels < 1:
+            raise ValueError(f"layers, nodes and channels must be positive, got {layers}, {nodes}, {channels}")
+        if len(set(primitives)) != len(primitives) or not primitives:
+            raise ValueError(f"primitives must be a non-empty list without repeats, got {list(primitives)}")
+        self.primitives = tuple(primitives)
+        self.nodes = nodes
+        c_curr = stem_multiplier * channels
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, c_curr, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_curr),
+        )
+        c_prev_prev, c_prev, c_curr = c_curr, c_curr, channels
+        reductions = reduction_layers(layers)
+        cells = []
+        reduction_prev = False
+        for i in range(layers):
+            reduction = i in reductions
+            if reduction:
+                c_curr *= 2
+            cells.append(SearchCell(nodes, c_prev_prev, c_prev, c_curr, reduction, reduction_prev, self.primitives))
+            reduction_prev = reduction
+            c_prev_prev, c_prev = c_prev, nodes * c_curr
+        self.cells = nn.ModuleList(cells)
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c_prev, num_classes)
+        k, n_ops = num_edges(nodes), len(self.primitives)
+        # Small random α (as in the paper) so the first softmax is near uniform but not tied.
+        self.alpha_normal = nn.Parameter(1e-3 * torch.randn(k, n_ops))
+        self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(k, n_ops))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_normal = F.softmax(self.alpha_normal, dim=-1)
+        w_reduce = F.softmax(self.alpha_reduce, dim=-1)
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal)
+        return self.classifier(self.global_pooling(s1).flatten(1))
+
+    def alpha_names(self) -> tuple[str, str]:
+        return ("alpha_normal", "alpha_reduce")
+
+    def alphas(self) -> Iterator[nn.Parameter]:
+        """The architecture parameters α (normal cell, reduction cell)."""
+        yield self.alpha_normal
+        yield self.alpha_reduce
+
+    def named_weights(self) -> Iterator[tuple[str, nn.Parameter]]:
+        alpha_names = set(self.alpha_names())
+        return ((n, p) for n, p in self.named_parameters() if n not in alpha_names)
+
+    def weights(self) -> Iterator[nn.Parameter]:
+        """The operation weights w: every parameter except α."""
+        return (p for _, p in self.named_weights())
+
+    def genotype(self) -> Genotype:
+        """The discrete cell pair derived from the current α (top-2 edges per node by softmax weight)."""
+        return derive_genotype(self.alpha_normal, self.alpha_reduce, self.primitives, self.nodes)

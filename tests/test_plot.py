@@ -1,0 +1,236 @@
+"""Tests of nas.plot: cell DAG pictures, softmax(α) heatmaps, and their atomic PNG files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import FancyArrowPatch
+
+from nas.genotypes import GENOTYPES, Genotype
+from nas.ops import PRIMITIVES
+from nas.plot import (
+    alpha_figure,
+    alpha_row_labels,
+    cell_figure,
+    cells_figure,
+    save_alpha_heatmap,
+    save_cell,
+    save_cells,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# Five intermediate nodes with a chain, repeated inputs and a concat subset (nodes 0 and 1 feed only other nodes).
+FIVE_NODES = Genotype(
+    normal=(
+        ("sep_conv_3x3", 0),
+        ("sep_conv_5x5", 1),
+        ("dil_conv_3x3", 2),
+        ("skip_connect", 1),
+        ("avg_pool_3x3", 3),
+        ("sep_conv_3x3", 0),
+        ("max_pool_3x3", 4),
+        ("dil_conv_5x5", 2),
+        ("sep_conv_3x3", 5),
+        ("skip_connect", 0),
+    ),
+    normal_concat=(2, 3, 4, 5, 6),
+    reduce=(
+        ("max_pool_3x3", 0),
+        ("max_pool_3x3", 1),
+        ("skip_connect", 2),
+        ("max_pool_3x3", 0),
+        ("dil_conv_5x5", 3),
+        ("sep_conv_5x5", 0),
+        ("skip_connect", 4),
+        ("avg_pool_3x3", 1),
+        ("sep_conv_3x3", 5),
+        ("dil_conv_3x3", 1),
+    ),
+    reduce_concat=(4, 5, 6),
+)
+
+CASES = [
+    pytest.param(GENOTYPES["DARTS_V2"], id="DARTS_V2"),
+    pytest.param(FIVE_NODES, id="five_nodes"),
+    pytest.param(GENOTYPES["NASNet"], id="NASNet"),
+]
+
+
+def _op_texts(fig: Figure) -> Counter[str]:
+    ops = set(PRIMITIVES) | {op for op, _ in GENOTYPES["NASNet"].normal + GENOTYPES["NASNet"].reduce}
+    return Counter(t.get_text() for ax in fig.axes for t in ax.texts if t.get_text() in ops)
+
+
+def _read_png(path: Path) -> np.ndarray:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    image = mpimg.imread(path)
+    assert image.ndim == 3 and image.shape[2] in (3, 4)
+    assert image.shape[0] >= 200 and image.shape[1] >= 200
+    assert float(image[..., :3].var()) > 0, "image is blank"
+    return image
+
+
+@pytest.mark.parametrize("genotype", CASES)
+@pytest.mark.parametrize("cell", ["normal", "reduce"])
+def test_cell_figure_labels_every_edge_and_node(genotype: Genotype, cell: str) -> None:
+    edges = getattr(genotype, cell)
+    concat = getattr(genotype, f"{cell}_concat")
+    n = len(edges) // 2
+    fig = cell_figure(genotype, cell)  # type: ignore[arg-type]
+    assert len(fig.axes) == 1
+    ax = fig.axes[0]
+
+    # One label per edge, each with its own op name (duplicates counted).
+    assert _op_texts(fig) == Counter(op for op, _ in edges)
+    assert sum(t.get_gid() == "edge-label" for t in ax.texts) == len(edges)
+    texts = {t.get_text() for t in ax.texts}
+    assert {"$c_{k-2}$", "$c_{k-1}$", "$c_{k}$"} <= texts
+    assert {str(i) for i in range(n)} <= texts
+    # An arrow per edge plus one from each concatenated node into c_{k}.
+    assert sum(isinstance(p, FancyArrowPatch) for p in ax.patches) == len(edges) + len(concat)
+    assert ax.get_title() == {"normal": "normal cell", "reduce": "reduction cell"}[cell]
+
+
+def test_cell_figure_title_and_bad_cell() -> None:
+    fig = cell_figure(GENOTYPES["DARTS_V2"], "reduce", title="best cell")
+    assert fig.axes[0].get_title() == "best cell"
+    with pytest.raises(ValueError, match="normal' or 'reduce"):
+        cell_figure(GENOTYPES["DARTS_V2"], "both")  # type: ignore[arg-type]
+
+
+def test_edge_labels_do_not_overlap() -> None:
+    for genotype in (GENOTYPES["DARTS_V2"], FIVE_NODES, GENOTYPES["NASNet"], GENOTYPES["AmoebaNet"]):
+        fig = cells_figure(genotype)
+        fig.canvas.draw()  # lays out the label boxes
+        for ax in fig.axes[:2]:
+            boxes = [t.get_bbox_patch().get_window_extent() for t in ax.texts if t.get_gid() == "edge-label"]
+            assert len(boxes) == len(genotype.normal) and all(b.width > 20 for b in boxes)
+            for i, a in enumerate(boxes):
+                for b in boxes[i + 1 :]:
+                    assert not a.overlaps(b), f"edge labels overlap in {ax.get_title()}"
+
+
+@pytest.mark.parametrize("genotype", CASES)
+def test_save_cells_writes_png(genotype: Genotype, tmp_path: Path) -> None:
+    fig = cells_figure(genotype, title="epoch 3")
+    assert [ax.get_title() for ax in fig.axes] == ["normal cell", "reduction cell"]
+    assert _op_texts(fig) == Counter(op for op, _ in genotype.normal + genotype.reduce)
+
+    path = save_cells(genotype, tmp_path / "deep" / "cells" / "epoch_003.png", title="epoch 3")
+    assert path == tmp_path / "deep" / "cells" / "epoch_003.png"
+    image = _read_png(path)
+    assert image.shape[1] > image.shape[0], "cells should sit side by side"
+    assert [p.name for p in path.parent.iterdir()] == ["epoch_003.png"], "temp files left behind"
+    # Same permissions as any file this process creates (a private temp-file mode must not leak through).
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_save_cell_writes_png(tmp_path: Path) -> None:
+    path = save_cell(GENOTYPES["DARTS_V2"], "normal", str(tmp_path / "normal.png"))
+    assert isinstance(path, Path)
+    _read_png(path)
+
+
+def test_failed_save_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = save_cells(GENOTYPES["DARTS_V2"], tmp_path / "cells.png")
+    before = path.read_bytes()
+
+    def broken_savefig(self: Figure, fname: object, **kwargs: object) -> None:
+        fname.write(b"\x89PNG half")  # type: ignore[attr-defined]
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    with pytest.raises(OSError, match="disk full"):
+        save_cells(GENOTYPES["DARTS_V2"], path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["cells.png"]
+
+
+def _images(fig: Figure) -> list[np.ndarray]:
+    return [np.asarray(ax.images[0].get_array()) for ax in fig.axes if ax.images]
+
+
+@pytest.mark.parametrize("rows", [14, 20])
+def test_alpha_figure_shows_rowwise_softmax(rows: int) -> None:
+    torch.manual_seed(rows)
+    alpha_normal = (3 * torch.randn(rows, len(PRIMITIVES))).requires_grad_()
+    alpha_reduce = 3 * torch.randn(rows, len(PRIMITIVES))
+    fig = alpha_figure(alpha_normal, alpha_reduce, PRIMITIVES, title="epoch 1")
+
+    images = _images(fig)
+    assert len(images) == 2
+    for image, alpha in zip(images, (alpha_normal, alpha_reduce)):
+        expected = torch.softmax(alpha.detach().double(), dim=-1).numpy()
+        assert image.shape == expected.shape
+        np.testing.assert_allclose(image, expected, atol=1e-6, rtol=0)
+    n = {14: 4, 20: 5}[rows]
+    heat = [ax for ax in fig.axes if ax.images]
+    for ax, image in zip(heat, images):
+        assert [t.get_text() for t in ax.get_yticklabels()] == alpha_row_labels(n)
+        assert [t.get_text() for t in ax.get_xticklabels()] == list(PRIMITIVES)
+        assert sorted(t.get_text() for t in ax.texts) == sorted(f"{v:.2f}" for v in image.ravel())
+    assert len(fig.axes) == 3, "two heatmaps and a colorbar"
+
+
+def test_alpha_row_labels() -> None:
+    labels = alpha_row_labels(4)
+    assert len(labels) == 14
+    assert labels[:5] == ["n0←c_{k-2}", "n0←c_{k-1}", "n1←c_{k-2}", "n1←c_{k-1}", "n1←n0"]
+    assert labels[-1] == "n3←n2"
+
+
+def test_alpha_figure_accepts_numpy(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    alpha = rng.normal(size=(14, 8)).astype(np.float32)
+    fig = alpha_figure(alpha, alpha * 2, PRIMITIVES)
+    np.testing.assert_allclose(
+        _images(fig)[1], torch.softmax(torch.from_numpy(alpha * 2).double(), -1).numpy(), atol=1e-6, rtol=0
+    )
+    path = save_alpha_heatmap(alpha, alpha, PRIMITIVES, tmp_path / "alpha" / "epoch_001.png", title="epoch 1")
+    _read_png(path)
+
+
+@pytest.mark.parametrize(
+    ("normal_shape", "reduce_shape"),
+    [((13, 8), (14, 8)), ((14, 7), (14, 8)), ((14, 8), (15, 8)), ((14,), (14, 8)), ((2, 14, 8), (14, 8))],
+)
+def test_alpha_bad_shape_raises(normal_shape: tuple[int, ...], reduce_shape: tuple[int, ...], tmp_path: Path) -> None:
+    # The message must come from the shape check (naming the argument), not from matplotlib failing later on.
+    with pytest.raises(ValueError, match=r"^alpha_(normal|reduce) ") as info:
+        alpha_figure(torch.zeros(normal_shape), torch.zeros(reduce_shape), PRIMITIVES)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError):
+        save_alpha_heatmap(torch.zeros(normal_shape), torch.zeros(reduce_shape), PRIMITIVES, tmp_path / "a.png")
+    assert not any(tmp_path.iterdir())
+
+
+def test_alpha_with_nan_still_draws() -> None:
+    alpha = torch.randn(14, 8)
+    alpha[3, 2] = float("nan")
+    assert len(_images(alpha_figure(alpha, torch.randn(14, 8), PRIMITIVES))) == 2
+
+
+def test_no_pyplot_import(tmp_path: Path) -> None:
+    """Worker processes must not get pyplot's global state (or a GUI backend) from this module."""
+    code = (
+        "import sys, torch\n"
+        "from nas.genotypes import GENOTYPES\n"
+        "from nas.plot import save_cells, save_alpha_heatmap\n"
+        "save_cells(GENOTYPES['DARTS_V2'], sys.argv[1] + '/c.png')\n"
+        "save_alpha_heatmap(torch.zeros(14, 8), torch.zeros(14, 8), list('abcdefgh'), sys.argv[1] + '/a.png')\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "c.png"]
