@@ -89,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         # A genotype is text (or a file of it), not YAML: it is assigned, and validated, after the rest.
         genotypes = [o.split("=", 1)[1] for o in args.overrides if o.startswith("retrain.genotype=")]
         config = load_config(args.config, [o for o in args.overrides if not o.startswith("retrain.genotype=")])
-        if genotypes:
-            config.retrain.genotype = _genotype_argument(genotypes[-1])
+        if genotypes:  # validated with the whole config, so an error names the field as retrain.genotype
+            data = config.model_dump()
+            data["retrain"]["genotype"] = _genotype_argument(genotypes[-1])
+            config = type(config).model_validate(data)
         out = Path(config.output_dir) / config.name / args.command
         (run_search if args.command == "search" else run_retrain)(config, out, args.resume)
     except ValidationError as err:

@@ -84,7 +84,7 @@ class Architect:
         xi = self.current_xi()
         if xi == 0.0:
             val_loss = self.loss(self.weights, self.alphas, val_x, val_y)
-            grads = list(torch.autograd.grad(val_loss, self.alphas))
+            grads = list(torch.autograd.grad(val_loss, self.alphas, materialize_grads=True))
         else:
             val_loss, grads = self._unrolled_gradient(train_x, train_y, val_x, val_y, xi)
         self.reduce(grads)
@@ -118,7 +118,7 @@ class Architect:
     ) -> tuple[Tensor, list[Tensor]]:
         unrolled = [w.requires_grad_() for w in self.virtual_step(train_x, train_y, xi)]
         val_loss = self.loss(unrolled, self.alphas, val_x, val_y)
-        grads = torch.autograd.grad(val_loss, unrolled + self.alphas)
+        grads = torch.autograd.grad(val_loss, unrolled + self.alphas, materialize_grads=True)
         d_unrolled, d_alpha = list(grads[: len(unrolled)]), grads[len(unrolled) :]
         self.reduce(d_unrolled)
         hessian = self.hessian_vector_product(d_unrolled, train_x, train_y)
@@ -136,6 +136,10 @@ class Architect:
         with torch.no_grad():
             w_plus = [w + eps * v for w, v in zip(self.weights, vector)]
             w_minus = [w - eps * v for w, v in zip(self.weights, vector)]
-        g_plus = torch.autograd.grad(self.loss(w_plus, self.alphas, train_x, train_y), self.alphas)
-        g_minus = torch.autograd.grad(self.loss(w_minus, self.alphas, train_x, train_y), self.alphas)
+        g_plus = torch.autograd.grad(
+            self.loss(w_plus, self.alphas, train_x, train_y), self.alphas, materialize_grads=True
+        )
+        g_minus = torch.autograd.grad(
+            self.loss(w_minus, self.alphas, train_x, train_y), self.alphas, materialize_grads=True
+        )
         return [(p - m) / (2 * eps) for p, m in zip(g_plus, g_minus)]

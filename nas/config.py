@@ -46,7 +46,7 @@ class DataConfig(_Section):
         kind = value.split(":", 1)[0]
         if value not in ("digits", "cifar10") and kind not in ("parquet", "imagefolder"):
             raise ValueError(f"unknown data source {value!r}; use digits, cifar10, parquet:<path>, imagefolder:<path>")
-        if kind in ("parquet", "imagefolder") and not value.split(":", 1)[1:]:
+        if kind in ("parquet", "imagefolder") and not value.partition(":")[2].strip():
             raise ValueError(f"{kind} source needs a path: {kind}:<path>")
         return value
 
@@ -85,6 +85,15 @@ class SearchConfig(_Section):
             raise ValueError("primitives must not repeat")
         if not [p for p in value if p != "none"]:
             raise ValueError("primitives need at least one operation other than 'none'")
+        return value
+
+    @field_validator("layers")
+    @classmethod
+    def _both_cell_kinds(cls, value: int) -> int:
+        # Reductions sit at layers // 3 and 2 * layers // 3: below 3 layers no normal cell is left, α_normal is
+        # unused and the architect's gradient fails mid-run.
+        if value < 3:
+            raise ValueError("a search needs layers >= 3, so that both normal and reduction cells exist")
         return value
 
     def is_second_order(self) -> bool:

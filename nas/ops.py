@@ -50,6 +50,13 @@ def register_op(name: str, *, replace: bool = False) -> Callable[[OpFactory], Op
     return decorator
 
 
+def unregister_op(name: str) -> None:
+    """Remove an operation added with :func:`register_op` (the 8 DARTS primitives stay)."""
+    if name in PRIMITIVES:
+        raise ValueError(f"the DARTS primitive {name!r} cannot be removed")
+    _REGISTRY.pop(name, None)
+
+
 def registered_ops() -> tuple[str, ...]:
     """Names of every registered operation (the 8 DARTS primitives first)."""
     return tuple(_REGISTRY)

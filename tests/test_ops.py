@@ -1,0 +1,101 @@
+"""Every registered operation at both strides: shape, gradient, parameter count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nas.ops import PRIMITIVES, FactorizedReduce, build_op, register_op, registered_ops, unregister_op
+
+C = 4
+
+
+def expected_params(name: str, stride: int, c: int = C) -> int:
+    """Parameter counts from the operations' definitions (affine batch norm: 2 per channel)."""
+    bn = 2 * c
+    if name in ("none", "max_pool_3x3", "avg_pool_3x3"):
+        return 0
+    if name == "skip_connect":
+        return 0 if stride == 1 else 2 * c * (c // 2) + bn
+    if name.startswith("sep_conv_"):
+        k = int(name[-1])
+        return 2 * (c * k * k + c * c + bn)
+    if name.startswith("dil_conv_"):
+        k = int(name[-1])
+        return c * k * k + c * c + bn
+    if name == "conv_7x1_1x7":
+        return 2 * 7 * c * c + bn
+    raise AssertionError(f"no expectation for {name}")
+
+
+def test_primitives_are_the_papers_eight() -> None:
+    assert PRIMITIVES == (
+        "none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
+        "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5",
+    )  # fmt: skip
+    assert registered_ops()[:8] == PRIMITIVES
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("name", registered_ops())
+def test_op_shape_backward_and_parameters(name: str, stride: int) -> None:
+    torch.manual_seed(0)
+    op = build_op(name, C, stride, affine=True)
+    x = torch.randn(3, C, 8, 8, requires_grad=True)
+    y = op(x)
+    assert y.shape == (3, C, 8 // stride, 8 // stride)
+    (y * torch.randn_like(y)).sum().backward()
+    assert x.grad is not None
+    if name != "none":
+        assert x.grad.abs().sum() > 0
+    params = list(op.parameters())
+    assert sum(p.numel() for p in params) == expected_params(name, stride)
+    assert all(p.grad is not None for p in params)
+
+
+@pytest.mark.parametrize("name", registered_ops())
+def test_affine_false_has_no_batchnorm_parameters(name: str) -> None:
+    op = build_op(name, C, 1, affine=False)
+    for module in op.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            assert module.weight is None and module.bias is None
+
+
+def test_none_is_zero_of_the_output_shape() -> None:
+    x = torch.randn(2, C, 6, 6)
+    assert torch.equal(build_op("none", C, 2)(x), torch.zeros(2, C, 3, 3))
+
+
+def test_factorized_reduce_odd_input_and_offset_branch() -> None:
+    fr = FactorizedReduce(C, 2 * C)
+    assert fr(torch.randn(2, C, 7, 7)).shape == (2, 2 * C, 4, 4)
+    # On even sizes the offset branch sees x[:, :, 1:, 1:] exactly as in the authors' code.
+    x = torch.randn(2, C, 8, 8)
+    fr.eval()
+    with torch.no_grad():
+        got = fr.conv_2(torch.nn.functional.pad(torch.relu(x), (0, 1, 0, 1))[:, :, 1:, 1:])
+        want = fr.conv_2(torch.relu(x)[:, :, 1:, 1:])
+    assert torch.equal(got, want)
+
+
+def test_register_custom_op_and_use_it_in_a_search() -> None:
+    from nas import SearchNetwork, load_config
+
+    @register_op("conv_1x1_test")
+    def conv_1x1(channels: int, stride: int, affine: bool) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(channels, channels, 1, stride=stride, bias=False), nn.BatchNorm2d(channels))
+
+    try:
+        assert "conv_1x1_test" in registered_ops()
+        with pytest.raises(ValueError, match="already registered"):
+            register_op("conv_1x1_test")(conv_1x1)
+        net = SearchNetwork(in_channels=1, channels=4, num_classes=3, layers=2, nodes=2,
+                            primitives=["none", "conv_1x1_test"])  # fmt: skip
+        assert net(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+        assert load_config(None, ["search.primitives=[none, conv_1x1_test]"]).search.primitives[-1] == "conv_1x1_test"
+    finally:
+        unregister_op("conv_1x1_test")
+    assert "conv_1x1_test" not in registered_ops()
+    with pytest.raises(KeyError, match="unknown operation"):
+        build_op("conv_1x1_test", 4, 1)
