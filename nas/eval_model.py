@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nas.genotypes import Genotype
@@ -65,9 +66,10 @@ class AuxiliaryHead(nn.Module):
 
     def __init__(self, channels: int, num_classes: int, imagenet: bool):
         super().__init__()
+        self.pool = nn.Sequential(
+            nn.ReLU(inplace=False), nn.AvgPool2d(5, stride=2 if imagenet else 3, padding=0, count_include_pad=False)
+        )
         self.features = nn.Sequential(
-            nn.ReLU(inplace=False),
-            nn.AvgPool2d(5, stride=2 if imagenet else 3, padding=0, count_include_pad=False),
             nn.Conv2d(channels, 128, 1, bias=False),
             nn.BatchNorm2d(128),
             nn.ReLU(inplace=False),
@@ -79,6 +81,8 @@ class AuxiliaryHead(nn.Module):
         self.classifier = nn.Linear(768, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Inputs smaller than the 5x5 window (small images such as 8x8 digits) are pooled to 2x2 instead.
+        x = self.pool(x) if min(x.shape[-2:]) >= 5 else F.adaptive_avg_pool2d(F.relu(x), 2)
         return self.classifier(self.features(x).flatten(1))
 
 

@@ -1,0 +1,26 @@
+# make demo: set up .venv and run a search on the embedded defaults; make test: set up .venv and run the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test lint clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m nas search --config digits
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

@@ -1,0 +1,139 @@
+"""The single-process search and retrain loops: a real search on digits, determinism, resume."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from nas import GENOTYPES, Config, Genotype, LoopContext, RetrainRun, SearchRun, load_config, parse_genotype
+
+TINY_SEARCH = [
+    "search.epochs=2",
+    "search.steps_per_epoch=3",
+    "search.batch_size=16",
+    "search.layers=3",
+    "search.channels=4",
+    "search.nodes=4",
+    "search.primitives=[none, max_pool_3x3, skip_connect, sep_conv_3x3, dil_conv_3x3]",
+    "data.limit=400",
+]
+
+
+def tiny(*extra: str) -> Config:
+    return load_config("digits", [*TINY_SEARCH, *extra])
+
+
+def quiet() -> LoopContext:
+    return LoopContext(log=lambda message: None)
+
+
+def roundtrip(state: dict) -> dict:
+    """Through bytes and back, loading as untrusted input would be."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("xi", ["null", "0"])
+def test_two_epoch_search_on_digits_gives_a_valid_genotype_and_moves_alpha(xi: str) -> None:
+    lines: list[str] = []
+    run = SearchRun(tiny(f"search.xi={xi}"), LoopContext(log=lines.append))
+    alpha_start = run.network.alpha_normal.detach().clone()
+    result = run.run()
+    assert isinstance(result.genotype, Genotype)
+    assert parse_genotype(str(result.genotype)) == result.genotype
+    assert len(result.genotype.normal) == 8 and result.genotype.normal_concat == (2, 3, 4, 5)
+    assert not torch.equal(alpha_start, result.alpha_normal)
+    assert [e.epoch for e in result.history] == [0, 1]
+    assert result.history[0].xi == (0.0 if xi == "0" else pytest.approx(0.025 * 2))  # digits preset: w_lr 0.05
+    assert all(0 <= e.val_acc <= 1 and e.train_loss > 0 for e in result.history)
+    assert len(lines) == 2 and "search epoch 2/2" in lines[1] and "ETA" in lines[1]
+
+
+def test_same_seed_same_alpha_bit_for_bit_and_other_seed_differs() -> None:
+    a = SearchRun(tiny(), quiet()).run()
+    b = SearchRun(tiny(), quiet()).run()
+    c = SearchRun(tiny("search.seed=7"), quiet()).run()
+    assert torch.equal(a.alpha_normal, b.alpha_normal) and torch.equal(a.alpha_reduce, b.alpha_reduce)
+    assert a.genotype == b.genotype
+    assert not torch.equal(a.alpha_normal, c.alpha_normal)
+
+
+def test_resume_gives_the_same_result_as_no_interruption() -> None:
+    cfg = tiny("search.epochs=3")
+    straight = SearchRun(cfg, quiet()).run()
+    first = SearchRun(cfg, quiet())
+    first.run_epoch()
+    state = roundtrip(first.state_dict())
+    del first
+    resumed = SearchRun(cfg, quiet())  # a fresh process would start from scratch here...
+    resumed.load_state_dict(state)  # ...and continue from the checkpoint instead
+    assert resumed.epoch == 1
+    result = resumed.run()
+    assert torch.equal(straight.alpha_normal, result.alpha_normal)
+    assert torch.equal(straight.alpha_reduce, result.alpha_reduce)
+    assert [e.val_loss for e in straight.history] == [e.val_loss for e in result.history]
+
+
+def test_weight_halves_are_disjoint_and_weight_optimizer_holds_no_alpha() -> None:
+    run = SearchRun(tiny("search.epochs=1"), quiet())
+    assert not set(run.w_indices) & set(run.a_indices)
+    assert len(run.w_indices) + len(run.a_indices) == len(run.train_set)
+    held = {id(p) for g in run.w_optimizer.param_groups for p in g["params"]}
+    assert not held & {id(a) for a in run.network.alphas()}
+    assert {id(p) for g in run.a_optimizer.param_groups for p in g["params"]} == {id(a) for a in run.network.alphas()}
+
+
+def test_weight_step_leaves_alpha_untouched() -> None:
+    """α changes only through its own optimizer: the weight step computes no α gradient."""
+    run = SearchRun(tiny("search.epochs=1"), quiet())
+    x, y = next(iter(torch.utils.data.DataLoader(run.train_set, batch_size=8)))
+    from nas.loop import Meter
+
+    run._weight_step(x, y, Meter())
+    assert all(a.grad is None for a in run.network.alphas())
+    assert all(a.requires_grad for a in run.network.alphas())
+
+
+def test_global_batch_larger_than_a_half_is_refused() -> None:
+    with pytest.raises(ValueError, match="smaller than the global batch"):
+        SearchRun(tiny("search.batch_size=300"), quiet())
+
+
+RETRAIN = [
+    "retrain.epochs=2",
+    "retrain.steps_per_epoch=3",
+    "retrain.batch_size=16",
+    "retrain.layers=3",
+    "retrain.channels=4",
+    "retrain.cutout=2",
+    "data.limit=300",
+]
+
+
+def test_retrain_holds_out_validation_and_grows_drop_path() -> None:
+    cfg = load_config("digits", [*RETRAIN, "retrain.drop_path=0.2"])
+    run = RetrainRun(cfg, GENOTYPES["DARTS_V2"], quiet())
+    assert run.eval_split == "val"
+    assert not set(run.train_indices) & set(run.eval_indices)
+    assert len(run.eval_indices) == 30
+    result = run.run()
+    assert [e.drop_path for e in result.history] == [0.0, pytest.approx(0.1)]
+    assert 0 <= result.eval_acc <= 1
+
+
+def test_retrain_on_all_data_measures_on_test_and_resumes_exactly() -> None:
+    cfg = load_config("digits", [*RETRAIN, "retrain.val_fraction=0", "data.test_limit=50"])
+    straight = RetrainRun(cfg, None, quiet()).run()
+    assert straight.eval_split == "test" and straight.genotype == GENOTYPES["DARTS_V2"]
+    first = RetrainRun(cfg, None, quiet())
+    first.run_epoch()
+    state = roundtrip(first.state_dict())  # the checkpoint is taken at the epoch's end, as the stages do
+    resumed = RetrainRun(cfg, None, quiet())
+    resumed.load_state_dict(state)
+    result = resumed.run()
+    assert [e.eval_loss for e in result.history] == [e.eval_loss for e in straight.history]
+    assert [e.train_loss for e in result.history] == [e.train_loss for e in straight.history]
