@@ -114,6 +114,7 @@ class RetrainRun:
         self.network.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.T_max = self.config.retrain.epochs  # a resumed run may have been given more epochs
         self.epoch = int(state["epoch"])
         self.history = [RetrainEpoch(**e) for e in state["history"]]
         set_rng_state(state["rng"])

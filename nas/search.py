@@ -144,6 +144,7 @@ class SearchRun:
         self.w_optimizer.load_state_dict(state["w_optimizer"])
         self.a_optimizer.load_state_dict(state["a_optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.T_max = self.config.search.epochs  # a resumed run may have been given more epochs
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
         self.history = [_epoch_from_dict(e) for e in state["history"]]
