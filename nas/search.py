@@ -238,7 +238,7 @@ class SearchRun:
             progress.epoch_done(report.epoch, report.seconds, {
                 "train loss": f"{report.train_loss:.3f}", "acc": f"{report.train_acc:.1%}",
                 "val loss": f"{report.val_loss:.3f}", "acc ": f"{report.val_acc:.1%}",
-                "H(α)": f"{report.alpha_entropy_normal:.3f}/{report.alpha_entropy_reduce:.3f}",
+                "H(α)": f"{report.alpha_entropy_normal:.4f}/{report.alpha_entropy_reduce:.4f}",
                 "img/s": f"{report.images_per_second:.0f}",
             })  # fmt: skip
             if on_epoch is not None:
