@@ -83,7 +83,7 @@ class Architect:
         """Set ``α.grad`` to the (first- or second-order) α gradient; return the validation loss used."""
         xi = self.current_xi()
         if xi == 0.0:
-            val_loss = self.loss(self.weights, self.alphas, val_x, val_y)
+            val_loss = self.loss(self._aliases(), self.alphas, val_x, val_y)
             grads = list(torch.autograd.grad(val_loss, self.alphas, materialize_grads=True))
         else:
             val_loss, grads = self._unrolled_gradient(train_x, train_y, val_x, val_y, xi)
@@ -94,11 +94,17 @@ class Architect:
 
     def virtual_step(self, train_x: Tensor, train_y: Tensor, xi: float) -> list[Tensor]:
         """w' = w − ξ·d, where d is the exact update direction of the SGD weight optimizer (eq. 6)."""
-        train_loss = self.loss(self.weights, self.alphas, train_x, train_y)
-        grads = list(torch.autograd.grad(train_loss, self.weights))
+        weights = self._aliases()
+        train_loss = self.loss(weights, self.alphas, train_x, train_y)
+        grads = list(torch.autograd.grad(train_loss, weights))
         self.reduce(grads)
         with torch.no_grad():
             return [w - xi * self._sgd_direction(w, g) for w, g in zip(self.weights, grads)]
+
+    def _aliases(self) -> list[Tensor]:
+        """The weights as new leaves sharing their storage: gradients taken through them never reach the
+        parameters' own autograd nodes, so hooks on those (DDP's gradient reducer) see only the weight step."""
+        return [w.detach().requires_grad_() for w in self.weights]
 
     def _sgd_direction(self, w: Tensor, g: Tensor) -> Tensor:
         """What ``torch.optim.SGD.step`` would subtract from w divided by lr: μ·v + g + λ·w for dampening 0."""

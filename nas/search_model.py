@@ -118,8 +118,19 @@ class SearchNetwork(nn.Module):
         self.classifier = nn.Linear(c_prev, num_classes)
         k, n_ops = num_edges(nodes), len(self.primitives)
         # Small random α (as in the paper) so the first softmax is near uniform but not tied.
-        self.alpha_normal = nn.Parameter(1e-3 * torch.randn(k, n_ops))
-        self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(k, n_ops))
+        # α in a submodule of its own, so it is addressable by name ("alpha.normal", "alpha.reduce") everywhere,
+        # DDP's ignore list included (which cannot name parameters of the root module).
+        self.alpha = nn.ParameterDict(
+            {"normal": nn.Parameter(1e-3 * torch.randn(k, n_ops)), "reduce": nn.Parameter(1e-3 * torch.randn(k, n_ops))}
+        )
+
+    @property
+    def alpha_normal(self) -> nn.Parameter:
+        return self.alpha["normal"]
+
+    @property
+    def alpha_reduce(self) -> nn.Parameter:
+        return self.alpha["reduce"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w_normal = F.softmax(self.alpha_normal, dim=-1)
@@ -130,7 +141,7 @@ class SearchNetwork(nn.Module):
         return self.classifier(self.global_pooling(s1).flatten(1))
 
     def alpha_names(self) -> tuple[str, str]:
-        return ("alpha_normal", "alpha_reduce")
+        return ("alpha.normal", "alpha.reduce")
 
     def alphas(self) -> Iterator[nn.Parameter]:
         """The architecture parameters α (normal cell, reduction cell)."""

@@ -1,0 +1,35 @@
+"""The pipeline's configuration: the nas/ sections plus where and how the stages run on Ray.
+
+It is one object from the command line to the workers: validated here, passed to every stage unchanged, logged
+as it is. Load it with ``nas.config.load_config(preset, overrides, model=PipelineConfig)``.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from nas.config import Config, _Section
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="Ray cluster address; null: RAY_ADDRESS or a local Ray")
+    num_workers: int = Field(1, ge=1, description="data-parallel workers per search or retrain")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0, description="fractional CPUs let several workers share a core")
+    gpus_per_worker: float = Field(1.0, ge=0)
+    sync_bn: bool = Field(False, description="batch-norm statistics over the global batch (exact equivalence)")
+    storage_path: str = Field("runs/ray", description="local folder, shared path or URI (s3://, gs://)")
+    max_failures: int = Field(2, ge=-1, description="restarts from the last checkpoint after a lost worker")
+    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    checkpoints_to_keep: int = Field(2, ge=1)
+    allow_oversubscribe: bool = Field(False, description="allow more worker CPUs than the cluster has")
+
+    @model_validator(mode="after")
+    def _gpu_resources(self) -> RayConfig:
+        if self.use_gpu and self.gpus_per_worker <= 0:
+            raise ValueError("use_gpu needs gpus_per_worker > 0")
+        return self
+
+
+class PipelineConfig(Config):
+    ray: RayConfig = Field(default_factory=RayConfig)

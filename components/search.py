@@ -1,0 +1,295 @@
+"""Data-parallel DARTS search on Ray Train: the nas/ search loop on N workers with α identical on every rank.
+
+Weights are synchronized by DDP. Every gradient that enters the α step (∇w L_train of the virtual step, ∇w' L_val,
+the final α gradient) is averaged across ranks by the architect's reducer, so every rank takes the same α step:
+the result is that of one process on the global batch (per-worker batch × workers), batch-norm statistics aside;
+``ray.sync_bn`` makes those global too. Learning rates are per global batch as configured: if you raise the
+number of workers at a fixed per-worker batch, scale ``search.w_lr`` linearly with the global batch (and keep
+ξ = the weight lr), the usual rule for SGD.
+
+Each epoch rank 0 writes a checkpoint (weights, α, both optimizers, scheduler, epoch, every rank's RNG states,
+the genotype history) through ``ray.train.report``; a lost worker restarts the group from it
+(``ray.max_failures``), and running the same command again (same name and storage) resumes instead of restarting.
+
+    python -m components.search --config digits --set ray.num_workers=2 --set ray.cpus_per_worker=0.5
+    python -m components.search --config cifar10 --set ray.num_workers=8 --set ray.use_gpu=true \
+        --set ray.storage_path=s3://bucket/raydarts
+
+Outputs, in ``<storage_path>/<name>/outputs/``: genotype.json, genotype.txt, history.json (metrics and α per
+epoch), cells/epoch_NNN.png and alpha/epoch_NNN.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from components.config import PipelineConfig
+from nas.config import ConfigError, load_config
+from nas.data import DataError, load_dataset
+from nas.genotypes import Genotype
+
+STATE_FILE = "state.pt"
+
+
+class StageError(RuntimeError):
+    """A stage could not start or did not finish; the message says why in one line."""
+
+
+@dataclass
+class SearchStageResult:
+    name: str
+    genotype: Genotype
+    history: list[dict[str, Any]]
+    storage_dir: str
+    outputs_dir: str
+    checkpoint_path: str | None
+
+    @property
+    def final_metrics(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+    @property
+    def alpha_normal(self) -> torch.Tensor:
+        return torch.tensor(self.history[-1]["alpha_normal"])
+
+    @property
+    def alpha_reduce(self) -> torch.Tensor:
+        return torch.tensor(self.history[-1]["alpha_reduce"])
+
+
+# --- before any worker starts --------------------------------------------------------------------------------------
+def check_data(config: PipelineConfig) -> None:
+    """Fail early and clearly on missing or unreadable data (the workers would fail the same way, later)."""
+    data = config.data
+    load_dataset(data.source, "train", root=data.root, download=data.download, limit=1, image_size=data.image_size)
+
+
+def check_resources(config: PipelineConfig, available_cpus: float, available_gpus: float) -> None:
+    ray_cfg = config.ray
+    need_cpus = ray_cfg.num_workers * ray_cfg.cpus_per_worker
+    if need_cpus > available_cpus + 1e-9 and not ray_cfg.allow_oversubscribe:
+        raise ConfigError(
+            f"ray.num_workers x ray.cpus_per_worker = {need_cpus:g} CPUs but the cluster has {available_cpus:g}; "
+            "lower them, use fractional ray.cpus_per_worker, or set ray.allow_oversubscribe=true"
+        )
+    if ray_cfg.use_gpu and ray_cfg.num_workers * ray_cfg.gpus_per_worker > available_gpus + 1e-9:
+        raise ConfigError(
+            f"ray.use_gpu with {ray_cfg.num_workers} workers x {ray_cfg.gpus_per_worker:g} GPUs "
+            f"but the cluster has {available_gpus:g} GPUs"
+        )
+
+
+def ensure_ray(config: PipelineConfig) -> None:
+    """Connect to the configured cluster, RAY_ADDRESS, or start a local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=config.ray.address, log_to_driver=True, configure_logging=False)
+
+
+def cluster_capacity() -> tuple[float, float]:
+    import ray
+
+    resources = ray.cluster_resources()
+    return float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
+
+
+def storage_root(config: PipelineConfig) -> str:
+    """Local storage paths become absolute (workers may run elsewhere); URIs pass through."""
+    path = config.ray.storage_path
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+# --- inside each worker ---------------------------------------------------------------------------------------------
+def _search_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    from components.distributed import average_tensors, convert_to_global_batchnorm, sum_tensors, wrap_ddp
+    from nas.artifacts import save_epoch_pictures, save_search_outputs, write_json
+    from nas.loop import LoopContext, rng_state, set_rng_state
+    from nas.search import SearchRun
+
+    config = PipelineConfig.model_validate(loop_config["config"])
+    hooks = loop_config.get("hooks") or {}
+    train_ctx = ray.train.get_context()
+    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(config.ray.cpus_per_worker)))
+
+    def wrap(network: torch.nn.Module) -> torch.nn.Module:
+        if config.ray.sync_bn and world > 1:
+            convert_to_global_batchnorm(network)
+        return wrap_ddp(network, device, ignore=network.alpha_names())
+
+    sync_diffs: list[float] = []
+
+    def step_hook(step: int) -> None:
+        fault = hooks.get("fault")
+        if fault and rank == fault["rank"] and step == fault["step"] and not os.path.exists(fault["marker"]):
+            Path(fault["marker"]).write_text(f"killed rank {rank} at step {step}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+        if hooks.get("verify_sync") and world > 1 and step > 0:
+            sync_diffs.append(_max_rank_difference(run.network))
+
+    context = LoopContext(
+        rank=rank, world_size=world, device=device, grad_reducer=average_tensors, sum_reducer=sum_tensors,
+        wrap_model=wrap, log=lambda message: print(message, flush=True), step_hook=step_hook,
+    )  # fmt: skip
+    run = SearchRun(config, context)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+        run.load_state_dict(state)
+        per_rank = state.get("rng_per_rank") or []
+        if len(per_rank) == world:
+            set_rng_state(per_rank[rank])
+        if rank == 0:
+            print(f"resumed search from checkpoint at epoch {run.epoch}", flush=True)
+
+    def on_epoch(report: Any, search_run: SearchRun) -> None:
+        metrics: dict[str, Any] = {"epoch": report.epoch + 1, **report.metrics(), "genotype": str(report.genotype)}
+        if hooks.get("verify_sync") and world > 1:
+            sync_diffs.append(_max_rank_difference(search_run.network))
+            metrics["rank_max_abs_diff"] = max(sync_diffs)
+            metrics["rank_checks"] = len(sync_diffs)
+            sync_diffs.clear()
+        epoch_done = report.epoch + 1
+        due = epoch_done % config.ray.checkpoint_every == 0 or epoch_done == config.search.epochs
+        rngs = [rng_state()]
+        if due and world > 1:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng_state())
+        if due and rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                state = search_run.state_dict()
+                state["rng_per_rank"] = rngs
+                torch.save(state, Path(tmp) / STATE_FILE)
+                save_search_outputs(tmp, report.genotype, search_run.history)
+                save_epoch_pictures(
+                    tmp, report.epoch, report.genotype, report.alpha_normal, report.alpha_reduce,
+                    config.search.primitives,
+                )  # fmt: skip
+                write_json(Path(tmp) / "config.json", config.model_dump(mode="json"))
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+    run.run(on_epoch)
+
+
+def _max_rank_difference(network: torch.nn.Module) -> float:
+    """Largest |difference| between this rank's α and w and any other rank's (0.0 when bit-identical)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().reshape(-1).double() for p in network.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    return max(float((g - flat).abs().max()) for g in gathered)
+
+
+# --- the driver -----------------------------------------------------------------------------------------------------
+def run_search_stage(
+    config: PipelineConfig, *, name: str | None = None, hooks: dict[str, Any] | None = None
+) -> SearchStageResult:
+    """Run (or resume) one data-parallel search and publish its outputs next to its checkpoints."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    check_data(config)
+    ensure_ray(config)
+    check_resources(config, *cluster_capacity())
+    name = name or f"{config.name}-search"
+    storage = storage_root(config)
+    ray_cfg = config.ray
+    resources: dict[str, float] = {"CPU": ray_cfg.cpus_per_worker}
+    if ray_cfg.use_gpu:
+        resources["GPU"] = ray_cfg.gpus_per_worker
+    trainer = TorchTrainer(
+        _search_worker,
+        train_loop_config={"config": config.model_dump(mode="json"), "hooks": hooks or {}},
+        torch_config=TorchConfig(backend="nccl" if ray_cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=ray_cfg.checkpoints_to_keep),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:  # Ray wraps worker errors; keep the first line of the cause
+        raise StageError(f"search {name!r} failed: {str(err).strip().splitlines()[0]}") from err
+    if result.checkpoint is None:
+        raise StageError(f"search {name!r} finished without a checkpoint")
+    outputs = f"{storage.rstrip('/')}/{name}/outputs"
+    with result.checkpoint.as_directory() as directory:
+        genotype, history = publish_outputs(Path(directory), outputs, config)
+    return SearchStageResult(
+        name=name, genotype=genotype, history=history, storage_dir=f"{storage.rstrip('/')}/{name}",
+        outputs_dir=outputs, checkpoint_path=result.checkpoint.path,
+    )  # fmt: skip
+
+
+def publish_outputs(checkpoint_dir: Path, outputs: str, config: PipelineConfig) -> tuple[Genotype, list[dict]]:
+    """Genotype, history and every epoch's pictures (redrawn from the α history) into ``outputs``."""
+    import pyarrow.fs
+
+    from nas.artifacts import save_epoch_pictures
+    from nas.genotypes import parse_genotype
+
+    genotype = parse_genotype((checkpoint_dir / "genotype.json").read_text())
+    history = json.loads((checkpoint_dir / "history.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("genotype.json", "genotype.txt", "history.json", "config.json"):
+            (Path(tmp) / name).write_bytes((checkpoint_dir / name).read_bytes())
+        for row in history:
+            save_epoch_pictures(
+                tmp, row["epoch"] - 1, Genotype.from_dict(row["genotype"]), row["alpha_normal"], row["alpha_reduce"],
+                config.search.primitives,
+            )  # fmt: skip
+        if "://" in outputs:
+            filesystem, path = pyarrow.fs.FileSystem.from_uri(outputs)
+            filesystem.create_dir(path, recursive=True)
+            pyarrow.fs.copy_files(tmp, path, destination_filesystem=filesystem)
+        else:
+            Path(outputs).mkdir(parents=True, exist_ok=True)
+            pyarrow.fs.copy_files(tmp, outputs)
+    return genotype, history
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.search", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="digits", help="preset name or YAML path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser.add_argument("--name", default=None, help="run name (default: <config name>-search); reuse to resume")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides, model=PipelineConfig)
+        result = run_search_stage(config, name=args.name)
+    except (ConfigError, DataError, StageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"genotype: {result.genotype}")
+    print(f"outputs: {result.outputs_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
