@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from nas.data import DataError, load_dataset
 from nas.genotypes import Genotype
 
 STATE_FILE = "state.pt"
+SYNC_FILE = "rank_sync.json"  # written when the verify_sync hook is on
 
 
 class StageError(RuntimeError):
@@ -53,6 +54,7 @@ class SearchStageResult:
     storage_dir: str
     outputs_dir: str
     checkpoint_path: str | None
+    rank_sync: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def final_metrics(self) -> dict[str, Any]:
@@ -135,6 +137,7 @@ def _search_worker(loop_config: dict[str, Any]) -> None:
         return wrap_ddp(network, device, ignore=network.alpha_names())
 
     sync_diffs: list[float] = []
+    sync_log: list[dict[str, Any]] = []  # per epoch: the largest difference between ranks after every step
 
     def step_hook(step: int) -> None:
         fault = hooks.get("fault")
@@ -166,6 +169,7 @@ def _search_worker(loop_config: dict[str, Any]) -> None:
             sync_diffs.append(_max_rank_difference(search_run.network))
             metrics["rank_max_abs_diff"] = max(sync_diffs)
             metrics["rank_checks"] = len(sync_diffs)
+            sync_log.append({k: metrics[k] for k in ("epoch", "rank_max_abs_diff", "rank_checks")})
             sync_diffs.clear()
         epoch_done = report.epoch + 1
         due = epoch_done % config.ray.checkpoint_every == 0 or epoch_done == config.search.epochs
@@ -184,6 +188,8 @@ def _search_worker(loop_config: dict[str, Any]) -> None:
                     config.search.primitives,
                 )  # fmt: skip
                 write_json(Path(tmp) / "config.json", config.model_dump(mode="json"))
+                if sync_log:
+                    write_json(Path(tmp) / SYNC_FILE, sync_log)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
@@ -241,9 +247,11 @@ def run_search_stage(
     outputs = f"{storage.rstrip('/')}/{name}/outputs"
     with result.checkpoint.as_directory() as directory:
         genotype, history = publish_outputs(Path(directory), outputs, config)
+        sync_path = Path(directory) / SYNC_FILE
+        rank_sync = json.loads(sync_path.read_text()) if sync_path.is_file() else []
     return SearchStageResult(
         name=name, genotype=genotype, history=history, storage_dir=f"{storage.rstrip('/')}/{name}",
-        outputs_dir=outputs, checkpoint_path=result.checkpoint.path,
+        outputs_dir=outputs, checkpoint_path=result.checkpoint.path, rank_sync=rank_sync,
     )  # fmt: skip
 
 
