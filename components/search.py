@@ -151,6 +151,10 @@ def _search_worker(loop_config: dict[str, Any]) -> None:
         rank=rank, world_size=world, device=device, grad_reducer=average_tensors, sum_reducer=sum_tensors,
         wrap_model=wrap, log=lambda message: print(message, flush=True), step_hook=step_hook,
     )  # fmt: skip
+    if hooks.get("node_log"):  # test-only: where each rank ran
+        import ray
+
+        Path(hooks["node_log"], f"rank_{rank}").write_text(ray.get_runtime_context().get_node_id())
     run = SearchRun(config, context)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

@@ -1,0 +1,42 @@
+"""The search stage across two Ray nodes (ray.cluster_utils.Cluster: two raylets on this machine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from components.config import PipelineConfig
+from components.search import run_search_stage
+from nas.config import load_config
+
+
+def test_one_worker_on_each_of_two_nodes_completes(tmp_path: Path) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    try:
+        ray.init(address=cluster.address, configure_logging=False, log_to_driver=False)
+        cfg = load_config(
+            "digits",
+            [
+                "search.epochs=1", "search.steps_per_epoch=2", "search.batch_size=8", "search.layers=3",
+                "search.channels=4", "search.nodes=2", "search.primitives=[none, skip_connect, sep_conv_3x3]",
+                "data.limit=200", "ray.num_workers=2", "ray.cpus_per_worker=1",
+                f"ray.storage_path={tmp_path / 'store'}",
+            ],
+            model=PipelineConfig,
+        )  # fmt: skip
+        result = run_search_stage(cfg, name="two-nodes", hooks={"node_log": str(nodes)})
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    placed = {p.name: p.read_text() for p in nodes.iterdir()}
+    assert set(placed) == {"rank_0", "rank_1"}
+    assert placed["rank_0"] != placed["rank_1"]
+    assert [row["epoch"] for row in result.history] == [1]
+    assert (Path(result.outputs_dir) / "genotype.json").is_file()
