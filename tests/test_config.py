@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 from pydantic import BaseModel, Field
 
 from nas.config import (
+    PRESETS_DIR,
     Config,
     ConfigError,
     DataConfig,
@@ -48,9 +50,12 @@ def test_every_preset_loads_and_validates(preset):
 
 def test_presets_differ_from_the_defaults_where_they_say_so():
     digits = load_config("digits")
+    written = yaml.safe_load((PRESETS_DIR / "digits.yaml").read_text())
     assert digits.data.source == "digits"
-    assert (digits.search.epochs, digits.search.layers, digits.search.channels) == (10, 5, 8)
-    assert (digits.retrain.layers, digits.retrain.channels, digits.retrain.cutout) == (6, 16, 2)
+    for section in ("search", "retrain"):
+        for key, value in written[section].items():
+            assert getattr(getattr(digits, section), key) == value, f"{section}.{key}"
+    assert digits.search.layers < SearchConfig().layers and digits.search.channels < SearchConfig().channels
     cpu = load_config("cifar10-cpu")
     assert cpu.data.source.startswith("parquet:")
     assert (cpu.data.limit, cpu.data.test_limit) == (4000, 1000)
@@ -295,7 +300,7 @@ class _ExtendedConfig(Config):
 def test_load_config_builds_the_model_it_is_given():
     cfg = load_config("digits", ["tracking.every=5"], model=_ExtendedConfig)
     assert isinstance(cfg, _ExtendedConfig)
-    assert cfg.tracking.every == 5 and cfg.search.epochs == 10
+    assert cfg.tracking.every == 5 and cfg.search.epochs == load_config("digits").search.epochs
     assert "tracking.every" in _one_line_error_model(["tracking.every=0"])
     with pytest.raises(ConfigError, match="tracking: unknown field"):
         load_config("digits", ["tracking.every=5"])  # the plain Config has no such section
