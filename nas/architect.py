@@ -65,6 +65,9 @@ class Architect:
         optimized = {id(p) for group in w_optimizer.param_groups for p in group["params"]}
         if any(id(a) in optimized for a in self.alphas):
             raise ValueError("the weight optimizer must not hold α: build it from network.weights()")
+        # How many α steps of each kind ran: evidence that second order really unrolled.
+        self.first_order_steps = 0
+        self.second_order_steps = 0
         self._group_of = {id(p): group for group in w_optimizer.param_groups for p in group["params"]}
 
     def current_xi(self) -> float:
@@ -85,8 +88,10 @@ class Architect:
         if xi == 0.0:
             val_loss = self.loss(self._aliases(), self.alphas, val_x, val_y)
             grads = list(torch.autograd.grad(val_loss, self.alphas, materialize_grads=True))
+            self.first_order_steps += 1
         else:
             val_loss, grads = self._unrolled_gradient(train_x, train_y, val_x, val_y, xi)
+            self.second_order_steps += 1
         self.reduce(grads)
         for alpha, grad in zip(self.alphas, grads):
             alpha.grad = grad.detach()

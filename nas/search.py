@@ -54,6 +54,7 @@ class SearchEpoch:
     images_per_second: float
     alpha_normal: list[list[float]] = field(default_factory=list)
     alpha_reduce: list[list[float]] = field(default_factory=list)
+    second_order_steps: int = 0  # α steps through the unrolled virtual step, in this run so far
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -67,6 +68,7 @@ class SearchEpoch:
             "xi": self.xi,
             "epoch_seconds": self.seconds,
             "images_per_second": self.images_per_second,
+            "second_order_steps": self.second_order_steps,
         }
 
 
@@ -137,6 +139,7 @@ class SearchRun:
             "step": self.step,
             "rng": rng_state(),
             "history": [_epoch_to_dict(e) for e in self.history],
+            "architect_steps": [self.architect.first_order_steps, self.architect.second_order_steps],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -148,6 +151,7 @@ class SearchRun:
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
         self.history = [_epoch_from_dict(e) for e in state["history"]]
+        self.architect.first_order_steps, self.architect.second_order_steps = (int(n) for n in state["architect_steps"])
         set_rng_state(state["rng"])
 
     # --- the loop ----------------------------------------------------------------------------------------------
@@ -194,6 +198,7 @@ class SearchRun:
             images_per_second=2 * seen / seconds if seconds > 0 else math.nan,
             alpha_normal=self.network.alpha_normal.detach().cpu().tolist(),
             alpha_reduce=self.network.alpha_reduce.detach().cpu().tolist(),
+            second_order_steps=self.architect.second_order_steps,
         )  # fmt: skip
         self.history.append(report)
         return report
@@ -277,6 +282,7 @@ def _epoch_from_dict(data: dict[str, Any]) -> SearchEpoch:
         genotype=Genotype.from_dict(json.loads(metrics["genotype"])), lr=metrics["lr"],
         xi=metrics["xi"], seconds=metrics["epoch_seconds"], images_per_second=metrics["images_per_second"],
         alpha_normal=metrics["alpha_normal"], alpha_reduce=metrics["alpha_reduce"],
+        second_order_steps=int(metrics.get("second_order_steps", 0)),
     )  # fmt: skip
 
 
