@@ -6,6 +6,8 @@ as it is. Load it with ``nas.config.load_config(preset, overrides, model=Pipelin
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from nas.config import Config, _Section
@@ -31,5 +33,31 @@ class RayConfig(_Section):
         return self
 
 
+class SweepConfig(_Section):
+    seeds: list[int] = Field(default_factory=lambda: [2], min_length=1)
+    xi: list[float | None] = Field(
+        default_factory=lambda: [0.0, None], min_length=1, description="0 = first order; null = the weight lr"
+    )
+    alpha_lr: list[float] | None = Field(None, description="optional extra grid axis")
+    alpha_weight_decay: list[float] | None = None
+    w_lr: list[float] | None = None
+    max_concurrent_trials: int = Field(0, ge=0, description="0: as many as the resources allow")
+    trial_cpus: float = Field(0.05, gt=0, description="CPUs held by each trial's own driver (workers extra)")
+    scheduler: Literal["none", "asha"] = Field("none", description="asha stops weak searches early")
+    asha_grace_period: int = Field(1, ge=1)
+    asha_reduction_factor: int = Field(2, ge=2)
+    metric: str = "val_acc"
+    mode: Literal["max", "min"] = "max"
+    top_k: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _xi_non_negative(self) -> SweepConfig:
+        for value in self.xi:
+            if value is not None and value < 0:
+                raise ValueError(f"xi values must be >= 0 or null, got {value}")
+        return self
+
+
 class PipelineConfig(Config):
     ray: RayConfig = Field(default_factory=RayConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)

@@ -168,7 +168,12 @@ def _search_worker(loop_config: dict[str, Any]) -> None:
             print(f"resumed search from checkpoint at epoch {run.epoch}", flush=True)
 
     def on_epoch(report: Any, search_run: SearchRun) -> None:
-        metrics: dict[str, Any] = {"epoch": report.epoch + 1, **report.metrics(), "genotype": str(report.genotype)}
+        metrics: dict[str, Any] = {
+            "epoch": report.epoch + 1,
+            **report.metrics(),
+            "order": "second" if report.xi > 0 else "first",
+            "genotype": str(report.genotype),
+        }
         if hooks.get("verify_sync") and world > 1:
             sync_diffs.append(_max_rank_difference(search_run.network))
             metrics["rank_max_abs_diff"] = max(sync_diffs)
@@ -213,7 +218,11 @@ def _max_rank_difference(network: torch.nn.Module) -> float:
 
 # --- the driver -----------------------------------------------------------------------------------------------------
 def run_search_stage(
-    config: PipelineConfig, *, name: str | None = None, hooks: dict[str, Any] | None = None
+    config: PipelineConfig,
+    *,
+    name: str | None = None,
+    hooks: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
 ) -> SearchStageResult:
     """Run (or resume) one data-parallel search and publish its outputs next to its checkpoints."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -240,6 +249,7 @@ def run_search_stage(
             storage_path=storage,
             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=ray_cfg.checkpoints_to_keep),
+            callbacks=callbacks,
         ),
     )
     try:

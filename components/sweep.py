@@ -1,0 +1,177 @@
+"""Ray Tune sweep over seeds and ξ (optionally α lr, α weight decay, weight lr): one data-parallel search per trial.
+
+Each trial is a Tune function trainable that runs the Ray Train search stage (a ``TorchTrainer``); its per-epoch
+metrics reach Tune through Train V2's ``TuneReportCallback``. ξ = 0 trials are first order, ξ = null or > 0
+second order. When every trial has finished, the trials are ranked and the top genotypes selected
+(components/select.py); the table lands in ``<storage>/<name>/selection/``.
+
+    python -m components.sweep --config digits --set sweep.seeds=[1,2] --set sweep.xi=[0,null] \
+        --set ray.cpus_per_worker=0.5
+
+Resumable: if the driver dies, the same command restores the experiment; finished trials are not rerun and
+unfinished ones continue from their search checkpoints. ``sweep.scheduler=asha`` stops searches whose
+validation accuracy trails early (useful when many trials run long searches; with few, short trials it only adds
+noise, since DARTS's supernet accuracy early in the search predicts the final cell poorly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from components.config import PipelineConfig
+from components.search import (
+    StageError,
+    check_data,
+    check_resources,
+    cluster_capacity,
+    ensure_ray,
+    run_search_stage,
+    storage_root,
+)
+from components.select import Candidate, TrialResult, select_top, write_selection
+from nas.config import ConfigError, load_config
+from nas.data import DataError
+from nas.genotypes import parse_genotype
+
+GRID_AXES = {"seeds": "seed", "xi": "xi", "alpha_lr": "alpha_lr", "alpha_weight_decay": "alpha_weight_decay",
+             "w_lr": "w_lr"}  # fmt: skip
+
+
+@dataclass
+class SweepResult:
+    name: str
+    trials: list[TrialResult]
+    selected: list[Candidate]
+    selection_csv: Path | None
+    selection_json: Path | None
+    errors: list[str]
+
+
+def trial_config(base: PipelineConfig, params: dict[str, Any]) -> PipelineConfig:
+    """The base config with this trial's grid values put into the search section (validated again)."""
+    data = base.model_dump(mode="json")
+    for axis in GRID_AXES.values():
+        if axis in params:
+            data["search"][axis] = params[axis]
+    return PipelineConfig.model_validate(data)
+
+
+def _trial(params: dict[str, Any]) -> None:
+    """One Tune trial: a whole data-parallel search, reporting each epoch to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    config = trial_config(PipelineConfig.model_validate(params["config"]), params)
+    trial_id = tune.get_context().get_trial_id()
+    start_log = (params.get("hooks") or {}).get("start_log")
+    if start_log:  # test-only: which trials (re)started
+        with open(start_log, "a") as f:
+            f.write(f"{trial_id}\n")
+    run_search_stage(config, name=f"{params['sweep_name']}-{trial_id}", callbacks=[TuneReportCallback()])
+
+
+def _param_space(config: PipelineConfig, name: str, hooks: dict[str, Any] | None) -> dict[str, Any]:
+    from ray import tune
+
+    space: dict[str, Any] = {"config": config.model_dump(mode="json"), "sweep_name": name, "hooks": hooks or {}}
+    for field, axis in GRID_AXES.items():
+        values = getattr(config.sweep, field)
+        if values:
+            space[axis] = tune.grid_search(list(values))
+    return space
+
+
+def concurrent_trials(config: PipelineConfig, cluster_cpus: float) -> int:
+    """How many searches fit at once: each needs its workers' CPUs plus its own driver's."""
+    if config.sweep.max_concurrent_trials:
+        return config.sweep.max_concurrent_trials
+    per_trial = config.ray.num_workers * config.ray.cpus_per_worker + config.sweep.trial_cpus
+    return max(1, int(math.floor(cluster_cpus / per_trial + 1e-9)))
+
+
+def run_sweep(config: PipelineConfig, *, name: str | None = None, hooks: dict[str, Any] | None = None) -> SweepResult:
+    """Run or restore the sweep, then select the top genotypes."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    check_data(config)
+    ensure_ray(config)
+    cpus, gpus = cluster_capacity()
+    check_resources(config, cpus, gpus)
+    name = name or f"{config.name}-sweep"
+    storage = storage_root(config)
+    experiment = f"{storage.rstrip('/')}/{name}"
+    trainable = tune.with_resources(_trial, {"CPU": config.sweep.trial_cpus})
+    if tune.Tuner.can_restore(experiment):
+        print(f"restoring sweep {name!r} from {experiment}", flush=True)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        scheduler = None
+        if config.sweep.scheduler == "asha":
+            scheduler = ASHAScheduler(
+                time_attr="epoch", max_t=config.search.epochs, grace_period=config.sweep.asha_grace_period,
+                reduction_factor=config.sweep.asha_reduction_factor,
+            )  # fmt: skip
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_param_space(config, name, hooks),
+            tune_config=tune.TuneConfig(
+                metric=config.sweep.metric,
+                mode=config.sweep.mode,
+                scheduler=scheduler,
+                max_concurrent_trials=concurrent_trials(config, cpus),
+            ),  # fmt: skip
+            run_config=tune.RunConfig(name=name, storage_path=storage),
+        )
+    grid = tuner.fit()
+    trials, errors = [], []
+    for result in grid:
+        trial_id = str((result.metrics or {}).get("trial_id") or (Path(result.path).name if result.path else "?"))
+        if result.error is not None or not result.metrics or "genotype" not in result.metrics:
+            errors.append(f"{trial_id}: {str(result.error).strip().splitlines()[0] if result.error else 'no result'}")
+            continue
+        params = result.config or {}
+        trials.append(TrialResult(
+            trial=trial_id, seed=int(params.get("seed", config.search.seed)),
+            xi=params.get("xi", config.search.xi),
+            metrics={k: v for k, v in result.metrics.items() if isinstance(v, int | float)},
+            genotype=parse_genotype(result.metrics["genotype"]), search_dir=result.metrics.get("search_dir"),
+        ))  # fmt: skip
+    if not trials:
+        raise StageError(f"sweep {name!r}: no trial finished ({'; '.join(errors) or 'no trials'})")
+    selected = select_top(trials, metric=config.sweep.metric, mode=config.sweep.mode, k=config.sweep.top_k)
+    csv_path = json_path = None
+    if "://" not in experiment:
+        csv_path, json_path = write_selection(Path(experiment) / "selection", trials, selected, config.sweep.metric)
+    return SweepResult(name, trials, selected, csv_path, json_path, errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="digits", help="preset name or YAML path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser.add_argument("--name", default=None, help="experiment name (default: <config name>-sweep); reuse to resume")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides, model=PipelineConfig)
+        result = run_sweep(config, name=args.name)
+    except (ConfigError, DataError, StageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for candidate in result.selected:
+        metric = f"{config.sweep.metric}={candidate.metric:.4f}"
+        print(f"#{candidate.rank} {candidate.trial.trial} {metric} {candidate.genotype}")
+    if result.selection_csv:
+        print(f"selection: {result.selection_csv}")
+    for error in result.errors:
+        print(f"failed trial {error}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
