@@ -6,6 +6,7 @@ as it is. Load it with ``nas.config.load_config(preset, overrides, model=Pipelin
 
 from __future__ import annotations
 
+import argparse
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -61,3 +62,12 @@ class SweepConfig(_Section):
 class PipelineConfig(Config):
     ray: RayConfig = Field(default_factory=RayConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+
+
+def stage_arguments(prog: str, description: str, default_name: str, argv: list[str] | None) -> argparse.Namespace:
+    """The command line every stage shares: a preset or YAML file, overrides, and the run name to reuse."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", default="digits", help="preset name or YAML path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser.add_argument("--name", default=None, help=f"run name (default: {default_name}); reuse it to resume")
+    return parser.parse_args(argv)

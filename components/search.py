@@ -21,7 +21,6 @@ epoch), cells/epoch_NNN.png and alpha/epoch_NNN.png.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -33,7 +32,7 @@ from typing import Any
 
 import torch
 
-from components.config import PipelineConfig
+from components.config import PipelineConfig, stage_arguments
 from nas.config import ConfigError, load_config
 from nas.data import DataError, load_dataset
 from nas.genotypes import Genotype
@@ -297,11 +296,7 @@ def publish_outputs(checkpoint_dir: Path, outputs: str, config: PipelineConfig) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.search", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="digits", help="preset name or YAML path")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    parser.add_argument("--name", default=None, help="run name (default: <config name>-search); reuse to resume")
-    args = parser.parse_args(argv)
+    args = stage_arguments("python -m components.search", __doc__.splitlines()[0], "<config name>-search", argv)
     try:
         config = load_config(args.config, args.overrides, model=PipelineConfig)
         result = run_search_stage(config, name=args.name)

@@ -16,14 +16,13 @@ noise, since DARTS's supernet accuracy early in the search predicts the final ce
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.config import PipelineConfig
+from components.config import PipelineConfig, stage_arguments
 from components.search import (
     StageError,
     check_data,
@@ -152,11 +151,7 @@ def run_sweep(config: PipelineConfig, *, name: str | None = None, hooks: dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.sweep", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="digits", help="preset name or YAML path")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    parser.add_argument("--name", default=None, help="experiment name (default: <config name>-sweep); reuse to resume")
-    args = parser.parse_args(argv)
+    args = stage_arguments("python -m components.sweep", __doc__.splitlines()[0], "<config name>-sweep", argv)
     try:
         config = load_config(args.config, args.overrides, model=PipelineConfig)
         result = run_sweep(config, name=args.name)
