@@ -25,12 +25,14 @@ Two measurements on the same configuration (the ``digits`` preset with the sizes
    / step seconds, over both ranks and the epochs after the first; target <= 5%. An all-reduce includes waiting for
    the slower rank. ray.sync_bn is off (the default), so batch norm adds no collectives.
 
-Ray runs locally with 2 CPUs (``ray.init(address="local", num_cpus=2)``) unless this process is already connected;
-checkpoints and outputs go to a temporary directory that is removed at the end. A repeat whose Ray run fails is
-reported under the table and left out of the medians (on a starved machine Ray Train's placement-group cleaner can
-take a State API miss for a dead controller and tear a healthy run down).
+Ray runs locally with 2 CPUs (``ray.init(address="local", num_cpus=2, ...)``) unless this process is already connected;
+checkpoints and outputs go to a temporary directory that is removed at the end. Its dashboard runs on a free port
+(see ``start_ray``). A repeat whose Ray run fails is reported under the table and left out of the medians.
 
-The default run (a few minutes on 2 idle cores)::
+Epoch times on a shared 2-core VM vary by about 20% from run to run with no Ray at all, so a 10% overhead target
+needs more ``--repeats`` (or a quiet machine) to be settled either way; the min and max columns show the spread.
+
+The default run (about 6 minutes on 2 cores)::
 
     python bench/ray_search.py
 
@@ -172,7 +174,9 @@ class CommClock:
 
     A step starts at ``step_hook``; the last step of the epoch ends at the first metric sum after the loop
     (``Meter.result``: only ``scheduler.step()`` lies between them). Collectives outside the steps (the metric sums
-    of the training meter and of the evaluation) are counted as ``metric_sums``.
+    of the training meter and of the evaluation) are counted as ``metric_sums``. Each call is also kept as
+    (kind, start, end) on ``time.perf_counter``, which on Linux is CLOCK_MONOTONIC, one clock for every process on
+    the machine: the driver lines the ranks' calls up to split each into waiting for the other rank and exchanging.
     """
 
     def __init__(self) -> None:
@@ -185,6 +189,7 @@ class CommClock:
         self.steps = 0
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self.events: list[tuple[str, float, float]] = []
 
     def step_started(self, step: int) -> None:
         now = time.perf_counter()
@@ -198,9 +203,11 @@ class CommClock:
             self.step_seconds += time.perf_counter() - self.step_start
             self.in_step = False
 
-    def add(self, kind: str, seconds: float) -> None:
-        self.seconds[kind] += seconds
+    def add(self, kind: str, start: float) -> None:
+        end = time.perf_counter()
+        self.seconds[kind] += end - start
         self.calls[kind] += 1
+        self.events.append((kind, start, end))
 
     def reducer(self, kind: str, reduce: Callable[[Sequence[Tensor]], None]) -> Callable[[Sequence[Tensor]], None]:
         """A ``LoopContext`` reducer that times ``reduce`` (a blocking all-reduce: its seconds are its cost)."""
@@ -210,7 +217,7 @@ class CommClock:
                 self.steps_ended()
             start = time.perf_counter()
             reduce(tensors)
-            self.add(kind, time.perf_counter() - start)
+            self.add(kind, start)
 
         return timed
 
@@ -221,14 +228,14 @@ class CommClock:
         start = time.perf_counter()
         future = allreduce_hook(state, bucket)  # type: ignore[arg-type]  # None: the default group
         future.wait()
-        self.add("ddp_buckets", time.perf_counter() - start)
+        self.add("ddp_buckets", start)
         return future
 
     def wrap_method(self, kind: str, method: Callable[[], Any]) -> Callable[[], Any]:
         def timed() -> Any:
             start = time.perf_counter()
             out = method()
-            self.add(kind, time.perf_counter() - start)
+            self.add(kind, start)
             return out
 
         return timed
@@ -239,6 +246,7 @@ class CommClock:
             "step_seconds": self.step_seconds,
             "seconds": {k: self.seconds.get(k, 0.0) for k in ALLREDUCE_KINDS + OTHER_KINDS},
             "calls": {k: self.calls.get(k, 0) for k in ALLREDUCE_KINDS + OTHER_KINDS},
+            "events": [e for e in self.events if e[0] in ALLREDUCE_KINDS],
         }
 
 
@@ -325,6 +333,7 @@ class ShareRun:
     step_seconds: float  # mean per step
     seconds_per_step: dict[str, float]  # each kind of collective, mean per step
     share: float  # (alpha_grads + ddp_buckets) / step seconds
+    wait_share: float  # the part of it spent before the other rank had entered the same call
     calls_per_step: dict[str, float]
 
 
@@ -344,8 +353,27 @@ def summarize_share(per_rank: list[list[dict[str, Any]]]) -> ShareRun:
         step_seconds=step_seconds / steps,
         seconds_per_step=seconds,
         share=allreduce / (step_seconds / steps),
+        wait_share=peer_wait_seconds(per_rank) / step_seconds,
         calls_per_step=calls,
     )
+
+
+def peer_wait_seconds(per_rank: list[list[dict[str, Any]]]) -> float:
+    """Seconds the ranks spent inside an all-reduce before the last rank had entered it (warm epochs, all ranks).
+
+    The ranks make the same collectives in the same order, so the i-th call of a kind in an epoch is one collective;
+    whatever a rank spends in it before the last rank arrives is waiting, not communication.
+    """
+    total = 0.0
+    for epoch in range(1, min(len(epochs) for epochs in per_rank)):
+        for kind in ALLREDUCE_KINDS:
+            calls = [[e for e in epochs[epoch]["events"] if e[0] == kind] for epochs in per_rank]
+            if len({len(c) for c in calls}) != 1:
+                raise RuntimeError(f"epoch {epoch}: the ranks made different numbers of {kind} calls")
+            for same_call in zip(*calls):
+                last_arrival = max(start for _, start, _ in same_call)
+                total += sum(max(0.0, min(last_arrival, end) - start) for _, start, end in same_call)
+    return total
 
 
 # --- the driver -----------------------------------------------------------------------------------------------------
@@ -421,6 +449,8 @@ def build_lines(repeats: list[Repeat]) -> list[Line]:
         line("  DDP buffer broadcast (not counted)", [s.seconds_per_step["buffer_broadcast"] for s in shares], "s"),
         line("  metric sums, after the steps (not counted)", [s.seconds_per_step["metric_sums"] for s in shares], "s"),
         line("2 workers: all-reduce share of step time", [s.share for s in shares], "%", ALLREDUCE_TARGET),
+        line("  of which waiting for the other rank to arrive", [s.wait_share for s in shares], "%"),
+        line("  of which exchanging, once both had arrived", [s.share - s.wait_share for s in shares], "%"),
     ]
 
 
@@ -476,14 +506,20 @@ def failure_summary(err: BaseException) -> str:
 
 
 def start_ray() -> bool:
-    """A local Ray with the benchmark's CPUs, unless this process already has one; True if started here."""
+    """A local Ray with the benchmark's CPUs, unless this process already has one; True if started here.
+
+    The dashboard runs, on a free port: without it Ray still records 127.0.0.1:8265 as the State API's address, and
+    Ray Train's placement-group cleaner, asking there whether the run's controller is alive, gets "no such actor"
+    from any other Ray on this machine whose dashboard holds 8265, and tears the healthy run down.
+    """
     import ray
 
     if ray.is_initialized():
         return False
     ray.init(
-        address="local", num_cpus=CLUSTER_CPUS, include_dashboard=False, configure_logging=False, log_to_driver=False
-    )
+        address="local", num_cpus=CLUSTER_CPUS, include_dashboard=True, dashboard_port=0, configure_logging=False,
+        log_to_driver=False,
+    )  # fmt: skip
     return True
 
 
@@ -541,7 +577,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(
                     f"repeat {index + 1}/{args.repeats}: in-process {warm_mean(r.inprocess_epochs):.3f} s, "
                     f"ray {warm_mean(r.ray_epochs):.3f} s ({r.overhead:+.1%}), "
-                    f"all-reduce share {r.share.share:.1%} of {r.share.step_seconds:.3f} s steps",
+                    f"all-reduce share {r.share.share:.1%} of {r.share.step_seconds:.3f} s steps "
+                    f"({r.share.wait_share:.1%} waiting for the other rank)",
                     flush=True,
                 )
     finally:
