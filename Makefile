@@ -1,4 +1,5 @@
-# make demo: set up .venv and run a search on the embedded defaults; make test: set up .venv and run the tests.
+# make demo: set up .venv, run the whole pipeline on the quick preset (digits, local Ray, MLflow in mlflow.db).
+# make test: set up .venv and run ruff and the tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -13,7 +14,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m nas search --config digits
+	$(PY) pipelines/full.py --config quick
 
 lint: install
 	$(PY) -m ruff check .

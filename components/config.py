@@ -7,11 +7,14 @@ as it is. Load it with ``nas.config.load_config(preset, overrides, model=Pipelin
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from nas.config import Config, _Section
+from nas.config import Config, ConfigError, _Section, load_config
+from nas.genotypes import GENOTYPES
 
 
 class RayConfig(_Section):
@@ -59,9 +62,62 @@ class SweepConfig(_Section):
         return self
 
 
+class ChampionConfig(_Section):
+    candidate_epochs: int = Field(
+        2, gt=0, description="brief retrain of each selected genotype, judged on held-out data"
+    )
+    baselines: list[str] = Field(default_factory=list, description="zoo cells retrained with the champion's recipe")
+    max_concurrent: int = Field(1, ge=1, description="retrains at once (Ray tasks); 1: one after another")
+    trial_cpus: float = Field(0.05, gt=0, description="CPUs held by each concurrent retrain's own driver")
+
+    @field_validator("baselines")
+    @classmethod
+    def _zoo_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in GENOTYPES:
+                raise ValueError(f"unknown baseline {name!r} (the zoo has: {', '.join(GENOTYPES)})")
+        return value
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str | None = Field(None, description="null: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    experiment: str | None = Field(None, description="null: the config's name")
+    model_name: str | None = Field(None, description="registered model name; null: the config's name")
+
+
 class PipelineConfig(Config):
     ray: RayConfig = Field(default_factory=RayConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    champion: ChampionConfig = Field(default_factory=ChampionConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+
+def check_champion_choice(config: PipelineConfig) -> None:
+    """Candidates are compared on held-out training data, never on the test set.
+
+    Not a model validator: the champion's own final retrain is this same config with ``val_fraction = 0``.
+    """
+    if config.sweep.top_k > 1 and config.retrain.val_fraction == 0:
+        raise ConfigError(
+            "choosing among sweep.top_k > 1 candidates needs retrain.val_fraction > 0 (never the test set)"
+        )
+
+
+PIPELINE_PRESETS = Path(__file__).resolve().parents[1] / "pipelines" / "presets"
+
+
+def load_pipeline_config(preset: str, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """A pipeline preset (pipelines/presets: quick, cifar10, cifar10-cpu), a nas/ preset, or a YAML path."""
+    path = PIPELINE_PRESETS / f"{preset}.yaml"
+    config = load_config(
+        path if not Path(preset).suffix and path.is_file() else preset, overrides, model=PipelineConfig
+    )
+    check_champion_choice(config)
+    return config
+
+
+def pipeline_presets() -> list[str]:
+    return sorted(p.stem for p in PIPELINE_PRESETS.glob("*.yaml"))
 
 
 def stage_arguments(prog: str, description: str, default_name: str, argv: list[str] | None) -> argparse.Namespace:

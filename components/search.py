@@ -32,17 +32,15 @@ from typing import Any
 
 import torch
 
-from components.config import PipelineConfig, stage_arguments
-from nas.config import ConfigError, load_config
+from components.config import PipelineConfig, load_pipeline_config, stage_arguments
+from components.trainer import StageError, fit, report_epoch, restore_latest, worker_setup
+from nas.config import ConfigError
 from nas.data import DataError, load_dataset
 from nas.genotypes import Genotype
 
-STATE_FILE = "state.pt"
 SYNC_FILE = "rank_sync.json"  # written when the verify_sync hook is on
 
-
-class StageError(RuntimeError):
-    """A stage could not start or did not finish; the message says why in one line."""
+__all__ = ["SearchStageResult", "StageError", "check_data", "check_resources", "run_search_stage"]
 
 
 @dataclass
@@ -113,28 +111,14 @@ def storage_root(config: PipelineConfig) -> str:
 
 # --- inside each worker ---------------------------------------------------------------------------------------------
 def _search_worker(loop_config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
-    from ray.train import Checkpoint
-
-    from components.distributed import average_tensors, convert_to_global_batchnorm, sum_tensors, wrap_ddp
+    from components.distributed import average_tensors, sum_tensors
     from nas.artifacts import save_epoch_pictures, save_search_outputs, write_json
-    from nas.loop import LoopContext, rng_state, set_rng_state
+    from nas.loop import LoopContext
     from nas.search import SearchRun
 
     config = PipelineConfig.model_validate(loop_config["config"])
     hooks = loop_config.get("hooks") or {}
-    train_ctx = ray.train.get_context()
-    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, int(config.ray.cpus_per_worker)))
-
-    def wrap(network: torch.nn.Module) -> torch.nn.Module:
-        if config.ray.sync_bn and world > 1:
-            convert_to_global_batchnorm(network)
-        return wrap_ddp(network, device, ignore=network.alpha_names())
-
+    rank, world, device, wrap = worker_setup(config)
     sync_diffs: list[float] = []
     sync_log: list[dict[str, Any]] = []  # per epoch: the largest difference between ranks after every step
 
@@ -155,16 +139,7 @@ def _search_worker(loop_config: dict[str, Any]) -> None:
 
         Path(hooks["node_log"], f"rank_{rank}").write_text(ray.get_runtime_context().get_node_id())
     run = SearchRun(config, context)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-        run.load_state_dict(state)
-        per_rank = state.get("rng_per_rank") or []
-        if len(per_rank) == world:
-            set_rng_state(per_rank[rank])
-        if rank == 0:
-            print(f"resumed search from checkpoint at epoch {run.epoch}", flush=True)
+    restore_latest(run, rank, world, "search")
 
     def on_epoch(report: Any, search_run: SearchRun) -> None:
         metrics: dict[str, Any] = {
@@ -179,28 +154,20 @@ def _search_worker(loop_config: dict[str, Any]) -> None:
             metrics["rank_checks"] = len(sync_diffs)
             sync_log.append({k: metrics[k] for k in ("epoch", "rank_max_abs_diff", "rank_checks")})
             sync_diffs.clear()
+
+        def write_files(directory: Path) -> None:
+            save_search_outputs(directory, report.genotype, search_run.history)
+            save_epoch_pictures(
+                directory, report.epoch, report.genotype, report.alpha_normal, report.alpha_reduce,
+                config.search.primitives,
+            )  # fmt: skip
+            write_json(directory / "config.json", config.model_dump(mode="json"))
+            if sync_log:
+                write_json(directory / SYNC_FILE, sync_log)
+
         epoch_done = report.epoch + 1
         due = epoch_done % config.ray.checkpoint_every == 0 or epoch_done == config.search.epochs
-        rngs = [rng_state()]
-        if due and world > 1:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state())
-        if due and rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                state = search_run.state_dict()
-                state["rng_per_rank"] = rngs
-                torch.save(state, Path(tmp) / STATE_FILE)
-                save_search_outputs(tmp, report.genotype, search_run.history)
-                save_epoch_pictures(
-                    tmp, report.epoch, report.genotype, report.alpha_normal, report.alpha_reduce,
-                    config.search.primitives,
-                )  # fmt: skip
-                write_json(Path(tmp) / "config.json", config.model_dump(mode="json"))
-                if sync_log:
-                    write_json(Path(tmp) / SYNC_FILE, sync_log)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
+        report_epoch(metrics, due=due, rank=rank, world=world, state=search_run.state_dict, write_files=write_files)
 
     run.run(on_epoch)
 
@@ -224,39 +191,13 @@ def run_search_stage(
     callbacks: list[Any] | None = None,
 ) -> SearchStageResult:
     """Run (or resume) one data-parallel search and publish its outputs next to its checkpoints."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     check_data(config)
     ensure_ray(config)
     check_resources(config, *cluster_capacity())
     name = name or f"{config.name}-search"
     storage = storage_root(config)
-    ray_cfg = config.ray
-    resources: dict[str, float] = {"CPU": ray_cfg.cpus_per_worker}
-    if ray_cfg.use_gpu:
-        resources["GPU"] = ray_cfg.gpus_per_worker
-    trainer = TorchTrainer(
-        _search_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "hooks": hooks or {}},
-        torch_config=TorchConfig(backend="nccl" if ray_cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=ray_cfg.checkpoints_to_keep),
-            callbacks=callbacks,
-        ),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as err:  # Ray wraps worker errors; keep the first line of the cause
-        raise StageError(f"search {name!r} failed: {str(err).strip().splitlines()[0]}") from err
-    if result.checkpoint is None:
-        raise StageError(f"search {name!r} finished without a checkpoint")
+    loop_config = {"config": config.model_dump(mode="json"), "hooks": hooks or {}}
+    result = fit(_search_worker, loop_config, config, name=name, storage=storage, label="search", callbacks=callbacks)
     outputs = f"{storage.rstrip('/')}/{name}/outputs"
     with result.checkpoint.as_directory() as directory:
         genotype, history = publish_outputs(Path(directory), outputs, config)
@@ -266,6 +207,25 @@ def run_search_stage(
         name=name, genotype=genotype, history=history, storage_dir=f"{storage.rstrip('/')}/{name}",
         outputs_dir=outputs, checkpoint_path=result.checkpoint.path, rank_sync=rank_sync,
     )  # fmt: skip
+
+
+def outputs_exist(outputs: str) -> bool:
+    """Whether a search's outputs were published (a folder or a URI)."""
+    import pyarrow.fs
+
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(outputs if "://" in outputs else str(Path(outputs).resolve()))
+    return filesystem.get_file_info(f"{path}/history.json").type == pyarrow.fs.FileType.File
+
+
+def publish_from_checkpoint(checkpoint: str, outputs: str, config: PipelineConfig) -> tuple[Genotype, list[dict]]:
+    """Publish a search's outputs from one of its checkpoints (a folder or a URI).
+
+    A sweep needs this: Tune may stop a trial (ASHA, or its last epoch) before the trial publishes by itself.
+    """
+    from ray.train import Checkpoint
+
+    with Checkpoint(checkpoint).as_directory() as directory:
+        return publish_outputs(Path(directory), outputs, config)
 
 
 def publish_outputs(checkpoint_dir: Path, outputs: str, config: PipelineConfig) -> tuple[Genotype, list[dict]]:
@@ -298,7 +258,7 @@ def publish_outputs(checkpoint_dir: Path, outputs: str, config: PipelineConfig) 
 def main(argv: list[str] | None = None) -> int:
     args = stage_arguments("python -m components.search", __doc__.splitlines()[0], "<config name>-search", argv)
     try:
-        config = load_config(args.config, args.overrides, model=PipelineConfig)
+        config = load_pipeline_config(args.config, args.overrides)
         result = run_search_stage(config, name=args.name)
     except (ConfigError, DataError, StageError) as err:
         print(f"error: {err}", file=sys.stderr)

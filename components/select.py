@@ -2,8 +2,10 @@
 
 Trials are ranked by a metric (default: the supernet's final validation accuracy); genotypes are canonicalized
 first, so two searches that found the same cell (edges listed in another order) are one candidate, credited with
-its best trial. The top k candidates are kept. The table of every trial is written as CSV and JSON, so the
-choice can be checked by eye and read back by the retrain stage.
+its best trial. The top k candidates are kept. Trials that an early-stopping scheduler (ASHA) cut short are
+listed but not candidates: their supernet was measured at another epoch, so the numbers do not compare. The table
+of every trial is written as CSV and JSON (to a folder or a URI), so the choice can be checked by eye and read
+back by the retrain stage.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +35,8 @@ class TrialResult:
     metrics: dict[str, float]
     genotype: Genotype
     search_dir: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # the trial's other grid values (alpha_lr, w_lr, ...)
+    complete: bool = True  # False when a scheduler stopped the search before its last epoch
 
 
 @dataclass(frozen=True)
@@ -56,14 +61,18 @@ def _score(result: TrialResult, metric: str, mode: Mode) -> float:
 def select_top(
     results: Iterable[TrialResult], metric: str = "val_acc", mode: Mode = "max", k: int = 1
 ) -> list[Candidate]:
-    """The k best distinct genotypes; ties go to the earlier trial name so the choice is stable."""
+    """The k best distinct genotypes of the complete trials; ties go to the earlier trial name (a stable choice)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
-    ordered = sorted(results, key=lambda r: (-_score(r, metric, mode), r.trial))
-    if not ordered:
+    results = list(results)
+    if not results:
         raise ValueError("no trial results to select from")
+    complete = [r for r in results if r.complete]
+    if not complete:
+        raise ValueError("every trial was stopped early; none ran the whole search")
+    ordered = sorted(complete, key=lambda r: (-_score(r, metric, mode), r.trial))
     groups: dict[Genotype, list[TrialResult]] = {}
     for result in ordered:
         groups.setdefault(result.genotype.canonical(), []).append(result)
@@ -90,6 +99,9 @@ def selection_table(
             "seed": r.seed,
             "xi": r.xi,
             "order": "first" if r.xi == 0 else "second",
+            **r.params,
+            "epochs": r.metrics.get("epoch"),
+            "stopped_early": not r.complete,
             metric: r.metrics.get(metric),
             "selected_rank": rank_of.get(r.trial),
             "same_genotype_as": same_as.get(r.trial),
@@ -101,14 +113,36 @@ def selection_table(
 
 def write_selection(
     out_dir: str | Path, results: Sequence[TrialResult], candidates: Sequence[Candidate], metric: str = "val_acc"
+) -> tuple[str, str]:
+    """``selection.csv`` and ``selection.json`` in a folder or under a URI (s3://, gs://, file://); their paths.
+
+    The JSON also lists the chosen genotypes in rank order.
+    """
+    if "://" not in str(out_dir):
+        csv_path, json_path = _write_selection_files(Path(out_dir), results, candidates, metric)
+        return str(csv_path), str(json_path)
+    import pyarrow.fs
+
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(str(out_dir))
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_selection_files(Path(tmp), results, candidates, metric)
+        filesystem.create_dir(path, recursive=True)
+        pyarrow.fs.copy_files(tmp, path, destination_filesystem=filesystem)
+    base = str(out_dir).rstrip("/")
+    return f"{base}/selection.csv", f"{base}/selection.json"
+
+
+def _write_selection_files(
+    out: Path, results: Sequence[TrialResult], candidates: Sequence[Candidate], metric: str
 ) -> tuple[Path, Path]:
-    """``selection.csv`` and ``selection.json`` (the JSON also lists the chosen genotypes in rank order)."""
     rows = selection_table(results, candidates, metric)
+    fieldnames: list[str] = []
+    for row in rows:  # rows of different grids may carry different extra axes
+        fieldnames += [key for key in row if key not in fieldnames]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["trial"])
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames or ["trial"])
     writer.writeheader()
     writer.writerows(rows)
-    out = Path(out_dir)
     csv_path = write_text_atomic(out / "selection.csv", buffer.getvalue())
     json_path = write_json(
         out / "selection.json",

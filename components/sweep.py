@@ -19,21 +19,23 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from components.config import PipelineConfig, stage_arguments
+from components.config import PipelineConfig, load_pipeline_config, stage_arguments
 from components.search import (
     StageError,
     check_data,
     check_resources,
     cluster_capacity,
     ensure_ray,
+    outputs_exist,
+    publish_from_checkpoint,
     run_search_stage,
     storage_root,
 )
 from components.select import Candidate, TrialResult, select_top, write_selection
-from nas.config import ConfigError, load_config
+from nas.config import ConfigError
 from nas.data import DataError
 from nas.genotypes import parse_genotype
 
@@ -46,8 +48,8 @@ class SweepResult:
     name: str
     trials: list[TrialResult]
     selected: list[Candidate]
-    selection_csv: Path | None
-    selection_json: Path | None
+    selection_csv: str
+    selection_json: str
     errors: list[str]
 
 
@@ -135,25 +137,49 @@ def run_sweep(config: PipelineConfig, *, name: str | None = None, hooks: dict[st
             errors.append(f"{trial_id}: {str(result.error).strip().splitlines()[0] if result.error else 'no result'}")
             continue
         params = result.config or {}
+        search_dir = _search_dir(storage, name, result)
+        if search_dir and not _ensure_outputs(search_dir, result.metrics, trial_config(config, params)):
+            search_dir = None
+        extra = {axis: params[axis] for axis in GRID_AXES.values() if axis not in ("seed", "xi") and axis in params}
         trials.append(TrialResult(
             trial=trial_id, seed=int(params.get("seed", config.search.seed)),
             xi=params.get("xi", config.search.xi),
             metrics={k: v for k, v in result.metrics.items() if isinstance(v, int | float)},
-            genotype=parse_genotype(result.metrics["genotype"]), search_dir=result.metrics.get("search_dir"),
+            genotype=parse_genotype(result.metrics["genotype"]), search_dir=search_dir,
+            params=extra, complete=int(result.metrics.get("epoch", 0)) >= config.search.epochs,
         ))  # fmt: skip
     if not trials:
         raise StageError(f"sweep {name!r}: no trial finished ({'; '.join(errors) or 'no trials'})")
-    selected = select_top(trials, metric=config.sweep.metric, mode=config.sweep.mode, k=config.sweep.top_k)
-    csv_path = json_path = None
-    if "://" not in experiment:
-        csv_path, json_path = write_selection(Path(experiment) / "selection", trials, selected, config.sweep.metric)
+    try:
+        selected = select_top(trials, metric=config.sweep.metric, mode=config.sweep.mode, k=config.sweep.top_k)
+    except ValueError as err:
+        raise StageError(f"sweep {name!r}: {err}") from None
+    csv_path, json_path = write_selection(f"{experiment}/selection", trials, selected, config.sweep.metric)
     return SweepResult(name, trials, selected, csv_path, json_path, errors)
+
+
+def _ensure_outputs(search_dir: str, metrics: dict[str, Any], config: PipelineConfig) -> bool:
+    """Publish the trial's outputs from its last checkpoint when Tune stopped it before it could; False if none."""
+    outputs = f"{search_dir}/outputs"
+    if outputs_exist(outputs):
+        return True
+    checkpoint = metrics.get("checkpoint_path")
+    if not checkpoint:
+        return False
+    publish_from_checkpoint(f"{search_dir}/{PurePosixPath(checkpoint).name}", outputs, config)
+    return True
+
+
+def _search_dir(storage: str, sweep_name: str, result: Any) -> str | None:
+    """The trial's own search stage folder (its Train run is named after the trial); outputs/ holds its files."""
+    trial_id = (result.metrics or {}).get("trial_id")
+    return f"{storage.rstrip('/')}/{sweep_name}-{trial_id}" if trial_id else None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = stage_arguments("python -m components.sweep", __doc__.splitlines()[0], "<config name>-sweep", argv)
     try:
-        config = load_config(args.config, args.overrides, model=PipelineConfig)
+        config = load_pipeline_config(args.config, args.overrides)
         result = run_sweep(config, name=args.name)
     except (ConfigError, DataError, StageError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 With ``val_fraction > 0`` a seeded share of the training set is held out and each epoch is measured on it (how
 candidates are compared, never on the test set); with ``val_fraction = 0`` the network trains on the whole
-training set and each epoch is measured on the test split (the champion's final training). Auxiliary loss,
+training set and is measured once on the test split, after its last epoch (the champion's final training: the
+test set chooses nothing, so it is looked at once). Auxiliary loss,
 linearly increasing drop path, cutout and gradient clipping follow the paper's recipe.
 
 One process::
@@ -147,7 +148,9 @@ class RetrainRun:
             meter.update(loss, logits, y)
         self.scheduler.step()
         train_loss, train_acc, seen = meter.result(ctx)
-        eval_loss, eval_acc = self.evaluate()
+        eval_loss = eval_acc = math.nan
+        if self.eval_split == "val" or epoch + 1 == cfg.epochs:
+            eval_loss, eval_acc = self.evaluate()
         seconds = time.perf_counter() - start
         self.epoch += 1
         report = RetrainEpoch(
@@ -186,7 +189,8 @@ class RetrainRun:
             report = self.run_epoch()
             progress.epoch_done(report.epoch, report.seconds, {
                 "train loss": f"{report.train_loss:.3f}", "acc": f"{report.train_acc:.1%}",
-                f"{report.eval_split} loss": f"{report.eval_loss:.3f}", "acc ": f"{report.eval_acc:.1%}",
+                f"{report.eval_split} loss": _shown(report.eval_loss, "{:.3f}"),
+                "acc ": _shown(report.eval_acc, "{:.1%}"),
                 "drop path": f"{report.drop_path:.3f}", "img/s": f"{report.images_per_second:.0f}",
             })  # fmt: skip
             if on_epoch is not None:
@@ -198,6 +202,10 @@ class RetrainRun:
             eval_acc=last.eval_acc if last else math.nan,
             history=list(self.history),
         )
+
+
+def _shown(value: float, form: str) -> str:
+    return "-" if math.isnan(value) else form.format(value)
 
 
 def retrain(config: Config, genotype: Genotype | None = None, context: LoopContext | None = None) -> RetrainResult:

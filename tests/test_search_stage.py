@@ -25,15 +25,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def local_ray():  # noqa: ANN201
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def tiny(tmp_path: Path, *extra: str) -> PipelineConfig:
     return load_config("digits", [*TINY, f"ray.storage_path={tmp_path / 'store'}", *extra], model=PipelineConfig)
 

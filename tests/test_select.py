@@ -65,13 +65,38 @@ def test_ties_break_by_trial_name() -> None:
 def test_selection_table_as_csv_and_json(tmp_path: Path) -> None:
     top = select_top(RESULTS, k=2)
     csv_path, json_path = write_selection(tmp_path, RESULTS, top)
-    rows = list(csv.DictReader(csv_path.open()))
+    rows = list(csv.DictReader(Path(csv_path).read_text().splitlines()))
     assert [r["trial"] for r in rows] == ["t1", "t2", "t3", "t4", "t5"]
     by_trial = {r["trial"]: r for r in rows}
     assert by_trial["t3"]["selected_rank"] == "1" and by_trial["t4"]["selected_rank"] == "2"
     assert by_trial["t2"]["same_genotype_as"] == "t3" and by_trial["t1"]["selected_rank"] == ""
     assert by_trial["t2"]["order"] == "second" and by_trial["t1"]["order"] == "first"
     assert parse_genotype(by_trial["t4"]["genotype"]) == PC
-    data = json.loads(json_path.read_text())
+    data = json.loads(Path(json_path).read_text())
     assert [s["trial"] for s in data["selected"]] == ["t3", "t4"]
     assert Genotype.from_dict(data["selected"][0]["genotype"]) == V2.canonical()
+
+
+def test_trials_stopped_early_are_listed_but_never_selected(tmp_path: Path) -> None:
+    stopped = TrialResult("t0", 9, 0.0, {"val_acc": 0.99, "epoch": 1}, PC, complete=False)
+    top = select_top([*RESULTS, stopped], k=5)
+    assert "t0" not in {t for c in top for t in c.trials}
+    assert [c.trial.trial for c in top] == ["t3", "t4", "t1"]
+    csv_path, _ = write_selection(tmp_path, [*RESULTS, stopped], top)
+    row = next(r for r in csv.DictReader(Path(csv_path).read_text().splitlines()) if r["trial"] == "t0")
+    assert row["stopped_early"] == "True" and row["selected_rank"] == ""
+    with pytest.raises(ValueError, match="stopped early"):
+        select_top([stopped], k=1)
+
+
+def test_extra_grid_axes_become_columns_and_uri_destinations_work(tmp_path: Path) -> None:
+    results = [
+        TrialResult("a", 1, 0.0, {"val_acc": 0.5}, V1, params={"alpha_lr": 0.1}),
+        TrialResult("b", 1, 0.0, {"val_acc": 0.6}, V2, params={"alpha_lr": 0.2, "w_lr": 0.05}),
+    ]
+    top = select_top(results, k=1)
+    csv_uri, json_uri = write_selection(f"file://{tmp_path}/deep/selection", results, top)
+    assert csv_uri == f"file://{tmp_path}/deep/selection/selection.csv"
+    rows = list(csv.DictReader((tmp_path / "deep" / "selection" / "selection.csv").read_text().splitlines()))
+    assert [(r["alpha_lr"], r["w_lr"]) for r in rows] == [("0.1", ""), ("0.2", "0.05")]
+    assert json.loads((tmp_path / "deep" / "selection" / "selection.json").read_text())["selected"][0]["trial"] == "b"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from components.config import PipelineConfig
+from components.select import TrialResult
 from components.sweep import run_sweep
 from nas.config import load_config
 
@@ -51,7 +54,60 @@ def test_two_seeds_by_two_xi_on_two_cpus(tmp_path: Path) -> None:
     assert 1 <= len(result.selected) <= 2
     best = max(t.metrics["val_acc"] for t in result.trials)
     assert result.selected[0].metric == best
-    assert result.selection_csv.is_file() and result.selection_json.is_file()
+    assert Path(result.selection_csv).is_file() and Path(result.selection_json).is_file()
+
+
+def _alpha_history(trial: TrialResult) -> list[list]:
+    history = json.loads((Path(trial.search_dir) / "outputs" / "history.json").read_text())
+    return [[row["alpha_normal"], row["alpha_reduce"]] for row in history]
+
+
+def test_same_seed_and_xi_give_the_same_genotype_and_extra_axes_change_alpha(tmp_path: Path) -> None:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        overrides = [*TINY, f"ray.storage_path={tmp_path}", "sweep.seeds=[3,3]", "sweep.xi=[null]",
+                     "sweep.alpha_lr=[0.006,0.3]", "sweep.top_k=4"]  # fmt: skip
+        result = run_sweep(load_config("digits", overrides, model=PipelineConfig), name="repeat")
+    finally:
+        ray.shutdown()
+    assert not result.errors and len(result.trials) == 4
+    by_lr: dict[float, list[TrialResult]] = {}
+    for t in result.trials:
+        by_lr.setdefault(t.params["alpha_lr"], []).append(t)
+    assert sorted(by_lr) == [0.006, 0.3] and all(len(v) == 2 for v in by_lr.values())
+    for twins in by_lr.values():  # same seed, same ξ, same α lr: the same search, to the last bit
+        assert twins[0].genotype == twins[1].genotype
+        assert _alpha_history(twins[0]) == _alpha_history(twins[1])
+        assert twins[0].metrics["val_loss"] == twins[1].metrics["val_loss"]
+    assert _alpha_history(by_lr[0.006][0]) != _alpha_history(by_lr[0.3][0])  # the extra axis reached the search
+    rows = {r["trial"]: r for r in csv.DictReader(Path(result.selection_csv).read_text().splitlines())}
+    assert {float(r["alpha_lr"]) for r in rows.values()} == {0.006, 0.3}
+    assert len(result.selected) < 4  # twins are one candidate
+
+
+def test_asha_stops_a_trailing_search_at_its_first_rung(tmp_path: Path) -> None:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        overrides = [*TINY, f"ray.storage_path={tmp_path}", "search.epochs=2", "search.steps_per_epoch=6",
+                     "sweep.seeds=[1]", "sweep.xi=[0]", "sweep.w_lr=[0.1,0.00001]", "sweep.scheduler=asha",
+                     "sweep.metric=val_loss", "sweep.mode=min", "sweep.max_concurrent_trials=1"]  # fmt: skip
+        result = run_sweep(load_config("digits", overrides, model=PipelineConfig), name="asha",
+                           hooks={"start_log": str(tmp_path / "starts")})  # fmt: skip
+    finally:
+        ray.shutdown()
+    order = (tmp_path / "starts").read_text().split()
+    first, second = (next(t for t in result.trials if t.trial == trial_id) for trial_id in order)
+    assert first.complete and first.metrics["epoch"] == 2  # nothing to compare with at the rung: it runs on
+    first_rung_loss = json.loads((Path(first.search_dir) / "outputs" / "history.json").read_text())[0]["val_loss"]
+    # ASHA (reduction factor 2) stops the second trial at epoch 1 exactly when it trails the first there.
+    trails = second.metrics["val_loss"] > first_rung_loss if second.metrics["epoch"] == 1 else None
+    assert second.params["w_lr"] == 0.00001 and second.metrics["epoch"] == 1 and trails
+    assert not second.complete
+    assert [c.trial.trial for c in result.selected] == [first.trial]  # a stopped search is not a candidate
 
 
 def test_an_interrupted_sweep_restores_without_rerunning_finished_trials(tmp_path: Path) -> None:

@@ -1,0 +1,483 @@
+"""The pipeline's lineage in MLflow, written by one process (the driver) after each stage.
+
+Runs are found again by tags, not remembered: ``raydarts.pipeline`` (the pipeline name), ``raydarts.stage``
+(pipeline, search, selection, retrain) and ``raydarts.key`` (stable per child). So every call is idempotent: a
+child found FINISHED is returned untouched, one found unfinished (a driver that died while logging it) is deleted
+and logged again, and a rerun of a finished pipeline creates no run and no model version. Workers never touch
+MLflow. ``MlflowClient`` is used throughout, so nothing global changes, except inside :meth:`register_champion`,
+where ``mlflow.pyfunc.log_model`` needs a fluent active run (the global URI is restored afterwards).
+
+Lineage of the registered champion: version -> retrain run -> source search run -> pipeline run -> data set
+(name + content digest); :func:`walk_lineage` follows it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelStatus, Metric, Param, Run, ViewType
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
+
+import nas
+from components.config import PipelineConfig
+from nas.config import ConfigError, to_flat_dict
+from nas.data import load_dataset
+from nas.genotypes import Genotype
+from nas.plot import save_cells
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+SERVING_CODE = Path(__file__).with_name("serving.py")
+T = "raydarts."  # tag prefix
+ROLES = ("candidate", "champion", "baseline")
+_PARAM_MAX, _PARAMS_PER_BATCH, _METRICS_PER_BATCH = 6000, 100, 1000
+# what components/serving.py reads from the "network" artifact (serving.py must not import this module)
+NETWORK_KEYS = ("in_channels", "channels", "num_classes", "layers", "auxiliary", "stem", "mean", "std", "image_size")
+
+
+def resolve_tracking_uri(configured: str | None = None) -> str:
+    """The configured URI, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``; file stores are refused."""
+    uri = (configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI).strip()
+    if urlparse(uri).scheme in ("", "file") and not uri.startswith("databricks"):
+        raise ConfigError(
+            f"tracking URI {uri!r} is a file store, which MLflow 3.17 no longer supports; "
+            "use sqlite:///path/mlflow.db (or an http(s):// tracking server)"
+        )
+    if path := _sqlite_path(uri):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative to the current directory unless absolute)."""
+    path = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else ""
+    return Path(path) if path and path != ":memory:" else None
+
+
+def dataset_digest(config: PipelineConfig) -> tuple[str, str, int]:
+    """(content digest, name, rows) of the configured training data: the same digest means the same examples."""
+    data = config.data
+    dataset, info = load_dataset(
+        data.source, "train", root=data.root, download=False, limit=data.limit, image_size=data.image_size
+    )
+    sha = hashlib.sha256()
+    if isinstance(dataset.images, torch.Tensor):  # one uint8 tensor: hashed through the buffer, without a copy
+        sha.update(repr(tuple(dataset.images.shape)).encode())
+        sha.update(dataset.images.contiguous().numpy())
+    else:  # image files read on demand (imagefolder): their bytes, so the digest does not depend on where they are
+        for path in dataset.images.paths:
+            content = Path(path).read_bytes()
+            sha.update(len(content).to_bytes(8, "little") + content)
+    sha.update(dataset.labels.to(torch.int64).contiguous().numpy())
+    return sha.hexdigest()[:16], info.name, len(dataset)
+
+
+def cell_text(genotype: Genotype, cell: str) -> str:
+    """One cell's edges in the authors' text form, e.g. ``[('sep_conv_3x3', 0), ...]`` (a compare-view param)."""
+    edges = genotype.normal if cell == "normal" else genotype.reduce
+    return "[" + ", ".join(f"({op!r}, {index})" for op, index in edges) + "]"
+
+
+def _genotype_params(genotype: Genotype) -> dict[str, str]:
+    return {
+        "genotype": str(genotype),
+        "derived.normal": cell_text(genotype, "normal"),
+        "derived.reduce": cell_text(genotype, "reduce"),
+        "derived.normal_concat": str(list(genotype.normal_concat)),
+        "derived.reduce_concat": str(list(genotype.reduce_concat)),
+    }
+
+
+def _config_params(config: PipelineConfig) -> dict[str, str]:
+    """Flat config as MLflow params: strings (lists and null as JSON), at most 6000 characters."""
+    flat = to_flat_dict(config)
+    return {k: (v if isinstance(v, str) else json.dumps(v))[:_PARAM_MAX] for k, v in flat.items()}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _quoted(value: str) -> str:
+    """A value safe inside a single-quoted MLflow filter string (MLflow has no escaping for quotes)."""
+    if "'" in value or "\\" in value:
+        raise ValueError(f"names and keys must not contain quotes or backslashes: {value!r}")
+    return f"'{value}'"
+
+
+def _client(tracking_uri: str) -> MlflowClient:
+    """A client bound to one store. Concurrent sqlite writers need no retries here: MLflow's sqlite sessions set
+    ``PRAGMA busy_timeout = 20000``, so a writer waits for the lock instead of failing with "database is locked"."""
+    uri = resolve_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextmanager
+def _fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """Point the fluent API at ``uri`` for a moment, then restore both MLflow's global URI and the env var."""
+    from mlflow.tracking._tracking_service import utils
+
+    saved, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+class Lineage:
+    """The one writer of a pipeline's runs; construct it anew on every driver start, it finds what exists."""
+
+    def __init__(self, tracking_uri: str, experiment: str, pipeline: str, artifact_location: str | None = None):
+        """``artifact_location`` applies to a new experiment; for sqlite it defaults to ``mlartifacts/`` beside
+        the database (MLflow's default, ``./mlruns``, would follow the current directory)."""
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.client = _client(self.tracking_uri)
+        self.pipeline = pipeline
+        _quoted(pipeline)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            if artifact_location is None and (path := _sqlite_path(self.tracking_uri)):
+                artifact_location = str(path.resolve().parent / "mlartifacts" / re.sub(r"[^\w.-]", "_", experiment))
+            try:
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location)
+            except MlflowException:  # created by someone else in between
+                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+        else:
+            self.experiment_id = found.experiment_id
+        self.run_id: str | None = None
+        self._dataset: DatasetInput | None = None
+
+    # ---------------------------------------------------------------------------------------------- helpers
+
+    def _find(self, stage: str, key: str) -> list[Run]:
+        query = f"tags.`{T}pipeline` = {_quoted(self.pipeline)} AND tags.`{T}stage` = '{stage}'"
+        query += f" AND tags.`{T}key` = {_quoted(key)}"
+        order = ["attributes.start_time ASC"]
+        return list(self.client.search_runs([self.experiment_id], query, ViewType.ACTIVE_ONLY, order_by=order))
+
+    def _pipeline_id(self) -> str:
+        if self.run_id is None:
+            raise RuntimeError("call pipeline_run(config) first: every stage run hangs off the pipeline run")
+        return self.run_id
+
+    def _log_params(self, run_id: str, params: dict[str, str], existing: dict[str, str] | None = None) -> None:
+        existing = existing or {}
+        changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
+        if changed:
+            warnings.warn(f"run {run_id} keeps its first values of {', '.join(changed)}", stacklevel=3)
+        new = [Param(k, v) for k, v in params.items() if k not in existing]
+        for start in range(0, len(new), _PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=new[start : start + _PARAMS_PER_BATCH])
+
+    def _log_history(self, run_id: str, history: Sequence[Any], extra: dict[str, Any] | None = None) -> None:
+        """Every numeric value of every row, with step = the row's epoch; ``extra`` at the last step."""
+        now, metrics, last_step, last_row = int(time.time() * 1000), [], 0, {}
+        for index, row in enumerate(history):
+            row = asdict(row) if is_dataclass(row) else dict(row)
+            last_step, last_row = int(row.get("epoch", index)), row
+            metrics += [Metric(k, float(v), now, last_step) for k, v in row.items() if k != "epoch" and _is_number(v)]
+        metrics += [
+            Metric(k, float(v), now, last_step) for k, v in (extra or {}).items() if _is_number(v) and k not in last_row
+        ]
+        for start in range(0, len(metrics), _METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=metrics[start : start + _METRICS_PER_BATCH])
+
+    def _log_trained(
+        self, run_id: str, config: PipelineConfig, genotype: Genotype, history: Sequence[Any], extra: dict | None
+    ) -> None:
+        """What search and retrain runs share: flat config and cells as params, curves, the training data."""
+        self._log_params(run_id, _config_params(config) | _genotype_params(genotype))
+        self._log_history(run_id, history, extra)
+        if self._dataset is not None:
+            self.client.log_inputs(run_id, datasets=[self._dataset])
+
+    def _child(self, stage: str, key: str, tags: dict[str, str], write: Callable[[str], None]) -> str:
+        """Get-or-create one child run: FINISHED ones are reused as they are, unfinished ones replaced."""
+        parent = self._pipeline_id()
+        found = self._find(stage, key)
+        finished = [run for run in found if run.info.status == "FINISHED"]
+        for run in found:
+            if run.info.status != "FINISHED":
+                self.client.delete_run(run.info.run_id)
+        if finished:
+            return finished[0].info.run_id
+        base = {"mlflow.parentRunId": parent, f"{T}pipeline": self.pipeline, f"{T}stage": stage, f"{T}key": key}
+        run_id = self.client.create_run(self.experiment_id, run_name=f"{stage}-{key}", tags=base | tags).info.run_id
+        try:
+            write(run_id)
+        except BaseException:
+            self.client.set_terminated(run_id, "FAILED")
+            raise
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    def _search_run_id(self, ref: str | None) -> str | None:
+        """A search trial key of this pipeline resolved to its run id; anything else is taken as a run id."""
+        if not ref:
+            return None
+        found = [run for run in self._find("search", ref) if run.info.status == "FINISHED"]
+        return found[0].info.run_id if found else ref
+
+    # ---------------------------------------------------------------------------------------------- stages
+
+    def pipeline_run(self, config: PipelineConfig) -> str:
+        """Get-or-create the parent run; log the config and the training data (name + digest) it lacks."""
+        found = self._find("pipeline", self.pipeline)
+        if found:
+            run = self.client.get_run(found[0].info.run_id)
+        else:
+            tags = {f"{T}pipeline": self.pipeline, f"{T}stage": "pipeline", f"{T}key": self.pipeline}
+            run = self.client.create_run(self.experiment_id, run_name=self.pipeline, tags=tags)
+        self.run_id = run.info.run_id
+        self._log_params(self.run_id, _config_params(config), run.data.params)
+        if run.inputs and run.inputs.dataset_inputs:
+            self._dataset = run.inputs.dataset_inputs[0]
+        else:
+            self._dataset = _dataset_input(config)
+            self.client.log_inputs(self.run_id, datasets=[self._dataset])
+        return self.run_id
+
+    def log_search_trial(
+        self,
+        key: str,
+        config: PipelineConfig,
+        history: list[dict],
+        genotype: Genotype,
+        outputs_dir: str | None,
+        metrics: dict | None = None,
+    ) -> str:
+        """One search trial: its config, derived cells (side by side in the compare view), curves and pictures."""
+
+        def write(run_id: str) -> None:
+            self._log_trained(run_id, config, genotype, history, metrics)
+            out = Path(outputs_dir) if outputs_dir and "://" not in outputs_dir else None
+            if out is not None and out.is_dir():
+                for name in ("genotype.json", "genotype.txt", "history.json", "config.json"):
+                    if (out / name).is_file():
+                        self.client.log_artifact(run_id, str(out / name))
+                for folder in ("cells", "alpha"):
+                    if (out / folder).is_dir():
+                        self.client.log_artifacts(run_id, str(out / folder), artifact_path=folder)
+
+        return self._child("search", key, {f"{T}search_dir": outputs_dir or ""}, write)
+
+    def log_selection(self, table_csv: str | None, table_json: str | None, selected: Sequence[Any], metric: str) -> str:
+        """The selection: its table as artifacts, the chosen trials and genotypes by rank, links to their runs."""
+        chosen = []  # (rank, trial, genotype text, metric value)
+        for item in selected:
+            if isinstance(item, dict):
+                genotype = Genotype.from_dict(item["genotype"]) if isinstance(item["genotype"], dict) else None
+                text = str(genotype) if genotype else str(item["genotype"])
+                chosen.append((int(item["rank"]), str(item["trial"]), text, item.get(metric)))
+            else:  # a components.select.Candidate
+                chosen.append((item.rank, item.trial.trial, str(item.genotype), item.metric))
+        runs = [self._search_run_id(trial) for _, trial, _, _ in chosen]
+
+        def write(run_id: str) -> None:
+            params = {"selection.metric": metric}
+            for rank, trial, text, _ in chosen:
+                params |= {f"rank_{rank}.trial": trial, f"rank_{rank}.genotype": text[:_PARAM_MAX]}
+            self._log_params(run_id, params)
+            self._log_history(run_id, [], {f"rank_{r}.{metric}": v for r, _, _, v in chosen})
+            for path in (table_csv, table_json):
+                if path and "://" not in path and Path(path).is_file():
+                    self.client.log_artifact(run_id, path)
+
+        tags = {f"{T}selected_trials": json.dumps([c[1] for c in chosen]), f"{T}selected_search_runs": json.dumps(runs)}
+        return self._child("selection", "selection", tags, write)
+
+    def log_retrain(
+        self,
+        key: str,
+        role: str,
+        config: PipelineConfig,
+        genotype: Genotype,
+        history: list[dict],
+        source_search_run: str | None,
+        result_metrics: dict,
+    ) -> str:
+        """One retrain (candidate, champion or baseline), linked to the search that found its genotype."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+        search_run = self._search_run_id(source_search_run)
+
+        def write(run_id: str) -> None:
+            self._log_trained(run_id, config, genotype, history, result_metrics)
+            with tempfile.TemporaryDirectory() as tmp:
+                if history:
+                    self.client.log_artifact(run_id, str(_learning_curves(history, Path(tmp) / "learning_curves.png")))
+                self.client.log_artifact(run_id, str(save_cells(genotype, Path(tmp) / "cells.png", title=key)))
+
+        tags = {
+            f"{T}role": role,
+            f"{T}pipeline_run": self._pipeline_id(),
+            f"{T}source_search_run": search_run or "",
+            f"{T}genotype": genotype.to_json(),
+        }
+        return self._child("retrain", key, tags, write)
+
+    def register_champion(
+        self,
+        retrain_run: str,
+        weights_path: str,
+        genotype: Genotype,
+        network_args: dict,
+        model_name: str,
+        source_search_run: str | None = None,
+    ) -> ModelVersion:
+        """Log the retrained network as a pyfunc model (from code, no pickles), register it, alias ``champion``.
+
+        ``network_args`` holds the EvalNetwork arguments and the data's mean, std and image_size (NETWORK_KEYS).
+        Idempotent: a version of ``model_name`` tagged with this pipeline run is returned as it is.
+        """
+        pipeline_run = self._pipeline_id()
+        for version in self.client.search_model_versions(f"name = {_quoted(model_name)}"):
+            if version.tags.get(f"{T}pipeline_run") == pipeline_run:
+                return version
+        missing = [key for key in NETWORK_KEYS if key not in network_args]
+        if missing:
+            raise ValueError(f"network_args lacks {', '.join(missing)}")
+        retrain_tags = self.client.get_run(retrain_run).data.tags
+        search_run = self._search_run_id(source_search_run) or retrain_tags.get(f"{T}source_search_run", "")
+        model_uri, model_id = self._logged_model(retrain_run, weights_path, genotype, network_args)
+        tags = {
+            f"{T}pipeline": self.pipeline,
+            f"{T}pipeline_run": pipeline_run,
+            f"{T}retrain_run": retrain_run,
+            f"{T}search_run": search_run or "",
+            f"{T}genotype": genotype.to_json(),
+            f"{T}dataset_digest": self._dataset.dataset.digest if self._dataset else "",
+            f"{T}model_id": model_id,  # the sqlite registry does not keep ModelVersion.model_id
+        }
+        try:
+            self.client.create_registered_model(model_name)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        # the sqlite registry resolves a models:/<model id> source through a client on the *global* URI
+        with _fluent_tracking_uri(self.tracking_uri):
+            version = self.client.create_model_version(
+                model_name, model_uri, run_id=retrain_run, tags=tags, model_id=model_id
+            )
+        self.client.set_registered_model_alias(model_name, "champion", version.version)
+        return self.client.get_model_version(model_name, version.version)
+
+    def _logged_model(
+        self, retrain_run: str, weights_path: str, genotype: Genotype, network_args: dict
+    ) -> tuple[str, str]:
+        """(model URI, model id) of the run's pyfunc model; a READY one from an earlier attempt is reused."""
+        query = f"source_run_id = {_quoted(retrain_run)} AND name = 'model'"  # (a status filter matches nothing)
+        for model in self.client.search_logged_models([self.experiment_id], filter_string=query):
+            if model.status == LoggedModelStatus.READY:
+                return model.model_uri, model.model_id
+        c, size = int(network_args["in_channels"]), int(network_args["image_size"])
+        signature = ModelSignature(
+            Schema([TensorSpec(np.dtype(np.float32), (-1, c, size, size))]),
+            Schema([TensorSpec(np.dtype(np.float32), (-1, int(network_args["num_classes"])))]),
+        )
+        requirements = [
+            f"{p}=={metadata.version(p).split('+')[0]}" for p in ("mlflow", "torch", "numpy", "pydantic", "pyyaml")
+        ]
+        with tempfile.TemporaryDirectory() as tmp:
+            genotype_file = Path(tmp) / "genotype.json"
+            genotype_file.write_text(genotype.to_json())
+            network_file = Path(tmp) / "network.json"
+            network_file.write_text(json.dumps({k: network_args[k] for k in NETWORK_KEYS}))
+            artifacts = {"weights": str(weights_path), "genotype": str(genotype_file), "network": str(network_file)}
+            with _fluent_tracking_uri(self.tracking_uri), mlflow.start_run(run_id=retrain_run):
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=str(SERVING_CODE), artifacts=artifacts,
+                    code_paths=[str(Path(nas.__file__).parent)], signature=signature,
+                    input_example=np.full((2, c, size, size), 0.5, dtype=np.float32),
+                    pip_requirements=requirements, tags={f"{T}pipeline_run": self._pipeline_id()},
+                )  # fmt: skip
+        return info.model_uri, info.model_id
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the pipeline run (a no-op when it already has that status)."""
+        run = self.client.get_run(self._pipeline_id())
+        if run.info.status != status:
+            self.client.set_terminated(run.info.run_id, status)
+
+
+def _dataset_input(config: PipelineConfig) -> DatasetInput:
+    """The training data as an MLflow dataset input: name, content digest, source and size (no data is copied)."""
+    digest, name, rows = dataset_digest(config)
+    source = CodeDatasetSource({"data.source": config.data.source, "split": "train", "limit": config.data.limit})
+    meta = MetaDataset(source, name=name, digest=digest).to_dict()
+    profile = json.dumps({"num_rows": rows})
+    entity = Dataset(meta["name"], meta["digest"], meta["source_type"], meta["source"], profile=profile)
+    return DatasetInput(entity, [InputTag("mlflow.data.context", "train")])
+
+
+def _learning_curves(history: Sequence[Any], path: Path) -> Path:
+    """Train/eval loss and accuracy per epoch, drawn on an Agg canvas (no pyplot, no global figure state)."""
+    from matplotlib.figure import Figure
+
+    rows = [asdict(row) if is_dataclass(row) else dict(row) for row in history]
+    epochs = [row.get("epoch", i) for i, row in enumerate(rows)]
+    eval_name = rows[-1].get("eval_split", "eval")
+    figure = Figure(figsize=(9, 3.5))
+    for ax, what in zip(figure.subplots(1, 2), ("loss", "acc")):
+        for split, label in (("train", "train"), ("eval", eval_name)):
+            ax.plot(epochs, [row.get(f"{split}_{what}", math.nan) for row in rows], marker="o", label=label)
+        ax.set(xlabel="epoch", title="loss" if what == "loss" else "accuracy")
+        ax.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def walk_lineage(tracking_uri: str, model_name: str, alias: str = "champion") -> dict[str, Any]:
+    """From a registered version back to its retrain run, search run, pipeline run and training data."""
+    client = _client(tracking_uri)
+    version = client.get_model_version_by_alias(model_name, alias)
+    retrain_id = version.run_id or version.tags[f"{T}retrain_run"]
+    retrain = client.get_run(retrain_id)
+    search_id = retrain.data.tags.get(f"{T}source_search_run") or None
+    search = client.get_run(search_id) if search_id else None
+    pipeline = client.get_run(retrain.data.tags.get(f"{T}pipeline_run") or retrain.data.tags["mlflow.parentRunId"])
+    dataset = pipeline.inputs.dataset_inputs[0].dataset if pipeline.inputs.dataset_inputs else None
+    return {
+        "model_name": model_name,
+        "version": version.version,
+        "model_id": getattr(version, "model_id", None) or version.tags.get(f"{T}model_id"),
+        "model_source": version.source,
+        "genotype": version.tags.get(f"{T}genotype"),
+        "retrain_run": retrain_id,
+        "role": retrain.data.tags.get(f"{T}role"),
+        "search_run": search_id,
+        "search_key": search.data.tags.get(f"{T}key") if search else None,
+        "pipeline_run": pipeline.info.run_id,
+        "pipeline": pipeline.data.tags.get(f"{T}pipeline"),
+        "dataset_name": dataset.name if dataset else None,
+        "dataset_digest": dataset.digest if dataset else None,
+        "dataset_rows": json.loads(dataset.profile).get("num_rows") if dataset and dataset.profile else None,
+    }

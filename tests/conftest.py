@@ -1,0 +1,18 @@
+"""Shared fixtures: a real local Ray with 2 CPUs for the stage tests (one per test module)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[Any]:
+    """A local Ray of 2 CPUs (this machine's size), so fractional worker CPUs are what keeps the tests running."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,161 @@
+"""pipelines/full.py end to end on the quick preset (shrunk): in-process, then again (a rerun), then as a Ray job."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from components.config import load_pipeline_config
+from components.tracking import dataset_digest, walk_lineage
+
+ROOT = Path(__file__).resolve().parents[1]
+SHRINK = [  # the quick preset, shorter: the same stages, fewer steps
+    "search.epochs=2",
+    "search.steps_per_epoch=2",
+    "search.batch_size=16",
+    "search.nodes=2",
+    "retrain.epochs=2",
+    "retrain.steps_per_epoch=2",
+    "retrain.layers=3",
+    "retrain.channels=4",
+    "data.limit=300",
+    "data.test_limit=100",
+]
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def _count_runs(uri: str) -> int:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    return sum(len(client.search_runs([e.experiment_id])) for e in client.search_experiments())
+
+
+def test_the_quick_pipeline_registers_a_champion_with_its_lineage(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import ray
+    from mlflow import MlflowClient
+
+    from pipelines.full import run_pipeline, summary
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    overrides = [*SHRINK, f"mlflow.tracking_uri={uri}", f"ray.storage_path={tmp_path / 'store'}", "sweep.top_k=2",
+                 "champion.baselines=[DARTS_V2]", "champion.max_concurrent=2"]  # fmt: skip
+    config = load_pipeline_config("quick", overrides)
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        result = run_pipeline(config, log=lambda line: None)
+        runs_after_first = _count_runs(uri)
+        again = run_pipeline(config, log=lambda line: None)  # a rerun of the finished pipeline
+    finally:
+        ray.shutdown()
+    # the rerun resumed everything and added nothing to MLflow
+    assert again.pipeline_run == result.pipeline_run and again.model_version == result.model_version
+    assert _count_runs(uri) == runs_after_first
+    client = MlflowClient(uri)
+    assert len(client.search_model_versions("name = 'quick'")) == 1
+    # 4 searches ran concurrently and were logged: every epoch of every metric is there
+    assert len(result.search_runs) == 4
+    for run_id in result.search_runs.values():
+        run = client.get_run(run_id)
+        assert run.data.params["derived.normal"] and run.data.params["derived.reduce"]
+        for metric in ("train_loss", "val_acc", "alpha_entropy_normal"):
+            assert [m.step for m in client.get_metric_history(run_id, metric)] == [1, 2], metric
+    # lineage: registered version -> retrain run -> search run -> pipeline run -> data set
+    lineage = walk_lineage(uri, "quick")
+    assert str(lineage["version"]) == result.model_version and lineage["role"] == "champion"
+    assert lineage["retrain_run"] == result.retrain_runs["quick-champion"]
+    champion_job, champion = result.champion.champion
+    assert lineage["search_run"] == result.search_runs[champion_job.source]
+    assert lineage["pipeline_run"] == result.pipeline_run
+    assert lineage["dataset_digest"] == dataset_digest(config)[0]
+    assert champion.eval_split == "test" and {job.role for job, _ in result.champion.baselines} == {"baseline"}
+    assert len(result.champion.candidates) == len(result.sweep.selected) >= 1
+    # the registered model predicts class probabilities, as the retrained network does
+    import mlflow.pyfunc
+    from sklearn.datasets import load_digits
+
+    from nas.eval_model import EvalNetwork
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model = mlflow.pyfunc.load_model("models:/quick@champion")
+
+    images = (load_digits().images[:5] / 16.0).astype(np.float32)[:, None]
+    probabilities = model.predict(images)
+    assert probabilities.shape == (5, 10) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    net = champion.network
+    network = EvalNetwork(champion.genotype, in_channels=1, channels=net["channels"], num_classes=10,
+                          layers=net["layers"], auxiliary=net["auxiliary"], stem=net["stem"])  # fmt: skip
+    network.load_state_dict(torch.load(champion.weights_path, weights_only=True))
+    network.eval()
+    mean, std = torch.tensor(net["mean"])[None, :, None, None], torch.tensor(net["std"])[None, :, None, None]
+    with torch.no_grad():
+        expected = torch.softmax(network((torch.from_numpy(images) - mean) / std)[0], dim=1).numpy()
+    assert np.allclose(probabilities, expected, atol=1e-5)
+    text = summary(result)
+    assert "models:/quick@champion" in text and "mlflow ui --backend-store-uri" in text
+
+
+def test_dry_run_and_bad_input_touch_nothing(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    dry = subprocess.run([sys.executable, "pipelines/full.py", "--dry-run", "--set", "sweep.seeds=[1,2,3]"], cwd=ROOT,
+                         capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    assert "seeds:\n  - 1\n  - 2\n  - 3" in dry.stdout and "1. sweep quick-sweep: 6 searches" in dry.stdout
+    for overrides, message in [
+        (["mlflow.tracking_uri=/tmp/mlruns"], "sqlite"),
+        (["champion.baselines=[NOPE]"], "unknown baseline 'NOPE'"),
+        (["sweep.top_k=2", "retrain.val_fraction=0"], "never the test set"),
+        (["data.source=parquet:/nonexistent"], "/nonexistent"),
+    ]:
+        args = _sets([*overrides, f"ray.storage_path={tmp_path / 'store'}"])
+        bad = subprocess.run([sys.executable, str(ROOT / "pipelines" / "full.py"), *args], cwd=tmp_path,
+                             capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+        assert bad.returncode == 2, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1 and message in bad.stderr
+        assert not (tmp_path / "store").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_runs_the_pipeline_on_a_head_node(tmp_path: Path) -> None:
+    ray_bin = Path(sys.executable).parent / "ray"
+    port, dashboard = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = tmp_path / "ray"
+    start = subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
+                            "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}",
+                            "--dashboard-agent-listen-port", str(_free_port())],
+                           env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert start.returncode == 0, start.stderr[-2000:]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    try:
+        overrides = [*SHRINK, f"mlflow.tracking_uri={uri}", f"ray.storage_path={tmp_path / 'store'}",
+                     "--name", "job"]  # fmt: skip
+        args = [*_sets(overrides[:-2]), *overrides[-2:]]
+        submit = subprocess.run([str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
+                                 f"--working-dir={ROOT}", "--", "python", "pipelines/full.py", *args],
+                                env=env, capture_output=True, text=True, timeout=1100)  # fmt: skip
+        assert submit.returncode == 0, (submit.stdout[-3000:], submit.stderr[-3000:])
+        assert "succeeded" in submit.stdout.lower()
+        assert "models:/quick@champion" in submit.stdout
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    lineage = walk_lineage(uri, "quick")
+    assert lineage["pipeline"] == "job" and lineage["search_run"] and lineage["dataset_digest"]
+    assert json.loads(lineage["genotype"])

@@ -1,0 +1,323 @@
+"""Lineage in a real sqlite MLflow store: runs found by tags, idempotent reruns, the champion loadable by alias."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.entities import ViewType
+from mlflow.tracking import MlflowClient
+
+from components import serving
+from components.config import PipelineConfig
+from components.select import select_top, write_selection
+from components.tracking import (
+    DEFAULT_TRACKING_URI,
+    NETWORK_KEYS,
+    Lineage,
+    cell_text,
+    dataset_digest,
+    resolve_tracking_uri,
+    walk_lineage,
+)
+from nas.artifacts import save_epoch_pictures, save_search_outputs
+from nas.config import ConfigError, load_config
+from nas.data import load_dataset
+from nas.eval_model import EvalNetwork
+from nas.genotypes import DARTS_V2
+from nas.retrain import RetrainRun
+from nas.search import SearchRun
+
+TINY = [
+    "data.limit=200", "search.epochs=2", "search.layers=3", "search.channels=4", "search.batch_size=16",
+    "search.steps_per_epoch=2", "search.xi=0", "search.nodes=2", "retrain.epochs=1", "retrain.steps_per_epoch=2",
+    "retrain.layers=3", "retrain.channels=4", "retrain.batch_size=16", "retrain.auxiliary=false",
+]  # fmt: skip
+MODEL = "digits-champion"
+EXPERIMENT = "raydarts-test"
+
+
+def tiny_config(*extra: str) -> PipelineConfig:
+    return load_config("digits", [*TINY, *extra], model=PipelineConfig)
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Genuine stage outputs: two 2-epoch searches (files as the search stage writes them) and a trained network."""
+    root = tmp_path_factory.mktemp("stages")
+    config = tiny_config()
+    trials = []
+    for seed in (2, 3):
+        trial_config = tiny_config(f"search.seed={seed}")
+        result = SearchRun(trial_config).run()
+        out = root / f"trial_{seed}"
+        save_search_outputs(out, result.genotype, result.history)
+        for report in result.history:
+            save_epoch_pictures(
+                out, report.epoch, report.genotype, report.alpha_normal, report.alpha_reduce,
+                trial_config.search.primitives,
+            )  # fmt: skip
+        history = json.loads((out / "history.json").read_text())
+        trials.append({"key": f"trial_{seed}", "config": trial_config, "genotype": result.genotype,
+                       "history": history, "dir": str(out), "val_acc": history[-1]["val_acc"]})  # fmt: skip
+    retrain = RetrainRun(config, DARTS_V2)
+    result = retrain.run()
+    weights = root / "weights.pt"
+    torch.save(retrain.state_dict()["network"], weights)
+    info = retrain.info
+    network_args = {
+        "in_channels": info.in_channels, "channels": 4, "num_classes": info.num_classes, "layers": 3,
+        "auxiliary": False, "stem": "cifar", "mean": list(info.mean), "std": list(info.std),
+        "image_size": info.image_size,
+    }  # fmt: skip
+    return {"config": config, "trials": trials, "weights": str(weights), "network_args": network_args,
+            "history": [asdict(e) for e in result.history], "eval_acc": result.eval_acc, "root": root}  # fmt: skip
+
+
+def run_pipeline(uri: str, stages: dict, out: Path) -> dict:
+    """The driver's calls, in order, after each stage; returns the ids they gave back."""
+    from components.select import TrialResult
+
+    lineage = Lineage(uri, EXPERIMENT, "digits-pipeline")
+    pipeline = lineage.pipeline_run(stages["config"])
+    search_runs = {}
+    results = []
+    for trial in stages["trials"]:
+        search_runs[trial["key"]] = lineage.log_search_trial(
+            trial["key"], trial["config"], trial["history"], trial["genotype"], trial["dir"],
+            metrics={"val_acc": trial["val_acc"], "final_val_acc": trial["val_acc"]},
+        )  # fmt: skip
+        results.append(TrialResult(trial["key"], trial["config"].search.seed, 0.0, {"val_acc": trial["val_acc"]},
+                                   trial["genotype"], trial["dir"]))  # fmt: skip
+    chosen = select_top(results, k=1)
+    csv_path, json_path = write_selection(out, results, chosen)
+    selection = lineage.log_selection(str(csv_path), str(json_path), chosen, "val_acc")
+    source = chosen[0].trial.trial
+    retrain = lineage.log_retrain(
+        "champion", "champion", stages["config"], DARTS_V2, stages["history"], source, {"test_acc": 0.5}
+    )
+    version = lineage.register_champion(retrain, stages["weights"], DARTS_V2, stages["network_args"], MODEL, source)
+    lineage.finish()
+    return {"pipeline": pipeline, "search": search_runs, "selection": selection, "retrain": retrain,
+            "version": version, "source": source}  # fmt: skip
+
+
+def all_runs(client: MlflowClient) -> list:
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return client.search_runs([experiment.experiment_id], run_view_type=ViewType.ACTIVE_ONLY, max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def store(stages: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One sqlite store with a whole pipeline logged into it."""
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root}/db/mlflow.db"
+    cwd = tmp_path_factory.mktemp("cwd")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)  # anything written to MLflow's defaults (./mlflow.db, ./mlruns) would land here
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        ids = run_pipeline(uri, stages, root / "selection")
+    return {"uri": uri, "ids": ids, "root": root, "cwd": cwd, "client": MlflowClient(uri, registry_uri=uri)}
+
+
+# ---------------------------------------------------------------------------------------------------- URIs
+
+
+def test_resolve_tracking_uri(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri(None) == DEFAULT_TRACKING_URI
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
+    assert resolve_tracking_uri(None) == "http://tracking:5000"
+    assert resolve_tracking_uri("sqlite:///nested/dir/m.db") == "sqlite:///nested/dir/m.db"
+    assert (tmp_path / "nested" / "dir").is_dir()
+    for refused in ("mlruns", "/tmp/mlruns", "file:///tmp/mlruns", "file:mlruns"):
+        with pytest.raises(ConfigError, match="file store.*sqlite:///"):
+            resolve_tracking_uri(refused)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "./mlruns")
+    with pytest.raises(ConfigError, match="file store"):
+        resolve_tracking_uri(None)
+
+
+# ---------------------------------------------------------------------------------------------------- lineage
+
+
+def test_lineage_reaches_search_pipeline_and_data(store: dict, stages: dict) -> None:
+    client, ids = store["client"], store["ids"]
+    found = walk_lineage(store["uri"], MODEL)
+    assert found["retrain_run"] == ids["retrain"]
+    assert found["search_run"] == ids["search"][ids["source"]]
+    assert found["search_key"] == ids["source"]
+    assert found["pipeline_run"] == ids["pipeline"]
+    digest, name, rows = dataset_digest(stages["config"])
+    assert (found["dataset_digest"], found["dataset_name"], found["dataset_rows"]) == (digest, name, 200)
+    assert json.loads(found["genotype"]) == DARTS_V2.to_dict()
+    assert ids["version"].run_id == ids["retrain"]
+    assert client.get_model_version_by_alias(MODEL, "champion").version == ids["version"].version
+    # every child hangs off the pipeline run, and the search runs carry the same data set
+    for run_id in [*ids["search"].values(), ids["selection"], ids["retrain"]]:
+        assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == ids["pipeline"]
+        assert client.get_run(run_id).info.status == "FINISHED"
+    search_inputs = client.get_run(ids["search"][ids["source"]]).inputs.dataset_inputs
+    assert [d.dataset.digest for d in search_inputs] == [digest]
+    selection = client.get_run(ids["selection"]).data
+    assert json.loads(selection.tags["raydarts.selected_search_runs"]) == [found["search_run"]]
+    assert {a.path for a in client.list_artifacts(ids["selection"])} == {"selection.csv", "selection.json"}
+    # nothing went to MLflow's global defaults; artifacts sit beside the database
+    assert list(store["cwd"].iterdir()) == []
+    assert client.get_run(ids["retrain"]).info.artifact_uri.startswith(str(store["root"] / "db" / "mlartifacts"))
+
+
+def test_search_runs_hold_cells_metrics_and_artifacts(store: dict, stages: dict) -> None:
+    client = store["client"]
+    for trial in stages["trials"]:
+        run = client.get_run(store["ids"]["search"][trial["key"]])
+        assert run.data.params["derived.normal"] == cell_text(trial["genotype"], "normal")
+        assert run.data.params["derived.reduce"] == cell_text(trial["genotype"], "reduce")
+        assert run.data.params["derived.normal"].startswith("[('") and "'" in run.data.params["derived.reduce"]
+        assert run.data.params["search.seed"] == str(trial["config"].search.seed)
+        assert run.data.params["search.primitives"] == json.dumps(trial["config"].search.primitives)
+        for key in ("train_loss", "val_acc", "alpha_entropy_normal", "second_order_steps"):
+            history = client.get_metric_history(run.info.run_id, key)
+            assert sorted((m.step, m.value) for m in history) == [(row["epoch"], row[key]) for row in trial["history"]]
+        assert client.get_metric_history(run.info.run_id, "final_val_acc")[0].step == 2
+        assert "alpha_normal" not in run.data.metrics and "genotype" not in run.data.metrics
+        top = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"genotype.json", "genotype.txt", "history.json", "cells", "alpha"} <= top
+        for folder in ("cells", "alpha"):
+            assert [a.path for a in client.list_artifacts(run.info.run_id, folder)] == [
+                f"{folder}/epoch_001.png", f"{folder}/epoch_002.png"
+            ]  # fmt: skip
+
+
+def test_retrain_run_holds_curves_and_links(store: dict, stages: dict) -> None:
+    client, ids = store["client"], store["ids"]
+    run = client.get_run(ids["retrain"])
+    tags = run.data.tags
+    assert tags["raydarts.role"] == "champion"
+    assert tags["raydarts.source_search_run"] == ids["search"][ids["source"]]
+    assert tags["raydarts.pipeline_run"] == ids["pipeline"]
+    assert run.data.params["genotype"] == str(DARTS_V2)
+    for key in ("train_loss", "eval_acc", "lr"):
+        history = client.get_metric_history(ids["retrain"], key)
+        assert [(m.step, m.value) for m in history] == [(row["epoch"], row[key]) for row in stages["history"]]
+    assert run.data.metrics["test_acc"] == 0.5
+    assert {"learning_curves.png", "cells.png"} <= {a.path for a in client.list_artifacts(ids["retrain"])}
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+def test_champion_loads_by_alias_and_predicts_like_the_network(store: dict, stages: dict) -> None:
+    dataset, info = load_dataset("digits", "test", limit=12)
+    batch = (dataset.images.to(torch.float32) / 255.0).numpy()  # (12, 1, 8, 8) in [0, 1]
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(store["uri"])
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+        probabilities = model.predict(batch)
+    finally:
+        mlflow.set_tracking_uri(None)
+        if previous_env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+    assert probabilities.shape == (12, 10) and probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    network = EvalNetwork(DARTS_V2, in_channels=1, channels=4, num_classes=10, layers=3, auxiliary=False)
+    network.load_state_dict(torch.load(stages["weights"], weights_only=True))
+    network.eval()
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        expected = torch.softmax(network((torch.from_numpy(batch) - mean) / std)[0], dim=1).numpy()
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    assert serving.NETWORK_KEYS == NETWORK_KEYS  # what register_champion writes is what the model reads
+    # the class itself also takes (N, H, W) one-channel images, and names a wrong shape
+    python_model = model.unwrap_python_model()
+    np.testing.assert_allclose(python_model.predict(None, batch[:, 0]), expected, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        python_model.predict(None, np.zeros((2, 3, 8, 8)))
+
+
+# ---------------------------------------------------------------------------------------------------- reruns
+
+
+def test_rerun_creates_no_runs_and_no_versions(store: dict, stages: dict) -> None:
+    client = store["client"]
+    before = {run.info.run_id for run in all_runs(client)}
+    versions = client.search_model_versions(f"name = '{MODEL}'")
+    again = run_pipeline(store["uri"], stages, store["root"] / "selection-again")
+    assert {run.info.run_id for run in all_runs(client)} == before
+    assert len(client.search_model_versions(f"name = '{MODEL}'")) == len(versions) == 1
+    assert again["retrain"] == store["ids"]["retrain"] and again["search"] == store["ids"]["search"]
+    assert again["version"].version == store["ids"]["version"].version
+    # a driver that died between logging the model and registering it finds the logged model again
+    lineage = Lineage(store["uri"], EXPERIMENT, "digits-pipeline")
+    lineage.pipeline_run(stages["config"])
+    model_uri, model_id = lineage._logged_model(
+        store["ids"]["retrain"], stages["weights"], DARTS_V2, stages["network_args"]
+    )
+    assert model_id == walk_lineage(store["uri"], MODEL)["model_id"]
+    assert model_uri == f"models:/{model_id}" == store["ids"]["version"].source
+
+
+def test_unfinished_child_is_replaced(tmp_path: Path, stages: dict) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    trial = stages["trials"][0]
+    lineage = Lineage(uri, EXPERIMENT, "crash")
+    lineage.pipeline_run(stages["config"])
+
+    def crash(run_id: str) -> None:
+        raise KeyboardInterrupt  # the driver dies half-way through logging this child
+
+    with pytest.raises(KeyboardInterrupt):
+        lineage._child("search", trial["key"], {}, crash)
+    # a hard kill leaves the run RUNNING rather than FAILED: simulate that too
+    stale = lineage._find("search", trial["key"])[0].info.run_id
+    lineage.client.update_run(stale, status="RUNNING")
+    again = Lineage(uri, EXPERIMENT, "crash")
+    again.pipeline_run(stages["config"])
+    run_id = again.log_search_trial(trial["key"], trial["config"], trial["history"], trial["genotype"], trial["dir"])
+    found = again._find("search", trial["key"])
+    assert [(r.info.run_id, r.info.status) for r in found] == [(run_id, "FINISHED")]
+    assert run_id != stale
+    assert MlflowClient(uri).get_run(stale).info.lifecycle_stage == "deleted"
+    assert len(MlflowClient(uri).get_metric_history(run_id, "val_acc")) == 2
+
+
+def test_concurrent_writers_share_one_sqlite_store(tmp_path: Path, stages: dict) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    Lineage(uri, EXPERIMENT, "threads").pipeline_run(stages["config"])
+    trial = stages["trials"][0]
+    errors: list[BaseException] = []
+    history = [{**row, "extra": float(i)} for i, row in enumerate(trial["history"])]
+
+    def writer(n: int) -> None:
+        try:
+            lineage = Lineage(uri, EXPERIMENT, "threads")
+            lineage.pipeline_run(stages["config"])
+            for k in range(3):
+                lineage.log_search_trial(f"t{n}-{k}", trial["config"], history, trial["genotype"], trial["dir"])
+        except BaseException as err:  # noqa: BLE001 - reported below, in the test's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    client = MlflowClient(uri)
+    lineage = Lineage(uri, EXPERIMENT, "threads")
+    for n in range(4):
+        for k in range(3):
+            (run,) = lineage._find("search", f"t{n}-{k}")
+            assert run.info.status == "FINISHED"
+            assert [m.step for m in client.get_metric_history(run.info.run_id, "extra")] == [1, 2]
+            assert len(client.list_artifacts(run.info.run_id, "cells")) == 2
