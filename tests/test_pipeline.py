@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -136,8 +138,9 @@ def test_ray_job_submit_runs_the_pipeline_on_a_head_node(tmp_path: Path) -> None
     ray_bin = Path(sys.executable).parent / "ray"
     port, dashboard = _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env["PATH"] = f"{ray_bin.parent}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` is this environment's
     env.pop("RAY_ADDRESS", None)
-    temp_dir = tmp_path / "ray"
+    temp_dir = tempfile.mkdtemp(prefix="rd", dir="/tmp")  # Ray's socket paths must stay short
     start = subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
                             "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}",
                             "--dashboard-agent-listen-port", str(_free_port())],
@@ -151,11 +154,12 @@ def test_ray_job_submit_runs_the_pipeline_on_a_head_node(tmp_path: Path) -> None
         submit = subprocess.run([str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
                                  f"--working-dir={ROOT}", "--", "python", "pipelines/full.py", *args],
                                 env=env, capture_output=True, text=True, timeout=1100)  # fmt: skip
-        assert submit.returncode == 0, (submit.stdout[-3000:], submit.stderr[-3000:])
+        assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
         assert "succeeded" in submit.stdout.lower()
         assert "models:/quick@champion" in submit.stdout
     finally:
         subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     lineage = walk_lineage(uri, "quick")
     assert lineage["pipeline"] == "job" and lineage["search_run"] and lineage["dataset_digest"]
     assert json.loads(lineage["genotype"])
