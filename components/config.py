@@ -81,7 +81,7 @@ class ChampionConfig(_Section):
 
 class MlflowConfig(_Section):
     tracking_uri: str | None = Field(None, description="null: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
-    experiment: str | None = Field(None, description="null: the config's name")
+    experiment: str | None = Field(None, description="null: the pipeline name (--name, else the config name)")
     model_name: str | None = Field(None, description="registered model name; null: the config's name")
 
 
@@ -90,6 +90,25 @@ class PipelineConfig(Config):
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     champion: ChampionConfig = Field(default_factory=ChampionConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
+    """The config with its local paths made absolute, as the driver sees them.
+
+    Workers and Tune trials run in other folders (Tune moves each trial into its own), so a relative
+    ``runs/ray`` or ``parquet:../data`` would point elsewhere there.
+    """
+    data = config.data
+    kind, sep, where = data.source.partition(":")
+    source = f"{kind}:{_absolute(where)}" if sep and kind in ("parquet", "imagefolder") else data.source
+    return config.model_copy(update={
+        "data": data.model_copy(update={"source": source, "root": _absolute(data.root)}),
+        "ray": config.ray.model_copy(update={"storage_path": _absolute(config.ray.storage_path)}),
+    })  # fmt: skip
 
 
 def check_champion_choice(config: PipelineConfig) -> None:

@@ -27,7 +27,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from components.config import PipelineConfig, check_champion_choice, load_pipeline_config, stage_arguments
+from components.config import (
+    PipelineConfig,
+    check_champion_choice,
+    load_pipeline_config,
+    stage_arguments,
+    with_absolute_paths,
+)
 from components.search import check_data, check_resources, cluster_capacity, ensure_ray, storage_root
 from components.trainer import StageError, fit, report_epoch, restore_latest, worker_setup
 from nas.config import ConfigError
@@ -150,6 +156,7 @@ def run_retrain_stage(
     are read back, interrupted ones resume from their last checkpoint."""
     import pyarrow.fs
 
+    config = with_absolute_paths(config)
     genotype = genotype if genotype is not None else parse_genotype(config.retrain.genotype)
     name = name or f"{config.name}-retrain"
     storage = storage_root(config)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from components.config import PipelineConfig, load_pipeline_config, stage_arguments
+from components.config import PipelineConfig, load_pipeline_config, stage_arguments, with_absolute_paths
 from components.trainer import StageError, fit, report_epoch, restore_latest, worker_setup
 from nas.config import ConfigError
 from nas.data import DataError, load_dataset
@@ -191,6 +191,7 @@ def run_search_stage(
     callbacks: list[Any] | None = None,
 ) -> SearchStageResult:
     """Run (or resume) one data-parallel search and publish its outputs next to its checkpoints."""
+    config = with_absolute_paths(config)
     check_data(config)
     ensure_ray(config)
     check_resources(config, *cluster_capacity())

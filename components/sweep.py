@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from components.config import PipelineConfig, load_pipeline_config, stage_arguments
+from components.config import PipelineConfig, load_pipeline_config, stage_arguments, with_absolute_paths
 from components.search import (
     StageError,
     check_data,
@@ -97,6 +97,7 @@ def concurrent_trials(config: PipelineConfig, cluster_cpus: float) -> int:
 
 def run_sweep(config: PipelineConfig, *, name: str | None = None, hooks: dict[str, Any] | None = None) -> SweepResult:
     """Run or restore the sweep, then select the top genotypes."""
+    config = with_absolute_paths(config)
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 

@@ -24,7 +24,7 @@ from typing import Any
 if __name__ == "__main__" and __package__ is None:  # `python pipelines/full.py` from a checkout not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.config import PipelineConfig, load_pipeline_config, pipeline_presets
+from components.config import PipelineConfig, load_pipeline_config, pipeline_presets, with_absolute_paths
 from components.retrain import ChampionResult, RetrainJob, RetrainStageResult, choose_champion
 from components.search import StageError, check_data, check_resources, cluster_capacity, ensure_ray
 from components.sweep import SweepResult, run_sweep, trial_config
@@ -102,11 +102,12 @@ def run_pipeline(config: PipelineConfig, *, name: str | None = None, log: Any = 
     from components.tracking import Lineage, resolve_tracking_uri
 
     name = name or config.name
+    config = with_absolute_paths(config)
     tracking_uri = resolve_tracking_uri(config.mlflow.tracking_uri)
     check_data(config)
     ensure_ray(config)
     check_resources(config, *cluster_capacity())
-    experiment = config.mlflow.experiment or config.name
+    experiment = config.mlflow.experiment or name
     model_name = config.mlflow.model_name or config.name
     lineage = Lineage(tracking_uri, experiment=experiment, pipeline=name)
     pipeline_run = lineage.pipeline_run(config)

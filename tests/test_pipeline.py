@@ -163,3 +163,15 @@ def test_ray_job_submit_runs_the_pipeline_on_a_head_node(tmp_path: Path) -> None
     lineage = walk_lineage(uri, "quick")
     assert lineage["pipeline"] == "job" and lineage["search_run"] and lineage["dataset_digest"]
     assert json.loads(lineage["genotype"])
+
+
+def test_local_paths_become_absolute_before_workers_see_them(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from components.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    config = with_absolute_paths(load_pipeline_config("quick", ["data.source=parquet:../cifar", "data.root=data"]))
+    assert config.ray.storage_path == str(tmp_path / "runs" / "ray")
+    assert config.data.source == f"parquet:{tmp_path.parent / 'cifar'}" and config.data.root == str(tmp_path / "data")
+    remote = with_absolute_paths(load_pipeline_config("quick", ["ray.storage_path=s3://bucket/runs",
+                                                                "data.source=parquet:s3://bucket/cifar"]))  # fmt: skip
+    assert remote.ray.storage_path == "s3://bucket/runs" and remote.data.source == "parquet:s3://bucket/cifar"
