@@ -51,6 +51,9 @@ def test_two_seeds_by_two_xi_on_two_cpus(tmp_path: Path) -> None:
         assert (t.metrics["xi"] > 0) == (t.xi is None)
     first_order = {t.seed: t for t in result.trials if t.xi == 0.0}
     assert first_order[1].metrics["val_loss"] != first_order[2].metrics["val_loss"]  # seeds differ
+    second_order = {t.seed: t for t in result.trials if t.xi is None}
+    for by_seed in (first_order, second_order):  # ... and so do their α trajectories
+        assert _alpha_history(by_seed[1]) != _alpha_history(by_seed[2])
     assert 1 <= len(result.selected) <= 2
     best = max(t.metrics["val_acc"] for t in result.trials)
     assert result.selected[0].metric == best
