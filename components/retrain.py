@@ -35,7 +35,7 @@ from components.config import (
     with_absolute_paths,
 )
 from components.search import check_data, check_resources, cluster_capacity, ensure_ray, storage_root
-from components.trainer import StageError, fit, report_epoch, restore_latest, worker_setup
+from components.trainer import StageError, fit, report_epoch, restore_latest, worker_log, worker_setup
 from nas.config import ConfigError
 from nas.data import DataError, load_dataset
 from nas.genotypes import Genotype, parse_genotype
@@ -109,7 +109,7 @@ def _retrain_worker(loop_config: dict[str, Any]) -> None:
 
     context = LoopContext(
         rank=rank, world_size=world, device=device, sum_reducer=sum_tensors, wrap_model=wrap,
-        log=lambda message: print(message, flush=True), step_hook=step_hook,
+        log=worker_log, step_hook=step_hook,
     )  # fmt: skip
     run = RetrainRun(config, genotype, context)
     restore_latest(run, rank, world, "retrain")

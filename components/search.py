@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from components.config import PipelineConfig, load_pipeline_config, stage_arguments, with_absolute_paths
-from components.trainer import StageError, fit, report_epoch, restore_latest, worker_setup
+from components.trainer import StageError, fit, report_epoch, restore_latest, worker_log, worker_setup
 from nas.config import ConfigError
 from nas.data import DataError, load_dataset
 from nas.genotypes import Genotype
@@ -132,7 +132,7 @@ def _search_worker(loop_config: dict[str, Any]) -> None:
 
     context = LoopContext(
         rank=rank, world_size=world, device=device, grad_reducer=average_tensors, sum_reducer=sum_tensors,
-        wrap_model=wrap, log=lambda message: print(message, flush=True), step_hook=step_hook,
+        wrap_model=wrap, log=worker_log, step_hook=step_hook,
     )  # fmt: skip
     if hooks.get("node_log"):  # test-only: where each rank ran
         import ray

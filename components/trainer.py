@@ -8,6 +8,7 @@ again) loads the latest one, so the loop continues exactly where it stopped.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,15 @@ STATE_FILE = "state.pt"
 
 class StageError(RuntimeError):
     """A stage could not start or did not finish; the message says why in one line."""
+
+
+def worker_log(message: str) -> None:
+    """A progress line from a worker, printed once on the driver.
+
+    Train V2 patches ``print`` to go both to its logger and to the (wrapped) stdout, which shows every line twice;
+    writing to the process's own stdout bypasses that, and Ray forwards it to the driver.
+    """
+    print(message, file=sys.__stdout__, flush=True)
 
 
 def restore_latest(run: Any, rank: int, world: int, label: str) -> bool:
@@ -40,7 +50,7 @@ def restore_latest(run: Any, rank: int, world: int, label: str) -> bool:
     if len(per_rank) == world:
         set_rng_state(per_rank[rank])
     if rank == 0:
-        print(f"resumed {label} from checkpoint at epoch {run.epoch}", flush=True)
+        worker_log(f"resumed {label} from checkpoint at epoch {run.epoch}")
     return True
 
 
