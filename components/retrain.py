@@ -30,14 +30,11 @@ from typing import Any
 from components.config import (
     PipelineConfig,
     check_champion_choice,
-    load_pipeline_config,
-    stage_arguments,
     with_absolute_paths,
 )
 from components.search import check_data, check_resources, cluster_capacity, ensure_ray, storage_root
-from components.trainer import StageError, fit, report_epoch, restore_latest, worker_log, worker_setup
-from nas.config import ConfigError
-from nas.data import DataError, load_dataset
+from components.trainer import StageError, fit, report_epoch, restore_latest, stage_main, worker_log, worker_setup
+from nas.data import load_dataset
 from nas.genotypes import Genotype, parse_genotype
 
 RESULT_FILE = "result.json"
@@ -281,16 +278,14 @@ def _score(value: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = stage_arguments("python -m components.retrain", __doc__.splitlines()[0], "<config name>-retrain", argv)
-    try:
-        config = load_pipeline_config(args.config, args.overrides)
-        result = run_retrain_stage(config, name=args.name)
-    except (ConfigError, DataError, StageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"{result.eval_split} accuracy: {result.eval_acc:.2%}")
-    print(f"outputs: {result.outputs_dir}")
-    return 0
+    def show(config: PipelineConfig, result: RetrainStageResult) -> None:
+        print(f"{result.eval_split} accuracy: {result.eval_acc:.2%}")
+        print(f"outputs: {result.outputs_dir}")
+
+    def run(config: PipelineConfig, name: str | None) -> Any:
+        return run_retrain_stage(config, name=name)
+
+    return stage_main("python -m components.retrain", __doc__, "retrain", run, show, argv)
 
 
 if __name__ == "__main__":

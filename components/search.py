@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 
-from components.config import PipelineConfig, load_pipeline_config, stage_arguments, with_absolute_paths
-from components.trainer import StageError, fit, report_epoch, restore_latest, worker_log, worker_setup
+from components.config import PipelineConfig, with_absolute_paths
+from components.trainer import StageError, fit, report_epoch, restore_latest, stage_main, worker_log, worker_setup
 from nas.config import ConfigError
-from nas.data import DataError, load_dataset
+from nas.data import load_dataset
 from nas.genotypes import Genotype
 
 SYNC_FILE = "rank_sync.json"  # written when the verify_sync hook is on
@@ -257,16 +257,14 @@ def publish_outputs(checkpoint_dir: Path, outputs: str, config: PipelineConfig) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = stage_arguments("python -m components.search", __doc__.splitlines()[0], "<config name>-search", argv)
-    try:
-        config = load_pipeline_config(args.config, args.overrides)
-        result = run_search_stage(config, name=args.name)
-    except (ConfigError, DataError, StageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"genotype: {result.genotype}")
-    print(f"outputs: {result.outputs_dir}")
-    return 0
+    def show(config: PipelineConfig, result: SearchStageResult) -> None:
+        print(f"genotype: {result.genotype}")
+        print(f"outputs: {result.outputs_dir}")
+
+    def run(config: PipelineConfig, name: str | None) -> Any:
+        return run_search_stage(config, name=name)
+
+    return stage_main("python -m components.search", __doc__, "search", run, show, argv)
 
 
 if __name__ == "__main__":

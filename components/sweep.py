@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from components.config import PipelineConfig, load_pipeline_config, stage_arguments, with_absolute_paths
+from components.config import PipelineConfig, with_absolute_paths
 from components.search import (
     StageError,
     check_data,
@@ -35,8 +35,7 @@ from components.search import (
     storage_root,
 )
 from components.select import Candidate, TrialResult, select_top, write_selection
-from nas.config import ConfigError
-from nas.data import DataError
+from components.trainer import stage_main
 from nas.genotypes import parse_genotype
 
 GRID_AXES = {"seeds": "seed", "xi": "xi", "alpha_lr": "alpha_lr", "alpha_weight_decay": "alpha_weight_decay",
@@ -178,21 +177,18 @@ def _search_dir(storage: str, sweep_name: str, result: Any) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = stage_arguments("python -m components.sweep", __doc__.splitlines()[0], "<config name>-sweep", argv)
-    try:
-        config = load_pipeline_config(args.config, args.overrides)
-        result = run_sweep(config, name=args.name)
-    except (ConfigError, DataError, StageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for candidate in result.selected:
-        metric = f"{config.sweep.metric}={candidate.metric:.4f}"
-        print(f"#{candidate.rank} {candidate.trial.trial} {metric} {candidate.genotype}")
-    if result.selection_csv:
+    def show(config: PipelineConfig, result: SweepResult) -> None:
+        for candidate in result.selected:
+            metric = f"{config.sweep.metric}={candidate.metric:.4f}"
+            print(f"#{candidate.rank} {candidate.trial.trial} {metric} {candidate.genotype}")
         print(f"selection: {result.selection_csv}")
-    for error in result.errors:
-        print(f"failed trial {error}", file=sys.stderr)
-    return 0
+        for error in result.errors:
+            print(f"failed trial {error}", file=sys.stderr)
+
+    def run(config: PipelineConfig, name: str | None) -> Any:
+        return run_sweep(config, name=name)
+
+    return stage_main("python -m components.sweep", __doc__, "sweep", run, show, argv)
 
 
 if __name__ == "__main__":
