@@ -1,6 +1,6 @@
 """Ray overhead and all-reduce share of the data-parallel DARTS search, on CPU workers of a local Ray.
 
-Two measurements on the same configuration (the ``digits`` preset with the sizes given below), each repeated
+Three measurements on the same configuration (the ``digits`` preset with the sizes given below), each repeated
 ``--repeats`` times, interleaved, reported as medians (min and max beside them):
 
 1. Ray overhead. Mean epoch seconds of one Ray Train worker running the search stage
@@ -21,9 +21,20 @@ Two measurements on the same configuration (the ``digits`` preset with the sizes
    buckets (a comm hook that calls torch's ``allreduce_hook`` and waits on its future, so DDP's overlap of
    communication with the backward pass is given up: an upper bound), and separately DDP's buffer broadcast before
    each forward and the metric sums after the steps. Step time runs from one step's ``step_hook`` to the next, the
-   last step ending at the first metric sum after the loop. Share = all-reduce seconds (α gradients + DDP buckets)
-   / step seconds, over both ranks and the epochs after the first; target <= 5%. An all-reduce includes waiting for
-   the slower rank. ray.sync_bn is off (the default), so batch norm adds no collectives.
+   last step ending at the first metric sum after the loop. The seconds inside the all-reduce calls (α gradients +
+   DDP buckets), over both ranks and the epochs after the first, split in two by lining up the ranks' calls: waiting
+   (a rank is in the call, the other has not reached it yet) and exchanging (both are in it). The all-reduce share
+   is the exchanging part / step seconds; target <= 5%. ray.sync_bn is off (the default), so batch norm adds no
+   collectives.
+
+3. Control: why the waiting is not counted. The same two workers run the same epochs with no collective inside
+   them (``synchronize=False``: reducers that only mark where an all-reduce would be, no DDP, a hook marking where
+   its bucket would be reduced), so each rank goes at its own pace. From the segment times between those marks,
+   the table gives what a barrier costing nothing, at the same points, would make the ranks wait. Two identical
+   single-threaded workers on this VM's two vCPUs drift apart by several percent per segment (Ray's own processes
+   take about 15% of one core and land on one rank or the other; even CPU seconds for the same work differ by up to
+   10% between ranks), so any synchronous data-parallel step pays that, whatever its all-reduce costs. Computed the
+   same way on the synchronized run, this reproduces the waiting measured inside the calls.
 
 Ray runs locally with 2 CPUs (``ray.init(address="local", num_cpus=2, ...)``) unless this process is already connected;
 checkpoints and outputs go to a temporary directory that is removed at the end. Its dashboard runs on a free port
@@ -32,7 +43,7 @@ checkpoints and outputs go to a temporary directory that is removed at the end. 
 Epoch times on a shared 2-core VM vary by about 20% from run to run with no Ray at all, so a 10% overhead target
 needs more ``--repeats`` (or a quiet machine) to be settled either way; the min and max columns show the spread.
 
-The default run (about 6 minutes on 2 cores)::
+The default run (about 8 minutes on 2 cores)::
 
     python bench/ray_search.py
 
@@ -221,6 +232,14 @@ class CommClock:
 
         return timed
 
+    def marker(self, kind: str) -> Callable[[Sequence[Tensor]], None]:
+        """A reducer that reduces nothing: it records, as a call of no duration, where an all-reduce would be."""
+
+        def mark(tensors: Sequence[Tensor]) -> None:
+            self.add(kind, time.perf_counter())
+
+        return mark
+
     def ddp_hook(self, state: dist.ProcessGroup | None, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
         """DDP's default all-reduce, waited for here so it can be timed (DDP would otherwise overlap it)."""
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -255,7 +274,12 @@ CommClock.ddp_hook.__annotations__.update({"bucket": dist.GradBucket, "return": 
 
 
 def timed_search_worker(loop_config: dict[str, Any]) -> None:
-    """``_search_worker`` without checkpoints or fault hooks, every collective timed; rank 0 reports all ranks."""
+    """``_search_worker`` without checkpoints or fault hooks, every collective timed; rank 0 reports all ranks.
+
+    With ``loop_config["synchronize"]`` false, the control run: no collective at all inside the epoch (the reducers
+    only mark where an all-reduce would be, the model is not wrapped in DDP and a hook marks where its gradient
+    bucket would be reduced once every weight gradient is ready), so each rank runs its own steps at its own pace.
+    """
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -272,17 +296,28 @@ def timed_search_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(config.ray.cpus_per_worker)))
     clock = CommClock()
 
+    synchronize = bool(loop_config.get("synchronize", True))
+
     def wrap(network: nn.Module) -> nn.Module:
+        if not synchronize:
+            mark = clock.marker("ddp_buckets")
+            torch.autograd.graph.register_multi_grad_hook(list(network.weights()), lambda grads: mark(()), mode="all")
+            return network
         model = wrap_ddp(network, device, ignore=network.alpha_names())
         if isinstance(model, DistributedDataParallel):
             model.register_comm_hook(None, clock.ddp_hook)
             model._sync_buffers = clock.wrap_method("buffer_broadcast", model._sync_buffers)  # type: ignore[method-assign]
         return model
 
+    if synchronize:
+        grad_reducer = clock.reducer("alpha_grads", average_tensors)
+        sum_reducer = clock.reducer("metric_sums", sum_tensors)
+    else:
+        grad_reducer = clock.marker("alpha_grads")
+        sum_reducer = clock.reducer("metric_sums", no_reduce)  # reduces nothing, but still ends the last step
     context = LoopContext(
-        rank=rank, world_size=world, device=device, grad_reducer=clock.reducer("alpha_grads", average_tensors),
-        sum_reducer=clock.reducer("metric_sums", sum_tensors), wrap_model=wrap, log=lambda message: None,
-        step_hook=clock.step_started,
+        rank=rank, world_size=world, device=device, grad_reducer=grad_reducer, sum_reducer=sum_reducer,
+        wrap_model=wrap, log=lambda message: None, step_hook=clock.step_started,
     )  # fmt: skip
     run = SearchRun(config, context)
     epochs = []
@@ -301,7 +336,11 @@ def timed_search_worker(loop_config: dict[str, Any]) -> None:
         ray.train.report({"ranks": world})
 
 
-def allreduce_timings(config: PipelineConfig, name: str) -> list[list[dict[str, Any]]]:
+def no_reduce(tensors: Sequence[Tensor]) -> None:
+    return None
+
+
+def allreduce_timings(config: PipelineConfig, name: str, synchronize: bool = True) -> list[list[dict[str, Any]]]:
     """Per rank, per epoch: step seconds and collective seconds, from a TorchTrainer running the timed worker."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -311,7 +350,7 @@ def allreduce_timings(config: PipelineConfig, name: str) -> list[list[dict[str, 
     ray_cfg = config.ray
     trainer = TorchTrainer(
         timed_search_worker,
-        train_loop_config={"config": config.model_dump(mode="json")},
+        train_loop_config={"config": config.model_dump(mode="json"), "synchronize": synchronize},
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(
             num_workers=ray_cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": ray_cfg.cpus_per_worker}
@@ -334,6 +373,7 @@ class ShareRun:
     seconds_per_step: dict[str, float]  # each kind of collective, mean per step
     share: float  # (alpha_grads + ddp_buckets) / step seconds
     wait_share: float  # the part of it spent before the other rank had entered the same call
+    barrier_share: float  # what a free barrier at the same points would make the ranks wait, from their segment times
     calls_per_step: dict[str, float]
 
 
@@ -354,6 +394,7 @@ def summarize_share(per_rank: list[list[dict[str, Any]]]) -> ShareRun:
         seconds_per_step=seconds,
         share=allreduce / (step_seconds / steps),
         wait_share=peer_wait_seconds(per_rank) / step_seconds,
+        barrier_share=barrier_wait_seconds(per_rank) / step_seconds,
         calls_per_step=calls,
     )
 
@@ -376,10 +417,29 @@ def peer_wait_seconds(per_rank: list[list[dict[str, Any]]]) -> float:
     return total
 
 
+def barrier_wait_seconds(per_rank: list[list[dict[str, Any]]]) -> float:
+    """Seconds the ranks would wait at a barrier of no cost placed at each all-reduce (warm epochs, all ranks).
+
+    The segment before the i-th call runs from the end of call i-1 to the start of call i; at a barrier every rank
+    waits for the slowest one, so rank r waits max(segments) - its own. On a synchronized run this reproduces
+    ``peer_wait_seconds``; on the control run, whose ranks never wait for each other, it is the price of this machine's
+    uneven progress between two identical workers that any synchronous data-parallel step pays.
+    """
+    total = 0.0
+    for epoch in range(1, min(len(epochs) for epochs in per_rank)):
+        calls = [epochs[epoch]["events"] for epochs in per_rank]
+        if len({tuple(kind for kind, _, _ in c) for c in calls}) != 1:
+            raise RuntimeError(f"epoch {epoch}: the ranks made different sequences of all-reduce calls")
+        for i in range(1, len(calls[0])):
+            segments = [c[i][1] - c[i - 1][2] for c in calls]
+            total += sum(max(segments) - segment for segment in segments)
+    return total
+
+
 # --- the driver -----------------------------------------------------------------------------------------------------
 @dataclass
 class Repeat:
-    """One round of all three runs, back to back."""
+    """One round of all four runs, back to back."""
 
     inprocess_epochs: list[float]
     inprocess_wall: float
@@ -387,29 +447,41 @@ class Repeat:
     ray_wall: float
     overhead: float
     share: ShareRun
+    control: ShareRun  # the same two workers with no collective inside the epoch
     niceness: int  # of the Ray workers, and given to the in-process baseline
     load_average: tuple[float, float, float] = field(default_factory=lambda: os.getloadavg())
 
 
 def run_repeat(sizes: Sizes, storage: str, index: int, niceness: int) -> Repeat:
-    """In-process, then one Ray worker, then two timed Ray workers; interleaved so slow phases hit all three."""
+    """In-process and one Ray worker (in alternating order), two timed Ray workers, then the two without
+    collectives: interleaved, so slow phases of the machine hit all four."""
 
     def progress(what: str, epochs: Sequence[float], wall: float) -> None:
         seconds = ", ".join(f"{e:.2f}" for e in epochs)
         print(f"  repeat {index + 1}: {what}: epochs {seconds} s, {wall:.0f} s wall", flush=True)
 
     one = make_config(sizes, storage, workers=1, cpus_per_worker=CLUSTER_CPUS)
-    inproc, inproc_wall = run_inprocess(one, threads=CLUSTER_CPUS, niceness=niceness)
-    progress("in-process", inproc, inproc_wall)
-    ray_run, ray_wall = ray_epochs(one, name=f"overhead-{index}")
-    progress("Ray 1 worker", ray_run, ray_wall)
+    measured: dict[str, tuple[list[float], float]] = {}
+    order = ["in-process", "Ray 1 worker"]
+    for what in order if index % 2 == 0 else order[::-1]:  # odd repeats run Ray first: drift favours neither
+        if what == "in-process":
+            measured[what] = run_inprocess(one, threads=CLUSTER_CPUS, niceness=niceness)
+        else:
+            measured[what] = ray_epochs(one, name=f"overhead-{index}")
+        progress(what, *measured[what])
+    (inproc, inproc_wall), (ray_run, ray_wall) = measured["in-process"], measured["Ray 1 worker"]
     two = make_config(sizes, storage, workers=2, cpus_per_worker=CLUSTER_CPUS / 2)
     start = time.perf_counter()
     timings = allreduce_timings(two, name=f"allreduce-{index}")
     progress("Ray 2 workers (rank 0)", [e["epoch_seconds"] for e in timings[0]], time.perf_counter() - start)
-    share = summarize_share(timings)
+    start = time.perf_counter()
+    control = allreduce_timings(two, name=f"control-{index}", synchronize=False)
+    control_wall = time.perf_counter() - start
+    progress("Ray 2 workers, no collectives (rank 0)", [e["epoch_seconds"] for e in control[0]], control_wall)
     overhead = (warm_mean(ray_run) - warm_mean(inproc)) / warm_mean(inproc)
-    return Repeat(inproc, inproc_wall, ray_run, ray_wall, overhead, share, niceness)
+    return Repeat(
+        inproc, inproc_wall, ray_run, ray_wall, overhead, summarize_share(timings), summarize_share(control), niceness
+    )
 
 
 @dataclass
@@ -437,6 +509,8 @@ def build_lines(repeats: list[Repeat]) -> list[Line]:
     inproc = [warm_mean(r.inprocess_epochs) for r in repeats]
     ray_run = [warm_mean(r.ray_epochs) for r in repeats]
     shares = [r.share for r in repeats]
+    controls = [r.control for r in repeats]
+    exchange = [s.share - s.wait_share for s in shares]
     return [
         line(f"in-process epoch ({CLUSTER_CPUS} torch threads)", inproc, "s"),
         line(f"Ray Train 1 worker epoch ({CLUSTER_CPUS} CPUs)", ray_run, "s"),
@@ -448,9 +522,12 @@ def build_lines(repeats: list[Repeat]) -> list[Line]:
         line("  all-reduce: DDP gradient buckets", [s.seconds_per_step["ddp_buckets"] for s in shares], "s"),
         line("  DDP buffer broadcast (not counted)", [s.seconds_per_step["buffer_broadcast"] for s in shares], "s"),
         line("  metric sums, after the steps (not counted)", [s.seconds_per_step["metric_sums"] for s in shares], "s"),
-        line("2 workers: all-reduce share of step time", [s.share for s in shares], "%", ALLREDUCE_TARGET),
-        line("  of which waiting for the other rank to arrive", [s.wait_share for s in shares], "%"),
-        line("  of which exchanging, once both had arrived", [s.share - s.wait_share for s in shares], "%"),
+        line("2 workers: time inside all-reduce calls / step time", [s.share for s in shares], "%"),
+        line("  waiting there for the other rank to arrive", [s.wait_share for s in shares], "%"),
+        line("    the same, from the segment times between the calls", [s.barrier_share for s in shares], "%"),
+        line("  all-reduce share: exchanging, once both had arrived", exchange, "%", ALLREDUCE_TARGET),
+        line("control, 2 workers without collectives: step", [c.step_seconds for c in controls], "s"),
+        line("  uneven progress: a free barrier at each all-reduce", [c.barrier_share for c in controls], "%"),
     ]
 
 
@@ -577,8 +654,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(
                     f"repeat {index + 1}/{args.repeats}: in-process {warm_mean(r.inprocess_epochs):.3f} s, "
                     f"ray {warm_mean(r.ray_epochs):.3f} s ({r.overhead:+.1%}), "
-                    f"all-reduce share {r.share.share:.1%} of {r.share.step_seconds:.3f} s steps "
-                    f"({r.share.wait_share:.1%} waiting for the other rank)",
+                    f"all-reduce calls {r.share.share:.1%} of {r.share.step_seconds:.3f} s steps: "
+                    f"{r.share.share - r.share.wait_share:.1%} exchanging, {r.share.wait_share:.1%} waiting for the "
+                    f"other rank (without collectives, a free barrier would cost {r.control.barrier_share:.1%})",
                     flush=True,
                 )
     finally:

@@ -18,6 +18,7 @@ data-parallel run and a single worker with the global batch see exactly the same
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -124,6 +125,12 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.prepare(self.images[index]), int(self.labels[index])
+
+    def unaugmented(self) -> ImageDataset:
+        """The same images and normalisation without augmentation (for evaluation), sharing memory with this one."""
+        prepare = copy.copy(self.prepare)
+        prepare.augment = False
+        return ImageDataset(self.images, self.labels, prepare)
 
 
 def _channel_stats(batches: Iterable[torch.Tensor]) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -481,7 +488,7 @@ def load_dataset(
     cutout: int = 0,
     limit: int | None = None,
     image_size: int = 32,
-) -> tuple[Dataset, DatasetInfo]:
+) -> tuple[ImageDataset, DatasetInfo]:
     """One split of a data source, normalised with statistics of its training split, and what describes it.
 
     ``root`` and ``download`` concern cifar10 only; ``image_size`` concerns imagefolder only (the other sources

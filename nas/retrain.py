@@ -68,10 +68,7 @@ class RetrainRun:
         self.info = info
         if cfg.val_fraction > 0:
             self.train_indices, self.eval_indices = split_indices(len(self.train_set), cfg.seed, 1 - cfg.val_fraction)
-            self.eval_set, _ = load_dataset(
-                data.source, "train", root=data.root, download=False, augment=False, limit=data.limit,
-                image_size=data.image_size,
-            )  # fmt: skip
+            self.eval_set = self.train_set.unaugmented()
             self.eval_split = "val"
         else:
             self.train_indices = list(range(len(self.train_set)))

@@ -92,10 +92,7 @@ class SearchRun:
             data.source, "train", root=data.root, download=data.download, augment=cfg.augment,
             limit=data.limit, image_size=data.image_size,
         )  # fmt: skip
-        self.eval_set, _ = load_dataset(
-            data.source, "train", root=data.root, download=False, augment=False,
-            limit=data.limit, image_size=data.image_size,
-        )  # fmt: skip
+        self.eval_set = self.train_set.unaugmented()  # the α half, for the end-of-epoch evaluation
         self.info = info
         self.w_indices, self.a_indices = split_indices(len(self.train_set), cfg.seed, cfg.train_portion)
         global_batch = cfg.batch_size * self.context.world_size

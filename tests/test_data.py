@@ -395,6 +395,18 @@ def test_augmentation_is_repeatable_under_the_torch_seed(parquet_dir) -> None:
     assert not torch.equal(first, torch.cat([x for x, _ in make_loader(plain, batches)]))
 
 
+def test_unaugmented_view_shares_the_images(parquet_dir) -> None:
+    dataset, _ = load_dataset(f"parquet:{parquet_dir[0]}", "train", augment=True, cutout=4)
+    plain, _ = load_dataset(f"parquet:{parquet_dir[0]}", "train")
+    view = dataset.unaugmented()
+    assert view.images is dataset.images and view.labels is dataset.labels  # no second copy in memory
+    for i in range(len(plain)):
+        assert torch.equal(view[i][0], plain[i][0]) and view[i][1] == plain[i][1]
+    torch.manual_seed(0)
+    augmented = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    assert not torch.equal(augmented, torch.stack([plain[i][0] for i in range(len(plain))]))  # still augments
+
+
 def test_cutout_zeroes_a_square() -> None:
     dataset, _ = load_dataset("digits", "train", augment=True, cutout=4)
     plain, _ = load_dataset("digits", "train", cutout=4)  # cutout is a training augmentation: off without augment
