@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from components import storage
 from components.config import (
     PipelineConfig,
     check_champion_choice,
@@ -132,13 +133,8 @@ def _retrain_worker(loop_config: dict[str, Any]) -> None:
 # --- the driver -----------------------------------------------------------------------------------------------------
 def read_result(outputs: str) -> RetrainStageResult | None:
     """The published result of a finished retrain, or None."""
-    import pyarrow.fs
-
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(outputs if "://" in outputs else str(Path(outputs).resolve()))
-    if filesystem.get_file_info(f"{path}/{RESULT_FILE}").type != pyarrow.fs.FileType.File:
-        return None
-    with filesystem.open_input_stream(f"{path}/{RESULT_FILE}") as stream:
-        return RetrainStageResult.from_dict(json.loads(stream.read().decode()))
+    text = storage.read_text(outputs, RESULT_FILE)
+    return None if text is None else RetrainStageResult.from_dict(json.loads(text))
 
 
 def run_retrain_stage(
@@ -151,13 +147,11 @@ def run_retrain_stage(
 ) -> RetrainStageResult:
     """Train ``genotype`` (default: ``retrain.genotype``) data-parallel with the ``retrain`` recipe; finished runs
     are read back, interrupted ones resume from their last checkpoint."""
-    import pyarrow.fs
-
     config = with_absolute_paths(config)
     genotype = genotype if genotype is not None else parse_genotype(config.retrain.genotype)
     name = name or f"{config.name}-retrain"
-    storage = storage_root(config)
-    outputs = f"{storage.rstrip('/')}/{name}/outputs"
+    root = storage_root(config)
+    outputs = f"{root.rstrip('/')}/{name}/outputs"
     done = read_result(outputs)
     if done is not None:
         if done.genotype.canonical() != genotype.canonical():
@@ -170,7 +164,7 @@ def run_retrain_stage(
         "config": config.model_dump(mode="json"), "genotype": genotype.to_dict(), "hooks": hooks or {},
         "network": network_arguments(config), "role": role,
     }  # fmt: skip
-    result = fit(_retrain_worker, loop_config, config, name=name, storage=storage, label="retrain")
+    result = fit(_retrain_worker, loop_config, config, name=name, storage=root, label="retrain")
     with result.checkpoint.as_directory() as directory, tempfile.TemporaryDirectory() as tmp:
         history = json.loads((Path(directory) / "history.json").read_text())
         last = history[-1]
@@ -181,13 +175,7 @@ def run_retrain_stage(
         for file in ("history.json", "genotype.json", NETWORK_FILE, WEIGHTS_FILE, "cells.png"):
             (Path(tmp) / file).write_bytes((Path(directory) / file).read_bytes())
         (Path(tmp) / RESULT_FILE).write_text(json.dumps(stage.to_dict(), indent=2) + "\n")
-        if "://" in outputs:
-            filesystem, path = pyarrow.fs.FileSystem.from_uri(outputs)
-        else:
-            filesystem, path = pyarrow.fs.LocalFileSystem(), outputs
-        filesystem.create_dir(path, recursive=True)
-        # result.json last: its presence means the rest is there
-        pyarrow.fs.copy_files(tmp, path, destination_filesystem=filesystem)
+        storage.publish(Path(tmp), outputs, marker=RESULT_FILE)  # result.json last: it says the rest is there
     return replace(stage, resumed=False)
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from components import storage
 from components.config import PipelineConfig, with_absolute_paths
 from components.trainer import StageError, fit, report_epoch, restore_latest, stage_main, worker_log, worker_setup
 from nas.config import ConfigError
@@ -39,6 +40,7 @@ from nas.data import load_dataset
 from nas.genotypes import Genotype
 
 SYNC_FILE = "rank_sync.json"  # written when the verify_sync hook is on
+OUTPUTS_MARKER = "history.json"  # published last: a search whose outputs hold it has finished
 
 __all__ = ["SearchStageResult", "StageError", "check_data", "check_resources", "run_search_stage"]
 
@@ -196,26 +198,23 @@ def run_search_stage(
     ensure_ray(config)
     check_resources(config, *cluster_capacity())
     name = name or f"{config.name}-search"
-    storage = storage_root(config)
+    root = storage_root(config)
     loop_config = {"config": config.model_dump(mode="json"), "hooks": hooks or {}}
-    result = fit(_search_worker, loop_config, config, name=name, storage=storage, label="search", callbacks=callbacks)
-    outputs = f"{storage.rstrip('/')}/{name}/outputs"
+    result = fit(_search_worker, loop_config, config, name=name, storage=root, label="search", callbacks=callbacks)
+    outputs = f"{root.rstrip('/')}/{name}/outputs"
     with result.checkpoint.as_directory() as directory:
         genotype, history = publish_outputs(Path(directory), outputs, config)
         sync_path = Path(directory) / SYNC_FILE
         rank_sync = json.loads(sync_path.read_text()) if sync_path.is_file() else []
     return SearchStageResult(
-        name=name, genotype=genotype, history=history, storage_dir=f"{storage.rstrip('/')}/{name}",
+        name=name, genotype=genotype, history=history, storage_dir=f"{root.rstrip('/')}/{name}",
         outputs_dir=outputs, checkpoint_path=result.checkpoint.path, rank_sync=rank_sync,
     )  # fmt: skip
 
 
 def outputs_exist(outputs: str) -> bool:
     """Whether a search's outputs were published (a folder or a URI)."""
-    import pyarrow.fs
-
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(outputs if "://" in outputs else str(Path(outputs).resolve()))
-    return filesystem.get_file_info(f"{path}/history.json").type == pyarrow.fs.FileType.File
+    return storage.file_exists(outputs, OUTPUTS_MARKER)
 
 
 def publish_from_checkpoint(checkpoint: str, outputs: str, config: PipelineConfig) -> tuple[Genotype, list[dict]]:
@@ -231,8 +230,6 @@ def publish_from_checkpoint(checkpoint: str, outputs: str, config: PipelineConfi
 
 def publish_outputs(checkpoint_dir: Path, outputs: str, config: PipelineConfig) -> tuple[Genotype, list[dict]]:
     """Genotype, history and every epoch's pictures (redrawn from the α history) into ``outputs``."""
-    import pyarrow.fs
-
     from nas.artifacts import save_epoch_pictures
     from nas.genotypes import parse_genotype
 
@@ -246,13 +243,7 @@ def publish_outputs(checkpoint_dir: Path, outputs: str, config: PipelineConfig) 
                 tmp, row["epoch"] - 1, Genotype.from_dict(row["genotype"]), row["alpha_normal"], row["alpha_reduce"],
                 config.search.primitives,
             )  # fmt: skip
-        if "://" in outputs:
-            filesystem, path = pyarrow.fs.FileSystem.from_uri(outputs)
-            filesystem.create_dir(path, recursive=True)
-            pyarrow.fs.copy_files(tmp, path, destination_filesystem=filesystem)
-        else:
-            Path(outputs).mkdir(parents=True, exist_ok=True)
-            pyarrow.fs.copy_files(tmp, outputs)
+        storage.publish(Path(tmp), outputs, marker=OUTPUTS_MARKER)
     return genotype, history
 
 

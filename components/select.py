@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from components import storage
 from nas.artifacts import write_json, write_text_atomic
 from nas.genotypes import Genotype
 
@@ -121,13 +122,9 @@ def write_selection(
     if "://" not in str(out_dir):
         csv_path, json_path = _write_selection_files(Path(out_dir), results, candidates, metric)
         return str(csv_path), str(json_path)
-    import pyarrow.fs
-
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(str(out_dir))
     with tempfile.TemporaryDirectory() as tmp:
         _write_selection_files(Path(tmp), results, candidates, metric)
-        filesystem.create_dir(path, recursive=True)
-        pyarrow.fs.copy_files(tmp, path, destination_filesystem=filesystem)
+        storage.publish(Path(tmp), str(out_dir))
     base = str(out_dir).rstrip("/")
     return f"{base}/selection.csv", f"{base}/selection.json"
 
