@@ -29,9 +29,11 @@ def file_exists(location: str, name: str) -> bool:
 
 def read_text(location: str, name: str) -> str | None:
     """The text of ``name`` under ``location``, or None if there is no such file."""
-    if not file_exists(location, name):
-        return None
+    import pyarrow.fs
+
     filesystem, path = resolve(location)
+    if filesystem.get_file_info(f"{path}/{name}").type != pyarrow.fs.FileType.File:
+        return None
     with filesystem.open_input_stream(f"{path}/{name}") as stream:
         return stream.read().decode()
 
