@@ -270,10 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{result.eval_split} accuracy: {result.eval_acc:.2%}")
         print(f"outputs: {result.outputs_dir}")
 
-    def run(config: PipelineConfig, name: str | None) -> Any:
-        return run_retrain_stage(config, name=name)
-
-    return stage_main("python -m components.retrain", __doc__, "retrain", run, show, argv)
+    return stage_main("python -m components.retrain", __doc__, "retrain", run_retrain_stage, show, argv)
 
 
 if __name__ == "__main__":

@@ -252,10 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"genotype: {result.genotype}")
         print(f"outputs: {result.outputs_dir}")
 
-    def run(config: PipelineConfig, name: str | None) -> Any:
-        return run_search_stage(config, name=name)
-
-    return stage_main("python -m components.search", __doc__, "search", run, show, argv)
+    return stage_main("python -m components.search", __doc__, "search", run_search_stage, show, argv)
 
 
 if __name__ == "__main__":

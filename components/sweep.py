@@ -185,10 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         for error in result.errors:
             print(f"failed trial {error}", file=sys.stderr)
 
-    def run(config: PipelineConfig, name: str | None) -> Any:
-        return run_sweep(config, name=name)
-
-    return stage_main("python -m components.sweep", __doc__, "sweep", run, show, argv)
+    return stage_main("python -m components.sweep", __doc__, "sweep", run_sweep, show, argv)
 
 
 if __name__ == "__main__":

@@ -152,11 +152,12 @@ def stage_main(
     prog: str,
     doc: str,
     stage: str,
-    run: Callable[[PipelineConfig, str | None], Any],
+    run: Callable[..., Any],
     show: Callable[[PipelineConfig, Any], None],
     argv: list[str] | None,
 ) -> int:
-    """A stage's command line: preset or YAML, ``--set`` overrides, ``--name``; a bad input is one line, exit 2."""
+    """A stage's command line: preset or YAML, ``--set`` overrides, ``--name`` (``run(config, name=...)``); a bad
+    input is one line, exit 2."""
     from components.config import load_pipeline_config, stage_arguments
     from nas.config import ConfigError
     from nas.data import DataError
@@ -164,7 +165,7 @@ def stage_main(
     args = stage_arguments(prog, doc.splitlines()[0], f"<config name>-{stage}", argv)
     try:
         config = load_pipeline_config(args.config, args.overrides)
-        result = run(config, args.name)
+        result = run(config, name=args.name)
     except (ConfigError, DataError, StageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
