@@ -19,26 +19,16 @@ import torch
 from pydantic import ValidationError
 
 from nas.artifacts import save_epoch_pictures, save_search_outputs, save_torch_atomic, write_json
-from nas.config import Config, ConfigError, format_validation_error, load_config
+from nas.config import Config, ConfigError, config_parser, format_validation_error, load_config
 from nas.data import DataError
 from nas.genotypes import GenotypeError, parse_genotype
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m nas", description=__doc__.splitlines()[0])
+    parser = config_parser("python -m nas", __doc__.splitlines()[0], "digits")
     parser.add_argument("command", choices=("search", "retrain"))
-    parser.add_argument("--config", default="digits", help="preset name (nas/presets) or YAML path")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     parser.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
     return parser
-
-
-def _genotype_argument(value: str) -> str:
-    """A genotype given as a path to a genotype file is read (as text; never executed)."""
-    path = Path(value)
-    if value.endswith((".json", ".txt")) and path.is_file():
-        return path.read_text()
-    return value
 
 
 def _load_checkpoint(path: Path) -> dict | None:
@@ -86,13 +76,8 @@ def run_retrain(config: Config, out: Path, resume: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        # A genotype is text (or a file of it), not YAML: it is assigned, and validated, after the rest.
-        genotypes = [o.split("=", 1)[1] for o in args.overrides if o.startswith("retrain.genotype=")]
-        config = load_config(args.config, [o for o in args.overrides if not o.startswith("retrain.genotype=")])
-        if genotypes:  # validated with the whole config, so an error names the field as retrain.genotype
-            data = config.model_dump()
-            data["retrain"]["genotype"] = _genotype_argument(genotypes[-1])
-            config = type(config).model_validate(data)
+        # Presets name the Ray stages' sections too (ray, sweep, ...): the library reads only its own.
+        config = load_config(args.config, args.overrides, known_sections_only=True)
         out = Path(config.output_dir) / config.name / args.command
         (run_search if args.command == "search" else run_retrain)(config, out, args.resume)
     except ValidationError as err:

@@ -10,9 +10,12 @@ their own sections and pass their class as ``model=``.
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from types import UnionType
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -121,6 +124,15 @@ class RetrainConfig(_Section):
     augment: bool = True
     val_fraction: float = Field(0.1, ge=0, lt=1, description="held-out share of train; 0 = train on all, test once")
 
+    @field_validator("genotype", mode="before")
+    @classmethod
+    def _genotype_file_read(cls, value: Any) -> Any:
+        """A path to a genotype file (``.json`` / ``.txt``) stands for its text, read here (parsed, never run), so
+        the config carries the cell itself to workers on other machines."""
+        if isinstance(value, str) and value.endswith((".json", ".txt")) and Path(value).expanduser().is_file():
+            return Path(value).expanduser().read_text()
+        return value
+
     @field_validator("genotype")
     @classmethod
     def _parsable_genotype(cls, value: str) -> str:
@@ -152,12 +164,32 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
-def _read_yaml(preset: str | Path) -> dict[str, Any]:
-    path = Path(preset)
-    if not path.suffix and (PRESETS_DIR / f"{preset}.yaml").exists():
-        path = PRESETS_DIR / f"{preset}.yaml"
+def _preset_path(preset: str | Path, relative_to: Path | None = None) -> Path:
+    """A preset name (``nas/presets/<name>.yaml``) or a YAML path (relative to ``relative_to`` when given)."""
+    if not Path(preset).suffix and (PRESETS_DIR / f"{preset}.yaml").is_file():
+        return PRESETS_DIR / f"{preset}.yaml"
+    path = Path(preset).expanduser()
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / path
     if not path.is_file():
         raise ConfigError(f"config {str(preset)!r} is neither a preset ({', '.join(list_presets())}) nor a YAML file")
+    return path
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: sections merge field by field, any other value (lists too) replaces."""
+    merged = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if both else value
+    return merged
+
+
+def _read_yaml(preset: str | Path, relative_to: Path | None = None, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A preset's sections, with its ``base:`` preset (a name, or a path relative to the file) underneath."""
+    path = _preset_path(preset, relative_to)
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: 'base' presets form a cycle ({' -> '.join(p.stem for p in (*chain, path))})")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -166,18 +198,40 @@ def _read_yaml(preset: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base must name a preset or a YAML file, got {base!r}")
+    return _merged(_read_yaml(base, path.parent, (*chain, path.resolve())), data)
 
 
-def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply ``a.b.c=value`` (value read as YAML: 3, 0.5, true, null, [a, b]) to nested dicts in place."""
-    key, sep, raw = override.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {override!r} must look like section.field=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+def _field_annotation(model: type[BaseModel], dotted: str) -> Any:
+    """The annotation of the field at ``section.field`` in ``model``, or None when there is no such field."""
+    node: Any = model
+    annotation = None
+    for part in dotted.split("."):
+        fields = getattr(node, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        annotation = fields[part].annotation
+        node = annotation
+    return annotation
+
+
+def _is_text(annotation: Any) -> bool:
+    """A text field (``str``, a ``Literal`` of strings, either or None): values are taken as written, never read as
+    YAML or JSON."""
+    if get_origin(annotation) in (Union, UnionType):
+        options = [a for a in get_args(annotation) if a is not type(None)]
+        return bool(options) and all(_is_text(a) for a in options)
+    if get_origin(annotation) is Literal:
+        return all(isinstance(a, str) for a in get_args(annotation))
+    return annotation is str
+
+
+def _set(data: dict[str, Any], key: str, value: Any, override: str) -> None:
+    """Put ``value`` at dotted ``key`` of nested dicts, creating sections on the way."""
     node = data
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -186,6 +240,21 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             raise ConfigError(f"override {override!r}: {part!r} is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def apply_override(data: dict[str, Any], override: str, text: bool = False) -> None:
+    """Apply ``a.b.c=value`` to nested dicts in place; the value is read as YAML (3, 0.5, true, null, [a, b]), or
+    kept as written when ``text`` (a genotype or a name that happens to look like YAML), null aside."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {override!r} must look like section.field=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if text and value is not None and not isinstance(value, str):
+        value = raw
+    _set(data, key, value, override)
 
 
 def format_validation_error(err: ValidationError) -> str:
@@ -197,20 +266,33 @@ def format_validation_error(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         given = e.get("input")
-        shown = "" if isinstance(given, dict) or e["type"] in ("missing",) else f" (got {given!r})"
+        shown = "" if isinstance(given, dict) or e["type"] in ("missing",) else f" (got {_short(given)})"
         parts.append(f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}")
     return "invalid config: " + "; ".join(parts)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_config(
     preset: str | Path | None = None,
     overrides: Sequence[str] = (),
     model: type[C] = Config,  # type: ignore[assignment]
+    known_sections_only: bool = False,
 ) -> C:
-    """Build and validate the configuration from a preset (or defaults) and ``section.field=value`` overrides."""
+    """Build and validate the configuration from a preset (or defaults) and ``section.field=value`` overrides.
+
+    ``known_sections_only`` drops top-level sections ``model`` does not have, so the library's own command line
+    reads the presets of the Ray stages too (their ``ray:``, ``sweep:`` ... sections are the stages' business).
+    """
     data = _read_yaml(preset) if preset is not None else {}
     for override in overrides:
-        apply_override(data, override)
+        key = override.partition("=")[0].strip()
+        apply_override(data, override, text=_is_text(_field_annotation(model, key)))
+    if known_sections_only:
+        data = {k: v for k, v in data.items() if k in model.model_fields or not isinstance(v, dict)}
     try:
         return model.model_validate(data)
     except ValidationError as err:
@@ -230,3 +312,36 @@ def to_flat_dict(config: BaseModel) -> dict[str, Any]:
 
     walk("", config.model_dump(mode="json"))
     return flat
+
+
+def to_params(config: BaseModel) -> dict[str, str]:
+    """The config as flat string params (MLflow's kind): text as written, everything else as JSON."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in to_flat_dict(config).items()}
+
+
+def from_params(params: dict[str, str], model: type[C]) -> C:
+    """The config that :func:`to_params` flattened, validated again (keys the model lacks are an error)."""
+    data: dict[str, Any] = {}
+    for key, value in params.items():
+        text = _is_text(_field_annotation(model, key))
+        _set(data, key, (None if value == "null" else value) if text else json.loads(value), f"{key}={value}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def config_parser(prog: str, description: str, default_preset: str) -> argparse.ArgumentParser:
+    """The command line every entry point shares: a preset or YAML file and ``--set`` overrides (each adds its own
+    options: ``--name``, ``--resume``, ``--dry-run``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", default=default_preset, help=f"preset ({', '.join(list_presets())}) or YAML path")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one field; repeat as needed (values read as YAML)",
+    )
+    return parser

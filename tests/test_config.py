@@ -35,12 +35,12 @@ def _one_line_error(preset: str | None, overrides: list[str]) -> str:
 
 
 def test_the_shipped_presets_are_listed():
-    assert set(list_presets()) >= {"cifar10", "cifar10-cpu", "digits"}
+    assert set(list_presets()) >= {"cifar10", "cifar10-cpu", "digits", "quick"}
 
 
 @pytest.mark.parametrize("preset", list_presets())
 def test_every_preset_loads_and_validates(preset):
-    cfg = load_config(preset)
+    cfg = load_config(preset, known_sections_only=True)  # the library's sections of every preset
     assert isinstance(cfg, Config)
     assert cfg.name == preset
     assert parse_genotype(cfg.retrain.genotype) == DARTS_V2  # every preset retrains the paper's cell by default
@@ -56,7 +56,7 @@ def test_presets_differ_from_the_defaults_where_they_say_so():
         for key, value in written[section].items():
             assert getattr(getattr(digits, section), key) == value, f"{section}.{key}"
     assert digits.search.layers < SearchConfig().layers and digits.search.channels < SearchConfig().channels
-    cpu = load_config("cifar10-cpu")
+    cpu = load_config("cifar10-cpu", known_sections_only=True)
     assert cpu.data.source.startswith("parquet:")
     assert (cpu.data.limit, cpu.data.test_limit) == (4000, 1000)
 
@@ -85,7 +85,7 @@ def test_retrain_defaults_are_the_papers_settings():
 
 
 def test_the_cifar10_preset_spells_out_exactly_the_defaults():
-    cfg = load_config("cifar10")
+    cfg = load_config("cifar10", known_sections_only=True)
     assert cfg.search == SearchConfig()
     assert cfg.retrain == RetrainConfig()
     assert cfg.data.source == "cifar10" and cfg.data.num_workers == 4
@@ -267,7 +267,8 @@ def test_to_flat_dict_has_dotted_keys_and_plain_values():
 
 @pytest.mark.parametrize("preset", [None, *list_presets()])
 def test_the_config_round_trips_through_model_dump(preset):
-    cfg = load_config(preset, ["search.xi=0", "search.primitives=[none, skip_connect]", "data.limit=10"])
+    overrides = ["search.xi=0", "search.primitives=[none, skip_connect]", "data.limit=10"]
+    cfg = load_config(preset, overrides, known_sections_only=True)
     assert Config.model_validate(cfg.model_dump()) == cfg
     assert Config.model_validate(cfg.model_dump(mode="json")) == cfg
     assert Config.model_validate_json(cfg.model_dump_json()) == cfg
@@ -311,3 +312,67 @@ def _one_line_error_model(overrides: list[str]) -> str:
         load_config("digits", overrides, model=_ExtendedConfig)
     assert "\n" not in str(info.value)
     return str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------- composition
+
+
+def test_a_preset_builds_on_its_base(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("name: base\nsearch:\n  epochs: 7\n  layers: 4\ndata:\n  limit: 100\n")
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("base: ../base.yaml\nname: child\nsearch:\n  layers: 5\n  primitives: [none, skip_connect]\n")
+    cfg = load_config(child, ["search.epochs=9"])
+    assert cfg.name == "child" and cfg.data.limit == 100  # inherited section
+    assert (cfg.search.epochs, cfg.search.layers) == (9, 5)  # the child and then the override win, field by field
+    assert cfg.search.primitives == ["none", "skip_connect"]  # lists replace
+    named = tmp_path / "named.yaml"
+    named.write_text("base: digits\nname: named\n")
+    assert load_config(named).search == load_config("digits").search
+
+
+def test_quick_is_digits_shrunk():
+    written = yaml.safe_load((PRESETS_DIR / "quick.yaml").read_text())
+    quick, digits = load_config("quick", known_sections_only=True), load_config("digits")
+    assert written["base"] == "digits"
+    assert quick.search.layers == written["search"]["layers"] < digits.search.layers
+    assert quick.search.alpha_lr == digits.search.alpha_lr and quick.retrain.cutout == digits.retrain.cutout
+
+
+def test_a_cycle_of_bases_is_one_line(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    assert "cycle" in _one_line_error(str(tmp_path / "a.yaml"), [])
+    (tmp_path / "c.yaml").write_text("base: 3\n")
+    assert "base must name a preset" in _one_line_error(str(tmp_path / "c.yaml"), [])
+
+
+def test_sections_of_the_stages_are_dropped_only_when_asked():
+    with pytest.raises(ConfigError, match="ray: unknown field"):
+        load_config("quick")
+    assert load_config("quick", known_sections_only=True).name == "quick"
+
+
+def test_text_fields_take_overrides_as_written(tmp_path):
+    as_json = DARTS_V2.to_json()
+    cfg = load_config("digits", [f"retrain.genotype={as_json}", "name=2024"])
+    assert cfg.retrain.genotype == as_json and cfg.name == "2024"  # not read as a mapping, nor as a number
+    path = tmp_path / "genotype.json"
+    path.write_text(as_json)
+    from_file = load_config("digits", [f"retrain.genotype={path}"])
+    assert from_file.retrain.genotype == as_json  # the file's text travels with the config, not its path
+
+
+def test_params_round_trip_to_the_same_config():
+    from nas.config import from_params, to_params
+
+    cfg = load_config(
+        "digits", ["search.xi=null", "search.alpha_lr=1e-3", "data.limit=50", f"retrain.genotype={DARTS_V2.to_json()}"]
+    )
+    params = to_params(cfg)
+    assert all(isinstance(v, str) for v in params.values())
+    assert params["search.xi"] == "null" and params["data.source"] == "digits"
+    assert from_params(params, Config) == cfg
+    with pytest.raises(ConfigError, match="search.bogus"):
+        from_params({**params, "search.bogus": "1"}, Config)
