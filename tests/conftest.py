@@ -16,3 +16,7 @@ def local_ray() -> Iterator[Any]:
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# --- a real S3 API (moto's server) for any test module: see tests/s3.py -----------------------------------------------
+from s3 import S3Server, s3, s3_server  # noqa: E402, F401
