@@ -1,19 +1,21 @@
 """The pipeline's configuration: the nas/ sections plus where and how the stages run on Ray.
 
 It is one object from the command line to the workers: validated here, passed to every stage unchanged, logged
-as it is. Load it with ``nas.config.load_config(preset, overrides, model=PipelineConfig)``.
+as it is. A sweep writes its grid into it (``sweep.seeds`` at ``search.seed``, ...), so each trial's config is this
+one with its grid values, validated again in the trial, and that resolved config is what selection, retrain and
+MLflow see. Load it with :func:`load_pipeline_config` (a preset or YAML file, then ``--set`` overrides).
 """
 
 from __future__ import annotations
 
-import argparse
+import itertools
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from nas.config import Config, ConfigError, _Section, load_config
+from components.storage import absolute
+from nas.config import Config, ConfigError, _Section, format_validation_error, load_config
 from nas.genotypes import GENOTYPES
 
 
@@ -61,6 +63,11 @@ class SweepConfig(_Section):
                 raise ValueError(f"xi values must be >= 0 or null, got {value}")
         return self
 
+    def axes(self) -> dict[str, list[Any]]:
+        """The grid, keyed by the config field each axis sets in a trial (``search.seed``, ``search.xi``, ...)."""
+        extra = {f"search.{axis}": getattr(self, axis) for axis in ("alpha_lr", "alpha_weight_decay", "w_lr")}
+        return {"search.seed": self.seeds, "search.xi": self.xi} | {k: v for k, v in extra.items() if v}
+
 
 class ChampionConfig(_Section):
     candidate_epochs: int = Field(
@@ -92,10 +99,6 @@ class PipelineConfig(Config):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
 
-def _absolute(path: str) -> str:
-    return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
 def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
     """The config with its local paths made absolute, as the driver sees them.
 
@@ -104,11 +107,32 @@ def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
     """
     data = config.data
     kind, sep, where = data.source.partition(":")
-    source = f"{kind}:{_absolute(where)}" if sep and kind in ("parquet", "imagefolder") else data.source
-    return config.model_copy(update={
-        "data": data.model_copy(update={"source": source, "root": _absolute(data.root)}),
-        "ray": config.ray.model_copy(update={"storage_path": _absolute(config.ray.storage_path)}),
-    })  # fmt: skip
+    source = f"{kind}:{absolute(where)}" if sep and kind in ("parquet", "imagefolder") else data.source
+    return config.model_copy(
+        update={
+            "data": data.model_copy(update={"source": source, "root": absolute(data.root)}),
+            "ray": config.ray.model_copy(update={"storage_path": absolute(config.ray.storage_path)}),
+        }
+    )
+
+
+def trial_configs(config: PipelineConfig) -> list[PipelineConfig]:
+    """Every trial's config of the sweep grid, validated: a bad grid value is refused before any trial starts.
+
+    Tune expands the same grid itself (``tune.grid_search`` inside the dumped config); this is the preflight's copy.
+    """
+    axes = config.sweep.axes()
+    trials = []
+    for values in itertools.product(*axes.values()):
+        data = config.model_dump(mode="json")
+        for key, value in zip(axes, values):
+            section, field = key.split(".")
+            data[section][field] = value
+        try:
+            trials.append(PipelineConfig.model_validate(data))
+        except ValidationError as err:
+            raise ConfigError(f"sweep grid value: {format_validation_error(err)}") from None
+    return trials
 
 
 def check_champion_choice(config: PipelineConfig) -> None:
@@ -122,27 +146,9 @@ def check_champion_choice(config: PipelineConfig) -> None:
         )
 
 
-PIPELINE_PRESETS = Path(__file__).resolve().parents[1] / "pipelines" / "presets"
-
-
 def load_pipeline_config(preset: str, overrides: Sequence[str] = ()) -> PipelineConfig:
-    """A pipeline preset (pipelines/presets: quick, cifar10, cifar10-cpu), a nas/ preset, or a YAML path."""
-    path = PIPELINE_PRESETS / f"{preset}.yaml"
-    config = load_config(
-        path if not Path(preset).suffix and path.is_file() else preset, overrides, model=PipelineConfig
-    )
+    """A preset (nas/presets: quick, cifar10, cifar10-cpu, digits) or a YAML path, with overrides, checked whole."""
+    config = load_config(preset, overrides, model=PipelineConfig)
     check_champion_choice(config)
+    trial_configs(config)
     return config
-
-
-def pipeline_presets() -> list[str]:
-    return sorted(p.stem for p in PIPELINE_PRESETS.glob("*.yaml"))
-
-
-def stage_arguments(prog: str, description: str, default_name: str, argv: list[str] | None) -> argparse.Namespace:
-    """The command line every stage shares: a preset or YAML file, overrides, and the run name to reuse."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", default="digits", help="preset name or YAML path")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    parser.add_argument("--name", default=None, help=f"run name (default: {default_name}); reuse it to resume")
-    return parser.parse_args(argv)

@@ -15,100 +15,45 @@ the genotype history) through ``ray.train.report``; a lost worker restarts the g
     python -m components.search --config cifar10 --set ray.num_workers=8 --set ray.use_gpu=true \
         --set ray.storage_path=s3://bucket/raydarts
 
-Outputs, in ``<storage_path>/<name>/outputs/``: genotype.json, genotype.txt, history.json (metrics and α per
-epoch), cells/epoch_NNN.png and alpha/epoch_NNN.png.
+Outputs, in ``<storage_path>/<name>/outputs/``: genotype.json, genotype.txt, history.json (the epoch records:
+metrics, genotype and α per epoch), config.json, cells/epoch_NNN.png and alpha/epoch_NNN.png.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from components import storage
-from components.config import PipelineConfig, with_absolute_paths
-from components.trainer import StageError, fit, report_epoch, restore_latest, stage_main, worker_log, worker_setup
-from nas.config import ConfigError
-from nas.data import load_dataset
+from components.config import PipelineConfig
+from components.driver import Prepared
+from components.storage import Location
+from components.trainer import (
+    StageCallback,
+    StageError,
+    fit,
+    report_epoch,
+    restore_latest,
+    stage_main,
+    worker_log,
+    worker_setup,
+)
 from nas.genotypes import Genotype
+from nas.search import SearchEpoch
 
-SYNC_FILE = "rank_sync.json"  # written when the verify_sync hook is on
 OUTPUTS_MARKER = "history.json"  # published last: a search whose outputs hold it has finished
 
-__all__ = ["SearchStageResult", "StageError", "check_data", "check_resources", "run_search_stage"]
+__all__ = ["SearchStageResult", "StageError", "run_search_stage"]
 
 
 @dataclass
 class SearchStageResult:
     name: str
     genotype: Genotype
-    history: list[dict[str, Any]]
-    storage_dir: str
-    outputs_dir: str
-    checkpoint_path: str | None
-    rank_sync: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def final_metrics(self) -> dict[str, Any]:
-        return self.history[-1] if self.history else {}
-
-    @property
-    def alpha_normal(self) -> torch.Tensor:
-        return torch.tensor(self.history[-1]["alpha_normal"])
-
-    @property
-    def alpha_reduce(self) -> torch.Tensor:
-        return torch.tensor(self.history[-1]["alpha_reduce"])
-
-
-# --- before any worker starts --------------------------------------------------------------------------------------
-def check_data(config: PipelineConfig) -> None:
-    """Fail early and clearly on missing or unreadable data (the workers would fail the same way, later)."""
-    data = config.data
-    load_dataset(data.source, "train", root=data.root, download=data.download, limit=1, image_size=data.image_size)
-
-
-def check_resources(config: PipelineConfig, available_cpus: float, available_gpus: float) -> None:
-    ray_cfg = config.ray
-    need_cpus = ray_cfg.num_workers * ray_cfg.cpus_per_worker
-    if need_cpus > available_cpus + 1e-9 and not ray_cfg.allow_oversubscribe:
-        raise ConfigError(
-            f"ray.num_workers x ray.cpus_per_worker = {need_cpus:g} CPUs but the cluster has {available_cpus:g}; "
-            "lower them, use fractional ray.cpus_per_worker, or set ray.allow_oversubscribe=true"
-        )
-    if ray_cfg.use_gpu and ray_cfg.num_workers * ray_cfg.gpus_per_worker > available_gpus + 1e-9:
-        raise ConfigError(
-            f"ray.use_gpu with {ray_cfg.num_workers} workers x {ray_cfg.gpus_per_worker:g} GPUs "
-            f"but the cluster has {available_gpus:g} GPUs"
-        )
-
-
-def ensure_ray(config: PipelineConfig) -> None:
-    """Connect to the configured cluster, RAY_ADDRESS, or start a local Ray."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=config.ray.address, log_to_driver=True, configure_logging=False)
-
-
-def cluster_capacity() -> tuple[float, float]:
-    import ray
-
-    resources = ray.cluster_resources()
-    return float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
-
-
-def storage_root(config: PipelineConfig) -> str:
-    """Local storage paths become absolute (workers may run elsewhere); URIs pass through."""
-    path = config.ray.storage_path
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+    history: list[SearchEpoch]
+    outputs: Location
 
 
 # --- inside each worker ---------------------------------------------------------------------------------------------
@@ -119,138 +64,115 @@ def _search_worker(loop_config: dict[str, Any]) -> None:
     from nas.search import SearchRun
 
     config = PipelineConfig.model_validate(loop_config["config"])
-    hooks = loop_config.get("hooks") or {}
+    callback: StageCallback = loop_config["callback"] or StageCallback()
     rank, world, device, wrap = worker_setup(config)
-    sync_diffs: list[float] = []
-    sync_log: list[dict[str, Any]] = []  # per epoch: the largest difference between ranks after every step
+    callback.on_worker_start(rank, world)
 
     def step_hook(step: int) -> None:
-        fault = hooks.get("fault")
-        if fault and rank == fault["rank"] and step == fault["step"] and not os.path.exists(fault["marker"]):
-            Path(fault["marker"]).write_text(f"killed rank {rank} at step {step}\n")
-            os.kill(os.getpid(), signal.SIGKILL)
-        if hooks.get("verify_sync") and world > 1 and step > 0:
-            sync_diffs.append(_max_rank_difference(run.network))
+        callback.on_step(rank, world, step, run.network)
 
     context = LoopContext(
-        rank=rank, world_size=world, device=device, grad_reducer=average_tensors, sum_reducer=sum_tensors,
-        wrap_model=wrap, log=worker_log, step_hook=step_hook,
-    )  # fmt: skip
-    if hooks.get("node_log"):  # test-only: where each rank ran
-        import ray
-
-        Path(hooks["node_log"], f"rank_{rank}").write_text(ray.get_runtime_context().get_node_id())
+        rank=rank,
+        world_size=world,
+        device=device,
+        grad_reducer=average_tensors,
+        sum_reducer=sum_tensors,
+        wrap_model=wrap,
+        log=worker_log,
+        step_hook=step_hook,
+    )
     run = SearchRun(config, context)
     restore_latest(run, rank, world, "search")
 
-    def on_epoch(report: Any, search_run: SearchRun) -> None:
-        metrics: dict[str, Any] = {
-            "epoch": report.epoch + 1,
-            **report.metrics(),
-            "order": "second" if report.xi > 0 else "first",
-            "genotype": str(report.genotype),
-        }
-        if hooks.get("verify_sync") and world > 1:
-            sync_diffs.append(_max_rank_difference(search_run.network))
-            metrics["rank_max_abs_diff"] = max(sync_diffs)
-            metrics["rank_checks"] = len(sync_diffs)
-            sync_log.append({k: metrics[k] for k in ("epoch", "rank_max_abs_diff", "rank_checks")})
-            sync_diffs.clear()
+    def on_epoch(report: SearchEpoch, search_run: SearchRun) -> None:
+        callback.on_epoch_end(rank, world, report.epoch, search_run.network)
 
         def write_files(directory: Path) -> None:
             save_search_outputs(directory, report.genotype, search_run.history)
             save_epoch_pictures(
-                directory, report.epoch, report.genotype, report.alpha_normal, report.alpha_reduce,
+                directory,
+                report.epoch,
+                report.genotype,
+                report.alpha_normal,
+                report.alpha_reduce,
                 config.search.primitives,
-            )  # fmt: skip
+            )
             write_json(directory / "config.json", config.model_dump(mode="json"))
-            if sync_log:
-                write_json(directory / SYNC_FILE, sync_log)
 
-        epoch_done = report.epoch + 1
-        due = epoch_done % config.ray.checkpoint_every == 0 or epoch_done == config.search.epochs
-        report_epoch(metrics, due=due, rank=rank, world=world, state=search_run.state_dict, write_files=write_files)
+        due = report.epoch % config.ray.checkpoint_every == 0 or report.epoch == config.search.epochs
+        report_epoch(report, due=due, rank=rank, world=world, state=search_run.state_dict, write_files=write_files)
 
     run.run(on_epoch)
 
 
-def _max_rank_difference(network: torch.nn.Module) -> float:
-    """Largest |difference| between this rank's α and w and any other rank's (0.0 when bit-identical)."""
-    import torch.distributed as dist
-
-    flat = torch.cat([p.detach().reshape(-1).double() for p in network.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, flat)
-    return max(float((g - flat).abs().max()) for g in gathered)
-
-
 # --- the driver -----------------------------------------------------------------------------------------------------
 def run_search_stage(
-    config: PipelineConfig,
+    prepared: Prepared,
     *,
     name: str | None = None,
-    hooks: dict[str, Any] | None = None,
+    callback: StageCallback | None = None,
     callbacks: list[Any] | None = None,
 ) -> SearchStageResult:
-    """Run (or resume) one data-parallel search and publish its outputs next to its checkpoints."""
-    config = with_absolute_paths(config)
-    check_data(config)
-    ensure_ray(config)
-    check_resources(config, *cluster_capacity())
+    """Run (or resume) one data-parallel search and publish its outputs next to its checkpoints.
+
+    ``callback`` reaches every worker (see StageCallback); ``callbacks`` are Ray Train's own (Tune's reporter).
+    """
+    config = prepared.config
     name = name or f"{config.name}-search"
-    root = storage_root(config)
-    loop_config = {"config": config.model_dump(mode="json"), "hooks": hooks or {}}
-    result = fit(_search_worker, loop_config, config, name=name, storage=root, label="search", callbacks=callbacks)
-    outputs = f"{root.rstrip('/')}/{name}/outputs"
+    loop_config = {"config": config.model_dump(mode="json"), "callback": callback}
+    result = fit(_search_worker, loop_config, prepared, name=name, label="search", callbacks=callbacks)
+    outputs = search_outputs(prepared.storage, name)
     with result.checkpoint.as_directory() as directory:
         genotype, history = publish_outputs(Path(directory), outputs, config)
-        sync_path = Path(directory) / SYNC_FILE
-        rank_sync = json.loads(sync_path.read_text()) if sync_path.is_file() else []
-    return SearchStageResult(
-        name=name, genotype=genotype, history=history, storage_dir=f"{root.rstrip('/')}/{name}",
-        outputs_dir=outputs, checkpoint_path=result.checkpoint.path, rank_sync=rank_sync,
-    )  # fmt: skip
+    return SearchStageResult(name=name, genotype=genotype, history=history, outputs=outputs)
 
 
-def outputs_exist(outputs: str) -> bool:
-    """Whether a search's outputs were published (a folder or a URI)."""
-    return storage.file_exists(outputs, OUTPUTS_MARKER)
+def search_outputs(storage: Location, name: str) -> Location:
+    """Where the search run ``name`` publishes its outputs: beside its checkpoints."""
+    return storage.join(name, "outputs")
 
 
-def publish_from_checkpoint(checkpoint: str, outputs: str, config: PipelineConfig) -> tuple[Genotype, list[dict]]:
-    """Publish a search's outputs from one of its checkpoints (a folder or a URI).
+def read_history(outputs: Location) -> list[SearchEpoch] | None:
+    """The epoch records of a published search, or None when it has not finished publishing."""
+    rows = outputs.read_json(OUTPUTS_MARKER) if outputs.exists(OUTPUTS_MARKER) else None
+    return None if rows is None else [SearchEpoch.model_validate(row) for row in rows]
+
+
+def publish_from_checkpoint(checkpoint: str, outputs: Location, config: PipelineConfig) -> list[SearchEpoch]:
+    """Publish a search's outputs from one of its checkpoints (a folder or a URI); its epoch records.
 
     A sweep needs this: Tune may stop a trial (ASHA, or its last epoch) before the trial publishes by itself.
     """
     from ray.train import Checkpoint
 
     with Checkpoint(checkpoint).as_directory() as directory:
-        return publish_outputs(Path(directory), outputs, config)
+        return publish_outputs(Path(directory), outputs, config)[1]
 
 
-def publish_outputs(checkpoint_dir: Path, outputs: str, config: PipelineConfig) -> tuple[Genotype, list[dict]]:
-    """Genotype, history and every epoch's pictures (redrawn from the α history) into ``outputs``."""
+def publish_outputs(
+    checkpoint_dir: Path, outputs: Location, config: PipelineConfig
+) -> tuple[Genotype, list[SearchEpoch]]:
+    """Genotype, history, config and every epoch's pictures (redrawn from the α history) into ``outputs``."""
     from nas.artifacts import save_epoch_pictures
     from nas.genotypes import parse_genotype
 
     genotype = parse_genotype((checkpoint_dir / "genotype.json").read_text())
-    history = json.loads((checkpoint_dir / "history.json").read_text())
+    history = [SearchEpoch.model_validate(row) for row in Location(str(checkpoint_dir)).read_json(OUTPUTS_MARKER)]
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("genotype.json", "genotype.txt", "history.json", "config.json"):
+        for name in ("genotype.json", "genotype.txt", OUTPUTS_MARKER, "config.json"):
             (Path(tmp) / name).write_bytes((checkpoint_dir / name).read_bytes())
         for row in history:
             save_epoch_pictures(
-                tmp, row["epoch"] - 1, Genotype.from_dict(row["genotype"]), row["alpha_normal"], row["alpha_reduce"],
-                config.search.primitives,
-            )  # fmt: skip
-        storage.publish(Path(tmp), outputs, marker=OUTPUTS_MARKER)
+                tmp, row.epoch, row.genotype, row.alpha_normal, row.alpha_reduce, config.search.primitives
+            )
+        outputs.publish(Path(tmp), marker=OUTPUTS_MARKER)
     return genotype, history
 
 
 def main(argv: list[str] | None = None) -> int:
     def show(config: PipelineConfig, result: SearchStageResult) -> None:
         print(f"genotype: {result.genotype}")
-        print(f"outputs: {result.outputs_dir}")
+        print(f"outputs: {result.outputs}")
 
     return stage_main("python -m components.search", __doc__, "search", run_search_stage, show, argv)
 

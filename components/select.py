@@ -5,7 +5,7 @@ first, so two searches that found the same cell (edges listed in another order) 
 its best trial. The top k candidates are kept. Trials that an early-stopping scheduler (ASHA) cut short are
 listed but not candidates: their supernet was measured at another epoch, so the numbers do not compare. The table
 of every trial is written as CSV and JSON (to a folder or a URI), so the choice can be checked by eye and read
-back by the retrain stage.
+back by the retrain stage. Each trial carries its resolved config, so the table's grid columns are read from it.
 """
 
 from __future__ import annotations
@@ -13,31 +13,44 @@ from __future__ import annotations
 import csv
 import io
 import math
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from components import storage
-from nas.artifacts import write_json, write_text_atomic
+from components.config import PipelineConfig
+from components.storage import Location
 from nas.genotypes import Genotype
+from nas.search import SearchEpoch
 
 Mode = Literal["max", "min"]
 
 
 @dataclass(frozen=True)
 class TrialResult:
-    """One finished search: who ran it, with what seed and ξ, what it measured and what it derived."""
+    """One finished search: its resolved config (seed, ξ and any other grid value), its last epoch, its outputs."""
 
     trial: str
-    seed: int
-    xi: float | None
-    metrics: dict[str, float]
-    genotype: Genotype
-    search_dir: str | None = None
-    params: dict[str, Any] = field(default_factory=dict)  # the trial's other grid values (alpha_lr, w_lr, ...)
+    config: PipelineConfig
+    last: SearchEpoch
+    outputs: Location | None = None
     complete: bool = True  # False when a scheduler stopped the search before its last epoch
+
+    @property
+    def genotype(self) -> Genotype:
+        return self.last.genotype
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """What the trial reported at its last epoch (the epoch included), as selection ranks it."""
+        return {"epoch": self.last.epoch, **self.last.metrics()}
+
+    @property
+    def seed(self) -> int:
+        return self.config.search.seed
+
+    @property
+    def xi(self) -> float | None:
+        return self.config.search.xi
 
 
 @dataclass(frozen=True)
@@ -88,69 +101,64 @@ def select_top(
 
 
 def selection_table(
-    results: Sequence[TrialResult], candidates: Sequence[Candidate], metric: str = "val_acc"
+    results: Sequence[TrialResult],
+    candidates: Sequence[Candidate],
+    metric: str = "val_acc",
+    axes: Sequence[str] = ("search.seed", "search.xi"),
 ) -> list[dict[str, Any]]:
-    """One row per trial: its numbers, its genotype, and whether (and as what rank) it was selected."""
+    """One row per trial: its grid values (``axes``, named by their field), its numbers, its genotype, and whether
+    (and as what rank) it was selected."""
     rank_of = {c.trial.trial: c.rank for c in candidates}
     same_as = {t: c.trial.trial for c in candidates for t in c.trials if t != c.trial.trial}
     rows = []
     for r in sorted(results, key=lambda r: r.trial):
-        rows.append({
-            "trial": r.trial,
-            "seed": r.seed,
-            "xi": r.xi,
-            "order": "first" if r.xi == 0 else "second",
-            **r.params,
-            "epochs": r.metrics.get("epoch"),
-            "stopped_early": not r.complete,
-            metric: r.metrics.get(metric),
-            "selected_rank": rank_of.get(r.trial),
-            "same_genotype_as": same_as.get(r.trial),
-            "genotype": str(r.genotype),
-            "search_dir": r.search_dir,
-        })  # fmt: skip
+        grid = {}
+        for key in dict.fromkeys(("search.seed", "search.xi", *axes)):
+            section, name = key.split(".")
+            grid[name] = getattr(getattr(r.config, section), name)
+        rows.append(
+            {
+                "trial": r.trial,
+                **grid,
+                "order": "second" if r.config.search.is_second_order() else "first",
+                "epochs": r.last.epoch,
+                "stopped_early": not r.complete,
+                metric: r.metrics.get(metric),
+                "selected_rank": rank_of.get(r.trial),
+                "same_genotype_as": same_as.get(r.trial),
+                "genotype": str(r.genotype),
+                "outputs": None if r.outputs is None else r.outputs.uri,
+            }
+        )
     return rows
 
 
 def write_selection(
-    out_dir: str | Path, results: Sequence[TrialResult], candidates: Sequence[Candidate], metric: str = "val_acc"
-) -> tuple[str, str]:
-    """``selection.csv`` and ``selection.json`` in a folder or under a URI (s3://, gs://, file://); their paths.
-
-    The JSON also lists the chosen genotypes in rank order.
-    """
-    if "://" not in str(out_dir):
-        csv_path, json_path = _write_selection_files(Path(out_dir), results, candidates, metric)
-        return str(csv_path), str(json_path)
-    with tempfile.TemporaryDirectory() as tmp:
-        _write_selection_files(Path(tmp), results, candidates, metric)
-        storage.publish(Path(tmp), str(out_dir))
-    base = str(out_dir).rstrip("/")
-    return f"{base}/selection.csv", f"{base}/selection.json"
-
-
-def _write_selection_files(
-    out: Path, results: Sequence[TrialResult], candidates: Sequence[Candidate], metric: str
-) -> tuple[Path, Path]:
-    rows = selection_table(results, candidates, metric)
+    where: Location,
+    results: Sequence[TrialResult],
+    candidates: Sequence[Candidate],
+    metric: str = "val_acc",
+    axes: Sequence[str] = ("search.seed", "search.xi"),
+) -> None:
+    """``selection.csv`` and ``selection.json`` under ``where`` (a folder or a URI); the JSON also lists the chosen
+    genotypes in rank order."""
+    rows = selection_table(results, candidates, metric, axes)
     fieldnames: list[str] = []
-    for row in rows:  # rows of different grids may carry different extra axes
+    for row in rows:
         fieldnames += [key for key in row if key not in fieldnames]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fieldnames or ["trial"])
     writer.writeheader()
     writer.writerows(rows)
-    csv_path = write_text_atomic(out / "selection.csv", buffer.getvalue())
-    json_path = write_json(
-        out / "selection.json",
+    selected = [
         {
-            "metric": metric,
-            "selected": [
-                {"rank": c.rank, "trial": c.trial.trial, metric: c.metric, "trials": list(c.trials),
-                 "genotype": c.genotype.to_dict()}
-                for c in candidates
-            ],
-            "trials": rows,
-        },
-    )  # fmt: skip
-    return csv_path, json_path
+            "rank": c.rank,
+            "trial": c.trial.trial,
+            metric: c.metric,
+            "trials": list(c.trials),
+            "genotype": c.genotype.to_dict(),
+        }
+        for c in candidates
+    ]
+    where.write_text("selection.csv", buffer.getvalue())
+    where.write_json("selection.json", {"metric": metric, "selected": selected, "trials": rows})

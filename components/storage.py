@@ -199,8 +199,17 @@ class Location:
             copy(marker)
 
     def check_writable(self) -> None:
-        """Create this folder (or prefix) and write and delete a probe file there: a location that cannot be written
-        stops a run before any work, with one line."""
+        """A location that cannot be written stops a run before any work, with one line. A local folder is checked
+        without writing anything (its nearest existing folder must be writable); elsewhere the folder (or prefix)
+        is created and a probe file written and deleted there."""
+        if self.is_local:
+            existing = self.local_path
+            while not existing.exists():
+                existing = existing.parent
+            if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+                problem = "not a folder" if not existing.is_dir() else "not writable"
+                raise StorageError(f"cannot create {self.uri}: {existing} is {problem}")
+            return
         probe = f".write-probe-{uuid.uuid4().hex}"
         self._make_dir()
         self.write_bytes(probe, b"")
@@ -253,24 +262,3 @@ def _replace_atomically(target: Path, source: IO[bytes]) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-
-
-# --- the former functions, kept for the stages that still call them (they will use Location directly) ----------------
-def resolve(location: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, path in it) for a folder (made absolute) or a URI."""
-    return Location(location).filesystem()
-
-
-def file_exists(location: str, name: str) -> bool:
-    """Whether ``name`` is a file under ``location``."""
-    return Location(location).exists(name)
-
-
-def read_text(location: str, name: str) -> str | None:
-    """The text of ``name`` under ``location``, or None if there is no such file."""
-    return Location(location).read_text(name)
-
-
-def publish(local_dir: Path, location: str, marker: str | None = None) -> None:
-    """Copy the tree under ``local_dir`` into ``location``; ``marker`` is copied last."""
-    Location(location).publish(local_dir, marker)

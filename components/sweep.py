@@ -1,7 +1,9 @@
 """Ray Tune sweep over seeds and ξ (optionally α lr, α weight decay, weight lr): one data-parallel search per trial.
 
-Each trial is a Tune function trainable that runs the Ray Train search stage (a ``TorchTrainer``); its per-epoch
-metrics reach Tune through Train V2's ``TuneReportCallback``. ξ = 0 trials are first order, ξ = null or > 0
+The grid is written inside the pipeline config itself (``tune.grid_search`` at ``search.seed``, ``search.xi``, ...),
+so Tune resolves each trial's config, the trial validates it again, and that config is what selection, retrain
+and MLflow see. Each trial is a Tune function trainable that runs the Ray Train search stage (a ``TorchTrainer``);
+its epoch records reach Tune through Train V2's ``TuneReportCallback``. ξ = 0 trials are first order, ξ = null or > 0
 second order. When every trial has finished, the trials are ranked and the top genotypes selected
 (components/select.py); the table lands in ``<storage>/<name>/selection/``.
 
@@ -19,27 +21,16 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
-from components.config import PipelineConfig, with_absolute_paths
-from components.search import (
-    StageError,
-    check_data,
-    check_resources,
-    cluster_capacity,
-    ensure_ray,
-    outputs_exist,
-    publish_from_checkpoint,
-    run_search_stage,
-    storage_root,
-)
+from components.config import PipelineConfig
+from components.driver import Prepared
+from components.search import publish_from_checkpoint, read_history, run_search_stage, search_outputs
 from components.select import Candidate, TrialResult, select_top, write_selection
-from components.trainer import stage_main
-from nas.genotypes import parse_genotype
-
-GRID_AXES = {"seeds": "seed", "xi": "xi", "alpha_lr": "alpha_lr", "alpha_weight_decay": "alpha_weight_decay",
-             "w_lr": "w_lr"}  # fmt: skip
+from components.storage import Location
+from components.trainer import StageCallback, StageError, stage_main
+from nas.search import SearchEpoch
 
 
 @dataclass
@@ -47,42 +38,35 @@ class SweepResult:
     name: str
     trials: list[TrialResult]
     selected: list[Candidate]
-    selection_csv: str
-    selection_json: str
+    selection: Location  # selection.csv and selection.json
     errors: list[str]
 
 
-def trial_config(base: PipelineConfig, params: dict[str, Any]) -> PipelineConfig:
-    """The base config with this trial's grid values put into the search section (validated again)."""
-    data = base.model_dump(mode="json")
-    for axis in GRID_AXES.values():
-        if axis in params:
-            data["search"][axis] = params[axis]
-    return PipelineConfig.model_validate(data)
-
-
-def _trial(params: dict[str, Any]) -> None:
-    """One Tune trial: a whole data-parallel search, reporting each epoch to Tune."""
+def _trial(params: dict[str, Any], sweep_name: str, callback: StageCallback | None = None) -> None:
+    """One Tune trial: a whole data-parallel search on the trial's resolved config, reporting each epoch to Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    config = trial_config(PipelineConfig.model_validate(params["config"]), params)
+    config = PipelineConfig.model_validate(params)  # the grid values Tune put in, validated again
     trial_id = tune.get_context().get_trial_id()
-    start_log = (params.get("hooks") or {}).get("start_log")
-    if start_log:  # test-only: which trials (re)started
-        with open(start_log, "a") as f:
-            f.write(f"{trial_id}\n")
-    run_search_stage(config, name=f"{params['sweep_name']}-{trial_id}", callbacks=[TuneReportCallback()])
+    if callback is not None:
+        callback.on_trial_start(trial_id)
+    run_search_stage(
+        Prepared.trusted(config),
+        name=f"{sweep_name}-{trial_id}",
+        callback=callback,
+        callbacks=[TuneReportCallback()],
+    )
 
 
-def _param_space(config: PipelineConfig, name: str, hooks: dict[str, Any] | None) -> dict[str, Any]:
+def param_space(config: PipelineConfig) -> dict[str, Any]:
+    """The config as Tune's param space, each grid axis a ``tune.grid_search`` at the field it sets."""
     from ray import tune
 
-    space: dict[str, Any] = {"config": config.model_dump(mode="json"), "sweep_name": name, "hooks": hooks or {}}
-    for field, axis in GRID_AXES.items():
-        values = getattr(config.sweep, field)
-        if values:
-            space[axis] = tune.grid_search(list(values))
+    space = config.model_dump(mode="json")
+    for key, values in config.sweep.axes().items():
+        section, field = key.split(".")
+        space[section][field] = tune.grid_search(list(values))
     return space
 
 
@@ -94,86 +78,82 @@ def concurrent_trials(config: PipelineConfig, cluster_cpus: float) -> int:
     return max(1, int(math.floor(cluster_cpus / per_trial + 1e-9)))
 
 
-def run_sweep(config: PipelineConfig, *, name: str | None = None, hooks: dict[str, Any] | None = None) -> SweepResult:
+def run_sweep(prepared: Prepared, *, name: str | None = None, callback: StageCallback | None = None) -> SweepResult:
     """Run or restore the sweep, then select the top genotypes."""
-    config = with_absolute_paths(config)
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    check_data(config)
-    ensure_ray(config)
-    cpus, gpus = cluster_capacity()
-    check_resources(config, cpus, gpus)
+    config = prepared.config
     name = name or f"{config.name}-sweep"
-    storage = storage_root(config)
-    experiment = f"{storage.rstrip('/')}/{name}"
-    trainable = tune.with_resources(_trial, {"CPU": config.sweep.trial_cpus})
-    if tune.Tuner.can_restore(experiment):
+    experiment = prepared.storage.join(name)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, sweep_name=name, callback=callback), {"CPU": config.sweep.trial_cpus}
+    )
+    if tune.Tuner.can_restore(experiment.uri):
         print(f"restoring sweep {name!r} from {experiment}", flush=True)
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(experiment.uri, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         scheduler = None
         if config.sweep.scheduler == "asha":
             scheduler = ASHAScheduler(
-                time_attr="epoch", max_t=config.search.epochs, grace_period=config.sweep.asha_grace_period,
+                time_attr="epoch",
+                max_t=config.search.epochs,
+                grace_period=config.sweep.asha_grace_period,
                 reduction_factor=config.sweep.asha_reduction_factor,
-            )  # fmt: skip
+            )
         tuner = tune.Tuner(
             trainable,
-            param_space=_param_space(config, name, hooks),
+            param_space=param_space(config),
             tune_config=tune.TuneConfig(
                 metric=config.sweep.metric,
                 mode=config.sweep.mode,
                 scheduler=scheduler,
-                max_concurrent_trials=concurrent_trials(config, cpus),
-            ),  # fmt: skip
-            run_config=tune.RunConfig(name=name, storage_path=storage),
+                max_concurrent_trials=concurrent_trials(config, ray.cluster_resources().get("CPU", 1.0)),
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=prepared.storage.uri),
         )
     grid = tuner.fit()
     trials, errors = [], []
     for result in grid:
-        trial_id = str((result.metrics or {}).get("trial_id") or (Path(result.path).name if result.path else "?"))
-        if result.error is not None or not result.metrics or "genotype" not in result.metrics:
+        metrics = result.metrics or {}
+        trial_id = str(metrics.get("trial_id") or (PurePosixPath(result.path).name if result.path else "?"))
+        if result.error is not None or "genotype" not in metrics:
             errors.append(f"{trial_id}: {str(result.error).strip().splitlines()[0] if result.error else 'no result'}")
             continue
-        params = result.config or {}
-        search_dir = _search_dir(storage, name, result)
-        if search_dir and not _ensure_outputs(search_dir, result.metrics, trial_config(config, params)):
-            search_dir = None
-        extra = {axis: params[axis] for axis in GRID_AXES.values() if axis not in ("seed", "xi") and axis in params}
-        trials.append(TrialResult(
-            trial=trial_id, seed=int(params.get("seed", config.search.seed)),
-            xi=params.get("xi", config.search.xi),
-            metrics={k: v for k, v in result.metrics.items() if isinstance(v, int | float)},
-            genotype=parse_genotype(result.metrics["genotype"]), search_dir=search_dir,
-            params=extra, complete=int(result.metrics.get("epoch", 0)) >= config.search.epochs,
-        ))  # fmt: skip
+        trial_config = PipelineConfig.model_validate(result.config)
+        last = SearchEpoch.model_validate({key: metrics[key] for key in SearchEpoch.model_fields})
+        search = prepared.storage.join(f"{name}-{trial_id}")  # the trial's search run: checkpoints and outputs
+        outputs = search_outputs(prepared.storage, f"{name}-{trial_id}")
+        if read_history(outputs) is None and not _publish_stopped(search, outputs, metrics, trial_config):
+            outputs = None
+        trials.append(
+            TrialResult(
+                trial=trial_id,
+                config=trial_config,
+                last=last,
+                outputs=outputs,
+                complete=last.epoch >= trial_config.search.epochs,
+            )
+        )
     if not trials:
         raise StageError(f"sweep {name!r}: no trial finished ({'; '.join(errors) or 'no trials'})")
     try:
         selected = select_top(trials, metric=config.sweep.metric, mode=config.sweep.mode, k=config.sweep.top_k)
     except ValueError as err:
         raise StageError(f"sweep {name!r}: {err}") from None
-    csv_path, json_path = write_selection(f"{experiment}/selection", trials, selected, config.sweep.metric)
-    return SweepResult(name, trials, selected, csv_path, json_path, errors)
+    selection = experiment.join("selection")
+    write_selection(selection, trials, selected, config.sweep.metric, config.sweep.axes())
+    return SweepResult(name, trials, selected, selection, errors)
 
 
-def _ensure_outputs(search_dir: str, metrics: dict[str, Any], config: PipelineConfig) -> bool:
-    """Publish the trial's outputs from its last checkpoint when Tune stopped it before it could; False if none."""
-    outputs = f"{search_dir}/outputs"
-    if outputs_exist(outputs):
-        return True
+def _publish_stopped(search: Location, outputs: Location, metrics: dict[str, Any], config: PipelineConfig) -> bool:
+    """Publish a trial's outputs from its last checkpoint when Tune stopped it before it could; False if none."""
     checkpoint = metrics.get("checkpoint_path")
     if not checkpoint:
         return False
-    publish_from_checkpoint(f"{search_dir}/{PurePosixPath(checkpoint).name}", outputs, config)
+    publish_from_checkpoint(search.join(PurePosixPath(checkpoint).name).uri, outputs, config)
     return True
-
-
-def _search_dir(storage: str, sweep_name: str, result: Any) -> str | None:
-    """The trial's own search stage folder (its Train run is named after the trial); outputs/ holds its files."""
-    trial_id = (result.metrics or {}).get("trial_id")
-    return f"{storage.rstrip('/')}/{sweep_name}-{trial_id}" if trial_id else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         for candidate in result.selected:
             metric = f"{config.sweep.metric}={candidate.metric:.4f}"
             print(f"#{candidate.rank} {candidate.trial.trial} {metric} {candidate.genotype}")
-        print(f"selection: {result.selection_csv}")
+        print(f"selection: {result.selection}")
         for error in result.errors:
             print(f"failed trial {error}", file=sys.stderr)
 

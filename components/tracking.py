@@ -23,7 +23,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, is_dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -39,13 +38,16 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 import nas
 from components.config import PipelineConfig
-from nas.config import ConfigError, to_flat_dict
+from components.select import Candidate, TrialResult
+from components.storage import Location
+from nas.config import ConfigError, to_params
 from nas.data import load_dataset
-from nas.genotypes import Genotype
+from nas.eval_model import NetworkSpec
+from nas.genotypes import Genotype, parse_genotype
 from nas.plot import save_cells
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -53,8 +55,7 @@ SERVING_CODE = Path(__file__).with_name("serving.py")
 T = "raydarts."  # tag prefix
 ROLES = ("candidate", "champion", "baseline")
 _PARAM_MAX, _PARAMS_PER_BATCH, _METRICS_PER_BATCH = 6000, 100, 1000
-# what components/serving.py reads from the "network" artifact (serving.py must not import this module)
-NETWORK_KEYS = ("in_channels", "channels", "num_classes", "layers", "auxiliary", "stem", "mean", "std", "image_size")
+SEARCH_FILES = ("genotype.json", "genotype.txt", "history.json", "config.json")
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -111,9 +112,8 @@ def _genotype_params(genotype: Genotype) -> dict[str, str]:
 
 
 def _config_params(config: PipelineConfig) -> dict[str, str]:
-    """Flat config as MLflow params: strings (lists and null as JSON), at most 6000 characters."""
-    flat = to_flat_dict(config)
-    return {k: (v if isinstance(v, str) else json.dumps(v))[:_PARAM_MAX] for k, v in flat.items()}
+    """The flat config as MLflow params, exactly (``nas.config.from_params`` reads it back)."""
+    return to_params(config)
 
 
 def _is_number(value: Any) -> bool:
@@ -197,15 +197,12 @@ class Lineage:
             self.client.log_batch(run_id, params=new[start : start + _PARAMS_PER_BATCH])
 
     def _log_history(self, run_id: str, history: Sequence[Any], extra: dict[str, Any] | None = None) -> None:
-        """Every numeric value of every row, with step = the row's epoch; ``extra`` at the last step."""
-        now, metrics, last_step, last_row = int(time.time() * 1000), [], 0, {}
-        for index, row in enumerate(history):
-            row = asdict(row) if is_dataclass(row) else dict(row)
-            last_step, last_row = int(row.get("epoch", index)), row
-            metrics += [Metric(k, float(v), now, last_step) for k, v in row.items() if k != "epoch" and _is_number(v)]
-        metrics += [
-            Metric(k, float(v), now, last_step) for k, v in (extra or {}).items() if _is_number(v) and k not in last_row
-        ]
+        """Every epoch record's ``metrics()`` at step = its (1-based) epoch; ``extra`` at the last step."""
+        now, metrics = int(time.time() * 1000), []
+        for record in history:
+            metrics += [Metric(k, float(v), now, record.epoch) for k, v in record.metrics().items()]
+        last_step = history[-1].epoch if history else 0
+        metrics += [Metric(k, float(v), now, last_step) for k, v in (extra or {}).items() if _is_number(v)]
         for start in range(0, len(metrics), _METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=metrics[start : start + _METRICS_PER_BATCH])
 
@@ -264,53 +261,50 @@ class Lineage:
             self.client.log_inputs(self.run_id, datasets=[self._dataset])
         return self.run_id
 
-    def log_search_trial(
-        self,
-        key: str,
-        config: PipelineConfig,
-        history: list[dict],
-        genotype: Genotype,
-        outputs_dir: str | None,
-        metrics: dict | None = None,
-    ) -> str:
-        """One search trial: its config, derived cells (side by side in the compare view), curves and pictures."""
+    def log_search_trial(self, trial: TrialResult, history: Sequence[Any]) -> str:
+        """One search trial: its resolved config, derived cells (side by side in the compare view), every epoch's
+        metrics, and its published files and pictures (copied from a URI when they live on one)."""
 
         def write(run_id: str) -> None:
-            self._log_trained(run_id, config, genotype, history, metrics)
-            out = Path(outputs_dir) if outputs_dir and "://" not in outputs_dir else None
-            if out is not None and out.is_dir():
-                for name in ("genotype.json", "genotype.txt", "history.json", "config.json"):
+            self._log_trained(run_id, trial.config, trial.genotype, history, None)
+            if trial.outputs is None:
+                return
+            with trial.outputs.local_copy() as out:
+                for name in SEARCH_FILES:
                     if (out / name).is_file():
                         self.client.log_artifact(run_id, str(out / name))
                 for folder in ("cells", "alpha"):
                     if (out / folder).is_dir():
                         self.client.log_artifacts(run_id, str(out / folder), artifact_path=folder)
 
-        return self._child("search", key, {f"{T}search_dir": outputs_dir or ""}, write)
+        outputs = trial.outputs.uri if trial.outputs is not None else ""
+        return self._child("search", trial.trial, {f"{T}search_dir": outputs}, write)
 
-    def log_selection(self, table_csv: str | None, table_json: str | None, selected: Sequence[Any], metric: str) -> str:
+    def log_selection(self, selection: Location | None, selected: Sequence[Candidate], metric: str) -> str:
         """The selection: its table as artifacts, the chosen trials and genotypes by rank, links to their runs."""
-        chosen = []  # (rank, trial, genotype text, metric value)
-        for item in selected:
-            if isinstance(item, dict):
-                genotype = Genotype.from_dict(item["genotype"]) if isinstance(item["genotype"], dict) else None
-                text = str(genotype) if genotype else str(item["genotype"])
-                chosen.append((int(item["rank"]), str(item["trial"]), text, item.get(metric)))
-            else:  # a components.select.Candidate
-                chosen.append((item.rank, item.trial.trial, str(item.genotype), item.metric))
-        runs = [self._search_run_id(trial) for _, trial, _, _ in chosen]
+        runs = [self._search_run_id(c.trial.trial) for c in selected]
 
         def write(run_id: str) -> None:
             params = {"selection.metric": metric}
-            for rank, trial, text, _ in chosen:
-                params |= {f"rank_{rank}.trial": trial, f"rank_{rank}.genotype": text[:_PARAM_MAX]}
+            for c in selected:
+                params |= {
+                    f"rank_{c.rank}.trial": c.trial.trial,
+                    f"rank_{c.rank}.genotype": str(c.genotype)[:_PARAM_MAX],
+                }
             self._log_params(run_id, params)
-            self._log_history(run_id, [], {f"rank_{r}.{metric}": v for r, _, _, v in chosen})
-            for path in (table_csv, table_json):
-                if path and "://" not in path and Path(path).is_file():
-                    self.client.log_artifact(run_id, path)
+            now = int(time.time() * 1000)
+            ranks = [Metric(f"rank_{c.rank}.{metric}", c.metric, now, 0) for c in selected if _is_number(c.metric)]
+            self.client.log_batch(run_id, metrics=ranks)
+            if selection is not None:
+                with selection.local_copy() as folder:
+                    for name in ("selection.csv", "selection.json"):
+                        if (folder / name).is_file():
+                            self.client.log_artifact(run_id, str(folder / name))
 
-        tags = {f"{T}selected_trials": json.dumps([c[1] for c in chosen]), f"{T}selected_search_runs": json.dumps(runs)}
+        tags = {
+            f"{T}selected_trials": json.dumps([c.trial.trial for c in selected]),
+            f"{T}selected_search_runs": json.dumps(runs),
+        }
         return self._child("selection", "selection", tags, write)
 
     def log_retrain(
@@ -318,15 +312,16 @@ class Lineage:
         key: str,
         role: str,
         config: PipelineConfig,
-        genotype: Genotype,
-        history: list[dict],
+        history: Sequence[Any],
         source_search_run: str | None,
         result_metrics: dict,
     ) -> str:
-        """One retrain (candidate, champion or baseline), linked to the search that found its genotype."""
+        """One retrain (candidate, champion or baseline) of its config's ``retrain.genotype``, linked to the search
+        that found the cell."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
         search_run = self._search_run_id(source_search_run)
+        genotype = parse_genotype(config.retrain.genotype)
 
         def write(run_id: str) -> None:
             self._log_trained(run_id, config, genotype, history, result_metrics)
@@ -346,33 +341,29 @@ class Lineage:
     def register_champion(
         self,
         retrain_run: str,
-        weights_path: str,
-        genotype: Genotype,
-        network_args: dict,
+        outputs: Location,
+        spec: NetworkSpec,
         model_name: str,
         source_search_run: str | None = None,
     ) -> ModelVersion:
-        """Log the retrained network as a pyfunc model (from code, no pickles), register it, alias ``champion``.
+        """Log the retrained network (``model.pt`` under ``outputs``, built from ``spec``) as a pyfunc model (from
+        code, no pickles), register it, alias ``champion``.
 
-        ``network_args`` holds the EvalNetwork arguments and the data's mean, std and image_size (NETWORK_KEYS).
         Idempotent: a version of ``model_name`` tagged with this pipeline run is returned as it is.
         """
         pipeline_run = self._pipeline_id()
         for version in self.client.search_model_versions(f"name = {_quoted(model_name)}"):
             if version.tags.get(f"{T}pipeline_run") == pipeline_run:
                 return version
-        missing = [key for key in NETWORK_KEYS if key not in network_args]
-        if missing:
-            raise ValueError(f"network_args lacks {', '.join(missing)}")
         retrain_tags = self.client.get_run(retrain_run).data.tags
         search_run = self._search_run_id(source_search_run) or retrain_tags.get(f"{T}source_search_run", "")
-        model_uri, model_id = self._logged_model(retrain_run, weights_path, genotype, network_args)
+        model_uri, model_id = self._logged_model(retrain_run, outputs, spec)
         tags = {
             f"{T}pipeline": self.pipeline,
             f"{T}pipeline_run": pipeline_run,
             f"{T}retrain_run": retrain_run,
             f"{T}search_run": search_run or "",
-            f"{T}genotype": genotype.to_json(),
+            f"{T}genotype": spec.genotype.to_json(),
             f"{T}dataset_digest": self._dataset.dataset.digest if self._dataset else "",
             f"{T}model_id": model_id,  # the sqlite registry does not keep ModelVersion.model_id
         }
@@ -389,35 +380,37 @@ class Lineage:
         self.client.set_registered_model_alias(model_name, "champion", version.version)
         return self.client.get_model_version(model_name, version.version)
 
-    def _logged_model(
-        self, retrain_run: str, weights_path: str, genotype: Genotype, network_args: dict
-    ) -> tuple[str, str]:
+    def _logged_model(self, retrain_run: str, outputs: Location, spec: NetworkSpec) -> tuple[str, str]:
         """(model URI, model id) of the run's pyfunc model; a READY one from an earlier attempt is reused."""
         query = f"source_run_id = {_quoted(retrain_run)} AND name = 'model'"  # (a status filter matches nothing)
         for model in self.client.search_logged_models([self.experiment_id], filter_string=query):
             if model.status == LoggedModelStatus.READY:
                 return model.model_uri, model.model_id
-        c, size = int(network_args["in_channels"]), int(network_args["image_size"])
+        c, size = spec.in_channels, spec.image_size
         signature = ModelSignature(
             Schema([TensorSpec(np.dtype(np.float32), (-1, c, size, size))]),
-            Schema([TensorSpec(np.dtype(np.float32), (-1, int(network_args["num_classes"])))]),
+            Schema([TensorSpec(np.dtype(np.float32), (-1, spec.num_classes))]),
+            params=ParamSchema([ParamSpec("pixel_max", "double", 1.0)]),  # 255 for pixels in [0, 255]
         )
         requirements = [
-            f"{p}=={metadata.version(p).split('+')[0]}" for p in ("mlflow", "torch", "numpy", "pydantic", "pyyaml")
+            f"{p}=={metadata.version(p).split('+')[0]}"
+            for p in ("mlflow", "torch", "torchvision", "numpy", "pydantic", "pyyaml")
         ]
-        with tempfile.TemporaryDirectory() as tmp:
-            genotype_file = Path(tmp) / "genotype.json"
-            genotype_file.write_text(genotype.to_json())
-            network_file = Path(tmp) / "network.json"
-            network_file.write_text(json.dumps({k: network_args[k] for k in NETWORK_KEYS}))
-            artifacts = {"weights": str(weights_path), "genotype": str(genotype_file), "network": str(network_file)}
+        with tempfile.TemporaryDirectory() as tmp, outputs.local_copy() as published:
+            spec_file = Path(tmp) / "spec.json"
+            spec_file.write_text(spec.model_dump_json(indent=2))
+            artifacts = {"weights": str(published / "model.pt"), "spec": str(spec_file)}
             with _fluent_tracking_uri(self.tracking_uri), mlflow.start_run(run_id=retrain_run):
                 info = mlflow.pyfunc.log_model(
-                    name="model", python_model=str(SERVING_CODE), artifacts=artifacts,
-                    code_paths=[str(Path(nas.__file__).parent)], signature=signature,
+                    name="model",
+                    python_model=str(SERVING_CODE),
+                    artifacts=artifacts,
+                    code_paths=[str(Path(nas.__file__).parent)],
+                    signature=signature,
                     input_example=np.full((2, c, size, size), 0.5, dtype=np.float32),
-                    pip_requirements=requirements, tags={f"{T}pipeline_run": self._pipeline_id()},
-                )  # fmt: skip
+                    pip_requirements=requirements,
+                    tags={f"{T}pipeline_run": self._pipeline_id()},
+                )
         return info.model_uri, info.model_id
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -441,7 +434,7 @@ def _learning_curves(history: Sequence[Any], path: Path) -> Path:
     """Train/eval loss and accuracy per epoch, drawn on an Agg canvas (no pyplot, no global figure state)."""
     from matplotlib.figure import Figure
 
-    rows = [asdict(row) if is_dataclass(row) else dict(row) for row in history]
+    rows = [record.model_dump() for record in history]
     epochs = [row.get("epoch", i) for i, row in enumerate(rows)]
     eval_name = rows[-1].get("eval_split", "eval")
     figure = Figure(figsize=(9, 3.5))

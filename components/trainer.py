@@ -17,12 +17,32 @@ from typing import Any
 import torch
 
 from components.config import PipelineConfig
+from components.driver import Prepared
 
 STATE_FILE = "state.pt"
 
 
 class StageError(RuntimeError):
     """A stage could not start or did not finish; the message says why in one line."""
+
+
+class StageCallback:
+    """Hooks into a stage's trials and workers, for a caller that must watch or disturb them (tests inject faults,
+    check that ranks agree, record where workers ran). Ray pickles it to every trial and worker, so a subclass
+    must be picklable. Every hook is called on every rank, so a hook may run a collective; the default does nothing.
+    """
+
+    def on_trial_start(self, trial_id: str) -> None:
+        """A sweep trial starts (or restarts after the driver died)."""
+
+    def on_worker_start(self, rank: int, world_size: int) -> None:
+        """A worker joined the group, before its model is built."""
+
+    def on_step(self, rank: int, world_size: int, step: int, network: torch.nn.Module) -> None:
+        """Before training step ``step`` (counted over the whole run, from 0)."""
+
+    def on_epoch_end(self, rank: int, world_size: int, epoch: int, network: torch.nn.Module) -> None:
+        """After epoch ``epoch`` (1-based) was measured, before it is reported and checkpointed."""
 
 
 def worker_log(message: str) -> None:
@@ -55,7 +75,7 @@ def restore_latest(run: Any, rank: int, world: int, label: str) -> bool:
 
 
 def report_epoch(
-    metrics: dict[str, Any],
+    record: Any,
     *,
     due: bool,
     rank: int,
@@ -63,13 +83,15 @@ def report_epoch(
     state: Callable[[], dict[str, Any]],
     write_files: Callable[[Path], None],
 ) -> None:
-    """Report this epoch's metrics; when a checkpoint is due, rank 0 attaches state.pt and the stage's files."""
+    """Report an epoch record (its ``model_dump``, as everywhere); when a checkpoint is due, rank 0 attaches
+    state.pt and the stage's files."""
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
 
     from nas.loop import rng_state
 
+    metrics = record.model_dump(mode="json")
     rngs = [rng_state()]
     if due and world > 1:
         rngs = [None] * world
@@ -109,10 +131,9 @@ def worker_setup(config: PipelineConfig) -> tuple[int, int, torch.device, Callab
 def fit(
     worker: Callable[[dict[str, Any]], None],
     loop_config: dict[str, Any],
-    config: PipelineConfig,
+    prepared: Prepared,
     *,
     name: str,
-    storage: str,
     label: str,
     callbacks: list[Any] | None = None,
 ) -> Any:
@@ -120,7 +141,7 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    ray_cfg = config.ray
+    ray_cfg = prepared.config.ray
     resources: dict[str, float] = {"CPU": ray_cfg.cpus_per_worker}
     if ray_cfg.use_gpu:
         resources["GPU"] = ray_cfg.gpus_per_worker
@@ -133,7 +154,7 @@ def fit(
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=storage,
+            storage_path=prepared.storage.uri,
             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=ray_cfg.checkpoints_to_keep),
             callbacks=callbacks,
@@ -156,18 +177,23 @@ def stage_main(
     show: Callable[[PipelineConfig, Any], None],
     argv: list[str] | None,
 ) -> int:
-    """A stage's command line: preset or YAML, ``--set`` overrides, ``--name`` (``run(config, name=...)``); a bad
-    input is one line, exit 2."""
-    from components.config import load_pipeline_config, stage_arguments
-    from nas.config import ConfigError
+    """A stage's command line: preset or YAML, ``--set`` overrides, ``--name`` (``run(prepared, name=...)``); a bad
+    input is one line, exit 2, before Ray starts."""
+    from components.config import load_pipeline_config
+    from components.driver import prepare
+    from components.storage import StorageError
+    from nas.config import ConfigError, config_parser
     from nas.data import DataError
 
-    args = stage_arguments(prog, doc.splitlines()[0], f"<config name>-{stage}", argv)
+    parser = config_parser(prog, doc.splitlines()[0], "digits")
+    parser.add_argument("--name", default=None, help=f"run name (default: <config name>-{stage}); reuse to resume")
+    args = parser.parse_args(argv)
     try:
         config = load_pipeline_config(args.config, args.overrides)
-        result = run(config, name=args.name)
-    except (ConfigError, DataError, StageError) as err:
+        prepared = prepare(config, sweep=stage == "sweep")
+        result = run(prepared, name=args.name)
+    except (ConfigError, DataError, StageError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    show(config, result)
+    show(prepared.config, result)
     return 0

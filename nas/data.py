@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -248,10 +249,8 @@ def _parquet_file(arg: str, split: str) -> tuple[Any, str]:
     from pyarrow import fs as pafs
 
     try:
-        if "://" in arg:
-            filesystem, path = pafs.FileSystem.from_uri(arg)
-        else:
-            filesystem, path = pafs.LocalFileSystem(), str(Path(arg).expanduser().resolve())
+        local = not urlparse(arg).scheme
+        filesystem, path = pafs.FileSystem.from_uri(str(Path(arg).expanduser().resolve()) if local else arg)
         info = filesystem.get_file_info(path)
     except Exception as err:
         raise DataError(f"parquet source {arg!r} cannot be opened: {_one_line(err)}") from err

@@ -5,7 +5,7 @@
     python pipelines/full.py --config cifar10 --dry-run         # the resolved config and the plan, nothing run
     ray job submit --address http://<head>:8265 --working-dir . -- python pipelines/full.py --config cifar10
 
-Presets live in pipelines/presets/ (quick, cifar10, cifar10-cpu); any YAML path works too, and ``--set
+Presets live in nas/presets/ (quick, cifar10, cifar10-cpu, digits); any YAML path works too, and ``--set
 section.field=value`` overrides are validated with the rest before anything starts. Rerunning with the same
 ``--name`` resumes: the sweep is restored, finished retrains are read back, and MLflow gains no new runs nor
 model versions. Afterwards: ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
@@ -13,8 +13,6 @@ model versions. Afterwards: ``mlflow ui --backend-store-uri sqlite:///mlflow.db`
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,11 +22,14 @@ from typing import Any
 if __name__ == "__main__" and __package__ is None:  # `python pipelines/full.py` from a checkout not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.config import PipelineConfig, load_pipeline_config, pipeline_presets, with_absolute_paths
+from components.config import PipelineConfig, load_pipeline_config, trial_configs
+from components.driver import Prepared, prepare
 from components.retrain import ChampionResult, RetrainJob, RetrainStageResult, choose_champion
-from components.search import StageError, check_data, check_resources, cluster_capacity, ensure_ray
-from components.sweep import SweepResult, run_sweep, trial_config
-from nas.config import ConfigError
+from components.search import read_history
+from components.storage import StorageError
+from components.sweep import SweepResult, run_sweep
+from components.trainer import StageError
+from nas.config import ConfigError, config_parser
 from nas.data import DataError
 
 
@@ -50,20 +51,18 @@ class PipelineResult:
 def plan(config: PipelineConfig, name: str) -> list[str]:
     """What the pipeline will do, stage by stage, in words."""
     sweep, ray_cfg = config.sweep, config.ray
-    axes = [f"{len(sweep.seeds)} seeds", f"ξ in {sweep.xi}"]
-    axes += [f"{axis} in {getattr(sweep, axis)}" for axis in ("alpha_lr", "alpha_weight_decay", "w_lr")
-             if getattr(sweep, axis)]  # fmt: skip
-    trials = len(sweep.seeds) * len(sweep.xi)
-    for axis in ("alpha_lr", "alpha_weight_decay", "w_lr"):
-        trials *= len(getattr(sweep, axis) or [None])
+    axes = ", ".join(f"{key} in {values}" for key, values in sweep.axes().items())
     where = f"{ray_cfg.num_workers} {'GPU' if ray_cfg.use_gpu else 'CPU'} worker(s) each"
+    searches = len(trial_configs(config))
     lines = [
-        f"1. sweep {name}-sweep: {trials} searches ({', '.join(axes)}), {config.search.epochs} epochs, {where}",
+        f"1. sweep {name}-sweep: {searches} searches ({axes}), {config.search.epochs} epochs, {where}",
         f"2. select the top {sweep.top_k} genotype(s) by {sweep.metric} ({sweep.mode})",
     ]
     if sweep.top_k > 1:
-        lines.append(f"3. retrain each candidate for {config.champion.candidate_epochs} epochs, "
-                     f"{config.retrain.val_fraction:.0%} of train held out; the best is the champion")  # fmt: skip
+        lines.append(
+            f"3. retrain each candidate for {config.champion.candidate_epochs} epochs, "
+            f"{config.retrain.val_fraction:.0%} of train held out; the best is the champion"
+        )
     else:
         lines.append("3. the single candidate is the champion")
     extra = f" and baselines {', '.join(config.champion.baselines)}" if config.champion.baselines else ""
@@ -74,39 +73,13 @@ def plan(config: PipelineConfig, name: str) -> list[str]:
     return lines
 
 
-def _read_json(path: str) -> Any:
-    import pyarrow.fs
-
-    filesystem, inner = pyarrow.fs.FileSystem.from_uri(path if "://" in path else str(Path(path).resolve()))
-    with filesystem.open_input_stream(inner) as stream:
-        return json.loads(stream.read().decode())
-
-
-def _local_copy(path: str, folder: Path) -> str:
-    """A local path for a file that may live under a URI (MLflow logs local files)."""
-    if "://" not in path:
-        return path
-    import pyarrow.fs
-
-    filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
-    target = folder / Path(inner).name
-    with filesystem.open_input_stream(inner) as stream:
-        target.write_bytes(stream.read())
-    return str(target)
-
-
-def run_pipeline(config: PipelineConfig, *, name: str | None = None, log: Any = print) -> PipelineResult:
+def run_pipeline(prepared: Prepared, *, name: str | None = None, log: Any = print) -> PipelineResult:
     """Run (or resume) every stage and record it in MLflow; the driver is MLflow's only writer."""
-    import tempfile
-
     from components.tracking import Lineage, resolve_tracking_uri
 
+    config = prepared.config
     name = name or config.name
-    config = with_absolute_paths(config)
     tracking_uri = resolve_tracking_uri(config.mlflow.tracking_uri)
-    check_data(config)
-    ensure_ray(config)
-    check_resources(config, *cluster_capacity())
     experiment = config.mlflow.experiment or name
     model_name = config.mlflow.model_name or config.name
     lineage = Lineage(tracking_uri, experiment=experiment, pipeline=name)
@@ -114,27 +87,22 @@ def run_pipeline(config: PipelineConfig, *, name: str | None = None, log: Any = 
     log(f"[pipeline] {name}: MLflow run {pipeline_run} in experiment {experiment!r} at {tracking_uri}")
     try:
         log("[pipeline] 1/4 sweep")
-        sweep = run_sweep(config, name=f"{name}-sweep")
+        sweep = run_sweep(prepared, name=f"{name}-sweep")
         search_runs = {}
         for trial in sweep.trials:
-            params = {"seed": trial.seed, "xi": trial.xi, **trial.params}
-            outputs = f"{trial.search_dir}/outputs" if trial.search_dir else None
-            history = _read_json(f"{outputs}/history.json") if outputs else []
-            search_runs[trial.trial] = lineage.log_search_trial(
-                trial.trial, trial_config(config, params), history, trial.genotype, outputs, trial.metrics
-            )
+            history = (read_history(trial.outputs) if trial.outputs is not None else None) or []
+            search_runs[trial.trial] = lineage.log_search_trial(trial, history)
         log("[pipeline] 2/4 selection")
-        lineage.log_selection(sweep.selection_csv, sweep.selection_json, sweep.selected, config.sweep.metric)
+        lineage.log_selection(sweep.selection, sweep.selected, config.sweep.metric)
         log("[pipeline] 3/4 retrain")
         candidates = [(c.trial.trial, c.genotype) for c in sweep.selected]
-        champion = choose_champion(config, candidates, name=name, log=lambda line: log(f"[pipeline] {line}"))
+        champion = choose_champion(prepared, candidates, name=name, log=lambda line: log(f"[pipeline] {line}"))
         retrain_runs: dict[str, str] = {}
 
         def record(job: RetrainJob, stage: RetrainStageResult) -> str:
-            split = stage.eval_split
-            metrics = {f"final_{split}_acc": stage.eval_acc, f"final_{split}_loss": stage.eval_loss}
-            run_id = lineage.log_retrain(job.name, job.role, job.config, stage.genotype, stage.history, job.source,
-                                         metrics)  # fmt: skip
+            split = stage.last.eval_split
+            metrics = {f"final_{split}_acc": stage.last.eval_acc, f"final_{split}_loss": stage.last.eval_loss}
+            run_id = lineage.log_retrain(job.name, job.role, job.config, stage.history, job.source, metrics)
             retrain_runs[job.name] = run_id
             return run_id
 
@@ -145,21 +113,26 @@ def run_pipeline(config: PipelineConfig, *, name: str | None = None, log: Any = 
             record(job, stage)
         log("[pipeline] 4/4 register")
         job, stage = champion.champion
-        with tempfile.TemporaryDirectory() as tmp:
-            weights = _local_copy(stage.weights_path, Path(tmp))
-            version = lineage.register_champion(
-                champion_run, weights, stage.genotype, stage.network, model_name, source_search_run=job.source
-            )
+        version = lineage.register_champion(
+            champion_run, stage.location, stage.spec, model_name, source_search_run=job.source
+        )
     except BaseException:
         lineage.finish("FAILED")
         raise
     lineage.finish()
     return PipelineResult(
-        name=name, tracking_uri=tracking_uri, experiment=experiment, pipeline_run=pipeline_run, sweep=sweep,
-        champion=champion, model_name=model_name, model_version=str(version.version), metric=config.sweep.metric,
+        name=name,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        pipeline_run=pipeline_run,
+        sweep=sweep,
+        champion=champion,
+        model_name=model_name,
+        model_version=str(version.version),
+        metric=config.sweep.metric,
         search_runs=search_runs,
         retrain_runs=retrain_runs,
-    )  # fmt: skip
+    )
 
 
 def summary(result: PipelineResult) -> str:
@@ -173,7 +146,7 @@ def summary(result: PipelineResult) -> str:
     rows.append("retrains:")
     stages = [*result.champion.candidates, result.champion.champion, *result.champion.baselines]
     for job, stage in stages:
-        rows.append(f"  {job.name:<32} {job.role:<9} {stage.eval_split} acc {stage.eval_acc:.4f}")
+        rows.append(f"  {job.name:<32} {job.role:<9} {stage.last.eval_split} acc {stage.last.eval_acc:.4f}")
     rows += [
         f"registered model: models:/{result.model_name}@champion (version {result.model_version})",
         f"MLflow: mlflow ui --backend-store-uri {result.tracking_uri}  (experiment {result.experiment!r})",
@@ -182,27 +155,26 @@ def summary(result: PipelineResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python pipelines/full.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="quick", help=f"preset ({', '.join(pipeline_presets())}) or YAML path")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser = config_parser("python pipelines/full.py", __doc__.splitlines()[0], "quick")
     parser.add_argument("--name", default=None, help="pipeline name (default: the config's name); reuse to resume")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, run nothing")
     args = parser.parse_args(argv)
     try:
+        from components.tracking import resolve_tracking_uri
+
         config = load_pipeline_config(args.config, args.overrides)
         name = args.name or config.name
+        tracking_uri = resolve_tracking_uri(config.mlflow.tracking_uri)
         if args.dry_run:
             import yaml
 
-            from components.tracking import resolve_tracking_uri
-
             print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).rstrip())
-            print(f"\nplan for {name!r} (MLflow: {resolve_tracking_uri(config.mlflow.tracking_uri)}):")
+            print(f"\nplan for {name!r} (MLflow: {tracking_uri}):")
             print("\n".join(plan(config, name)))
             return 0
         start = time.perf_counter()
-        result = run_pipeline(config, name=name)
-    except (ConfigError, DataError, StageError) as err:
+        result = run_pipeline(prepare(config, sweep=True), name=name)
+    except (ConfigError, DataError, StageError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary(result))

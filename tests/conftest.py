@@ -1,4 +1,4 @@
-"""Shared fixtures: a real local Ray with 2 CPUs for the stage tests (one per test module)."""
+"""Shared fixtures: a real local Ray with 2 CPUs for the stage tests (one per test module), a real S3 API."""
 
 from __future__ import annotations
 
@@ -6,6 +6,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import ray.cloudpickle
+import stage_callbacks
+
+# Ray's workers cannot import this folder: the test callbacks travel by value.
+ray.cloudpickle.register_pickle_by_value(stage_callbacks)
 
 
 @pytest.fixture(scope="module")

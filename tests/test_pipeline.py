@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from components.config import load_pipeline_config
+from components.driver import prepare
 from components.tracking import dataset_digest, walk_lineage
+from nas.config import from_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SHRINK = [  # the quick preset, shorter: the same stages, fewer steps
@@ -44,35 +46,54 @@ def _count_runs(uri: str) -> int:
     return sum(len(client.search_runs([e.experiment_id])) for e in client.search_experiments())
 
 
-def test_the_quick_pipeline_registers_a_champion_with_its_lineage(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_the_quick_pipeline_on_s3_registers_a_champion_with_its_lineage(tmp_path: Path, monkeypatch, s3) -> None:  # noqa: ANN001
+    """Storage on a real S3 API (moto): sweep, retrain and registration, with every stage's artifacts in MLflow."""
     import ray
     from mlflow import MlflowClient
 
+    from components.config import PipelineConfig
     from pipelines.full import run_pipeline, summary
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    overrides = [*SHRINK, f"mlflow.tracking_uri={uri}", f"ray.storage_path={tmp_path / 'store'}", "sweep.top_k=2",
-                 "champion.baselines=[DARTS_V2]", "champion.max_concurrent=2"]  # fmt: skip
+    store = s3.uri("quick-store")
+    overrides = [*SHRINK, f"mlflow.tracking_uri={uri}", f"ray.storage_path={store}", "sweep.top_k=2"]
+    overrides += ["champion.baselines=[DARTS_V2]", "champion.max_concurrent=2"]
     config = load_pipeline_config("quick", overrides)
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)  # inherits the S3 env
     try:
-        result = run_pipeline(config, log=lambda line: None)
+        result = run_pipeline(prepare(config, sweep=True), log=lambda line: None)
         runs_after_first = _count_runs(uri)
-        again = run_pipeline(config, log=lambda line: None)  # a rerun of the finished pipeline
+        again = run_pipeline(prepare(config, sweep=True), log=lambda line: None)  # a rerun of the finished pipeline
     finally:
         ray.shutdown()
+    assert not (tmp_path / "runs").exists() and not Path("runs/ray/quick-sweep").exists()  # all of it went to S3
+    objects = [o["Key"] for o in s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="quick-store/")["Contents"]]
+    assert any(key.endswith("quick-sweep/selection/selection.csv") for key in objects)
+    assert any(key.endswith("quick-champion/outputs/result.json") for key in objects)
     # the rerun resumed everything and added nothing to MLflow
     assert again.pipeline_run == result.pipeline_run and again.model_version == result.model_version
     assert _count_runs(uri) == runs_after_first
     client = MlflowClient(uri)
     assert len(client.search_model_versions("name = 'quick'")) == 1
-    # 4 searches ran concurrently and were logged: every epoch of every metric is there
+    # 4 searches ran concurrently and were logged: every epoch of every metric, their files and pictures
     assert len(result.search_runs) == 4
-    for run_id in result.search_runs.values():
+    for trial in result.sweep.trials:
+        run_id = result.search_runs[trial.trial]
         run = client.get_run(run_id)
         assert run.data.params["derived.normal"] and run.data.params["derived.reduce"]
+        assert from_params(run.data.params, PipelineConfig) == trial.config  # params are exactly the trial's config
         for metric in ("train_loss", "val_acc", "alpha_entropy_normal"):
             assert [m.step for m in client.get_metric_history(run_id, metric)] == [1, 2], metric
+        files = {a.path for a in client.list_artifacts(run_id)}
+        assert {"genotype.json", "history.json", "config.json", "cells", "alpha"} <= files
+        assert [a.path for a in client.list_artifacts(run_id, "cells")] == [
+            "cells/epoch_001.png",
+            "cells/epoch_002.png",
+        ]
+    selection_run = client.search_runs([run.info.experiment_id], "tags.`raydarts.stage` = 'selection'")[0]
+    assert {a.path for a in client.list_artifacts(selection_run.info.run_id)} == {"selection.csv", "selection.json"}
+    for run_id in result.retrain_runs.values():
+        assert {"cells.png", "learning_curves.png"} <= {a.path for a in client.list_artifacts(run_id)}
     # lineage: registered version -> retrain run -> search run -> pipeline run -> data set
     lineage = walk_lineage(uri, "quick")
     assert str(lineage["version"]) == result.model_version and lineage["role"] == "champion"
@@ -81,9 +102,11 @@ def test_the_quick_pipeline_registers_a_champion_with_its_lineage(tmp_path: Path
     assert lineage["search_run"] == result.search_runs[champion_job.source]
     assert lineage["pipeline_run"] == result.pipeline_run
     assert lineage["dataset_digest"] == dataset_digest(config)[0]
-    assert champion.eval_split == "test" and {job.role for job, _ in result.champion.baselines} == {"baseline"}
+    assert champion.last.eval_split == "test" and {job.role for job, _ in result.champion.baselines} == {"baseline"}
     assert len(result.champion.candidates) == len(result.sweep.selected) >= 1
-    # the registered model predicts class probabilities, as the retrained network does
+    champion_params = client.get_run(lineage["retrain_run"]).data.params
+    assert champion_params["retrain.genotype"] == champion.genotype.to_json()  # what it trained, not the preset's
+    # the registered model predicts class probabilities, as the retrained network does, from raw pixels too
     import mlflow.pyfunc
     from sklearn.datasets import load_digits
 
@@ -95,12 +118,12 @@ def test_the_quick_pipeline_registers_a_champion_with_its_lineage(tmp_path: Path
     images = (load_digits().images[:5] / 16.0).astype(np.float32)[:, None]
     probabilities = model.predict(images)
     assert probabilities.shape == (5, 10) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
-    net = champion.network
-    network = EvalNetwork(champion.genotype, in_channels=1, channels=net["channels"], num_classes=10,
-                          layers=net["layers"], auxiliary=net["auxiliary"], stem=net["stem"])  # fmt: skip
-    network.load_state_dict(torch.load(champion.weights_path, weights_only=True))
+    network = EvalNetwork.from_spec(champion.spec)
+    with champion.location.local_copy() as published:
+        network.load_state_dict(torch.load(published / "model.pt", weights_only=True))
     network.eval()
-    mean, std = torch.tensor(net["mean"])[None, :, None, None], torch.tensor(net["std"])[None, :, None, None]
+    spec = champion.spec
+    mean, std = torch.tensor(spec.mean)[None, :, None, None], torch.tensor(spec.std)[None, :, None, None]
     with torch.no_grad():
         expected = torch.softmax(network((torch.from_numpy(images) - mean) / std)[0], dim=1).numpy()
     assert np.allclose(probabilities, expected, atol=1e-5)
@@ -110,8 +133,14 @@ def test_the_quick_pipeline_registers_a_champion_with_its_lineage(tmp_path: Path
 
 def test_dry_run_and_bad_input_touch_nothing(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    dry = subprocess.run([sys.executable, "pipelines/full.py", "--dry-run", "--set", "sweep.seeds=[1,2,3]"], cwd=ROOT,
-                         capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    dry = subprocess.run(
+        [sys.executable, "pipelines/full.py", "--dry-run", "--set", "sweep.seeds=[1,2,3]"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert dry.returncode == 0, dry.stderr
     assert "seeds:\n  - 1\n  - 2\n  - 3" in dry.stdout and "1. sweep quick-sweep: 6 searches" in dry.stdout
     for overrides, message in [
@@ -121,8 +150,14 @@ def test_dry_run_and_bad_input_touch_nothing(tmp_path: Path) -> None:
         (["data.source=parquet:/nonexistent"], "/nonexistent"),
     ]:
         args = _sets([*overrides, f"ray.storage_path={tmp_path / 'store'}"])
-        bad = subprocess.run([sys.executable, str(ROOT / "pipelines" / "full.py"), *args], cwd=tmp_path,
-                             capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+        bad = subprocess.run(
+            [sys.executable, str(ROOT / "pipelines" / "full.py"), *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert bad.returncode == 2, bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1 and message in bad.stderr
         assert not (tmp_path / "store").exists() and not (tmp_path / "mlflow.db").exists()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stage_callbacks import NodeLog
+
 from components.config import PipelineConfig
+from components.driver import prepare
 from components.search import run_search_stage
 from nas.config import load_config
 
@@ -21,22 +24,16 @@ def test_one_worker_on_each_of_two_nodes_completes(tmp_path: Path) -> None:
     nodes.mkdir()
     try:
         ray.init(address=cluster.address, configure_logging=False, log_to_driver=False)
-        cfg = load_config(
-            "digits",
-            [
-                "search.epochs=1", "search.steps_per_epoch=2", "search.batch_size=8", "search.layers=3",
-                "search.channels=4", "search.nodes=2", "search.primitives=[none, skip_connect, sep_conv_3x3]",
-                "data.limit=200", "ray.num_workers=2", "ray.cpus_per_worker=1",
-                f"ray.storage_path={tmp_path / 'store'}",
-            ],
-            model=PipelineConfig,
-        )  # fmt: skip
-        result = run_search_stage(cfg, name="two-nodes", hooks={"node_log": str(nodes)})
+        overrides = ["search.epochs=1", "search.steps_per_epoch=2", "search.batch_size=8", "search.layers=3"]
+        overrides += ["search.channels=4", "search.nodes=2", "search.primitives=[none, skip_connect, sep_conv_3x3]"]
+        overrides += ["data.limit=200", "ray.num_workers=2", "ray.cpus_per_worker=1"]
+        cfg = load_config("digits", [*overrides, f"ray.storage_path={tmp_path / 'store'}"], model=PipelineConfig)
+        result = run_search_stage(prepare(cfg), name="two-nodes", callback=NodeLog(nodes))
     finally:
         ray.shutdown()
         cluster.shutdown()
     placed = {p.name: p.read_text() for p in nodes.iterdir()}
     assert set(placed) == {"rank_0", "rank_1"}
     assert placed["rank_0"] != placed["rank_1"]
-    assert [row["epoch"] for row in result.history] == [1]
-    assert (Path(result.outputs_dir) / "genotype.json").is_file()
+    assert [row.epoch for row in result.history] == [1]
+    assert result.outputs.exists("genotype.json")

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from stage_callbacks import KillOnce, RankSync
 
 from components.config import PipelineConfig
+from components.driver import Prepared, prepare
 from components.search import run_search_stage
 from nas.config import load_config
 
@@ -25,23 +27,26 @@ TINY = [
 ]
 
 
-def tiny(tmp_path: Path, *extra: str) -> PipelineConfig:
-    return load_config("digits", [*TINY, f"ray.storage_path={tmp_path / 'store'}", *extra], model=PipelineConfig)
+def tiny(tmp_path: Path, *extra: str) -> Prepared:
+    return prepare(
+        load_config("digits", [*TINY, f"ray.storage_path={tmp_path / 'store'}", *extra], model=PipelineConfig)
+    )
 
 
 @pytest.mark.parametrize("xi", ["0", "null"])
 def test_two_workers_keep_alpha_and_weights_bit_identical(local_ray, tmp_path: Path, xi: str) -> None:  # noqa: ANN001
     cfg = tiny(tmp_path, "search.epochs=2", "ray.num_workers=2", f"search.xi={xi}")
-    result = run_search_stage(cfg, name="sync", hooks={"verify_sync": True})
-    assert [row["epoch"] for row in result.history] == [1, 2]
-    assert [row["epoch"] for row in result.rank_sync] == [1, 2]
-    for row in result.rank_sync:
+    sync = RankSync(tmp_path / "sync.jsonl")
+    result = run_search_stage(cfg, name="sync", callback=sync)
+    assert [row.epoch for row in result.history] == [1, 2]
+    assert [row["epoch"] for row in sync.rows()] == [1, 2]
+    for row in sync.rows():
         assert row["rank_max_abs_diff"] == 0.0
         assert row["rank_checks"] >= 3  # after every step of the epoch (3 steps)
-    assert all((row["xi"] > 0) == (xi == "null") for row in result.history)
+    assert all((row.xi > 0) == (xi == "null") for row in result.history)
     first, last = result.history[0], result.history[-1]
-    assert first["alpha_normal"] != last["alpha_normal"]
-    outputs = Path(result.outputs_dir)
+    assert first.alpha_normal != last.alpha_normal
+    outputs = result.outputs.local_path
     for name in ("genotype.json", "genotype.txt", "history.json", "cells/epoch_001.png", "alpha/epoch_002.png"):
         assert (outputs / name).is_file(), name
 
@@ -51,30 +56,30 @@ def test_global_batchnorm_two_workers_equal_one_worker_on_the_global_batch(local
     one = run_search_stage(tiny(tmp_path, *common, "ray.num_workers=1", "search.batch_size=16"), name="one")
     two = run_search_stage(tiny(tmp_path, *common, "ray.num_workers=2", "search.batch_size=8"), name="two")
     for key in ("alpha_normal", "alpha_reduce"):
-        a, b = torch.tensor(one.history[-1][key]), torch.tensor(two.history[-1][key])
+        a, b = torch.tensor(getattr(one.history[-1], key)), torch.tensor(getattr(two.history[-1], key))
         assert torch.allclose(a, b, rtol=0, atol=1e-5), (a - b).abs().max()
-        assert not torch.equal(a, torch.tensor(one.history[0][key]))
-    assert one.history[-1]["train_loss"] == pytest.approx(two.history[-1]["train_loss"], abs=1e-5)
+        assert not torch.equal(a, torch.tensor(getattr(one.history[0], key)))
+    assert one.history[-1].train_loss == pytest.approx(two.history[-1].train_loss, abs=1e-5)
 
 
 def test_a_killed_worker_resumes_to_the_uninterrupted_result(local_ray, tmp_path: Path) -> None:  # noqa: ANN001
     cfg = tiny(tmp_path, "search.epochs=2", "ray.num_workers=2", "ray.max_failures=1")
     straight = run_search_stage(cfg, name="straight")
     marker = tmp_path / "killed"
-    fault = {"rank": 1, "step": 4, "marker": str(marker)}  # second step of epoch 2: after the epoch-1 checkpoint
-    recovered = run_search_stage(cfg, name="faulty", hooks={"fault": fault})
+    fault = KillOnce(rank=1, step=4, marker=marker)  # second step of epoch 2: after the epoch-1 checkpoint
+    recovered = run_search_stage(cfg, name="faulty", callback=fault)
     assert marker.read_text().startswith("killed rank 1 at step 4")
-    assert recovered.history[-1]["alpha_normal"] == straight.history[-1]["alpha_normal"]
-    assert recovered.history[-1]["alpha_reduce"] == straight.history[-1]["alpha_reduce"]
+    assert recovered.history[-1].alpha_normal == straight.history[-1].alpha_normal
+    assert recovered.history[-1].alpha_reduce == straight.history[-1].alpha_reduce
     assert recovered.genotype == straight.genotype
 
 
 def test_same_name_resumes_instead_of_starting_over(local_ray, tmp_path: Path) -> None:  # noqa: ANN001
     first = run_search_stage(tiny(tmp_path, "search.epochs=1", "ray.num_workers=2"), name="again")
     second = run_search_stage(tiny(tmp_path, "search.epochs=2", "ray.num_workers=2"), name="again")
-    assert [row["epoch"] for row in second.history] == [1, 2]
+    assert [row.epoch for row in second.history] == [1, 2]
     assert second.history[0] == first.history[0]  # epoch 1 came from the checkpoint, not a new run
-    assert second.history[1]["alpha_normal"] != first.history[0]["alpha_normal"]
+    assert second.history[1].alpha_normal != first.history[0].alpha_normal
 
 
 @pytest.mark.parametrize(
@@ -88,8 +93,8 @@ def test_same_name_resumes_instead_of_starting_over(local_ray, tmp_path: Path) -
     ],
 )
 def test_bad_config_fails_before_any_worker_with_one_line(tmp_path: Path, override: str, message: str) -> None:
-    cmd = [sys.executable, "-m", "components.search", "--config", "digits", "--set", "ray.cpus_per_worker=1",
-           "--set", f"ray.storage_path={tmp_path / 'store'}", "--set", override]  # fmt: skip
+    cmd = [sys.executable, "-m", "components.search", "--config", "digits", "--set", "ray.cpus_per_worker=1"]
+    cmd += ["--set", f"ray.storage_path={tmp_path / 'store'}", "--set", override]
     env = {"RAY_ADDRESS": "", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1], env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]

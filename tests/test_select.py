@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from components.config import PipelineConfig
 from components.select import TrialResult, select_top, write_selection
+from components.storage import Location
 from nas.genotypes import GENOTYPES, Genotype, parse_genotype
+from nas.search import SearchEpoch
 
 V1, V2, PC = GENOTYPES["DARTS_V1"], GENOTYPES["DARTS_V2"], GENOTYPES["PC_DARTS"]
 
@@ -24,8 +27,34 @@ def swapped(g: Genotype) -> Genotype:
     return Genotype(flip(g.normal), g.normal_concat, flip(g.reduce), g.reduce_concat)
 
 
-def trial(name: str, acc: float, g: Genotype, seed: int = 0, xi: float | None = 0.0) -> TrialResult:
-    return TrialResult(trial=name, seed=seed, xi=xi, metrics={"val_acc": acc, "val_loss": 1 - acc}, genotype=g)
+def trial(
+    name: str,
+    acc: float,
+    g: Genotype,
+    seed: int = 0,
+    xi: float | None = 0.0,
+    epoch: int = 2,
+    complete: bool = True,
+    **search: float,
+) -> TrialResult:
+    """A finished trial of a 2-epoch search with the given grid values, reporting ``acc`` at its last epoch."""
+    config = PipelineConfig().model_copy(deep=True)
+    config.search.epochs, config.search.seed, config.search.xi = 2, seed, xi
+    for field, value in search.items():
+        setattr(config.search, field, value)
+    numbers = dict.fromkeys(("train_loss", "train_acc", "alpha_entropy_normal", "alpha_entropy_reduce"), 0.5)
+    numbers |= {"lr": 0.025, "xi": xi or 0.0, "epoch_seconds": 1.0, "images_per_second": 1.0}
+    last = SearchEpoch(
+        epoch=epoch,
+        val_acc=acc,
+        val_loss=1 - acc,
+        second_order_steps=0,
+        genotype=g,
+        alpha_normal=[],
+        alpha_reduce=[],
+        **numbers,
+    )
+    return TrialResult(trial=name, config=config, last=last, complete=complete)
 
 
 RESULTS = [
@@ -64,39 +93,45 @@ def test_ties_break_by_trial_name() -> None:
 
 def test_selection_table_as_csv_and_json(tmp_path: Path) -> None:
     top = select_top(RESULTS, k=2)
-    csv_path, json_path = write_selection(tmp_path, RESULTS, top)
-    rows = list(csv.DictReader(Path(csv_path).read_text().splitlines()))
+    write_selection(Location(str(tmp_path)), RESULTS, top)
+    rows = list(csv.DictReader((tmp_path / "selection.csv").read_text().splitlines()))
     assert [r["trial"] for r in rows] == ["t1", "t2", "t3", "t4", "t5"]
     by_trial = {r["trial"]: r for r in rows}
     assert by_trial["t3"]["selected_rank"] == "1" and by_trial["t4"]["selected_rank"] == "2"
     assert by_trial["t2"]["same_genotype_as"] == "t3" and by_trial["t1"]["selected_rank"] == ""
     assert by_trial["t2"]["order"] == "second" and by_trial["t1"]["order"] == "first"
     assert parse_genotype(by_trial["t4"]["genotype"]) == PC
-    data = json.loads(Path(json_path).read_text())
+    assert (tmp_path / "selection.csv").stat().st_mode & 0o777 == _normal_mode(tmp_path)
+    data = json.loads((tmp_path / "selection.json").read_text())
     assert [s["trial"] for s in data["selected"]] == ["t3", "t4"]
     assert Genotype.from_dict(data["selected"][0]["genotype"]) == V2.canonical()
 
 
 def test_trials_stopped_early_are_listed_but_never_selected(tmp_path: Path) -> None:
-    stopped = TrialResult("t0", 9, 0.0, {"val_acc": 0.99, "epoch": 1}, PC, complete=False)
+    stopped = trial("t0", 0.99, PC, seed=9, epoch=1, complete=False)
     top = select_top([*RESULTS, stopped], k=5)
     assert "t0" not in {t for c in top for t in c.trials}
     assert [c.trial.trial for c in top] == ["t3", "t4", "t1"]
-    csv_path, _ = write_selection(tmp_path, [*RESULTS, stopped], top)
-    row = next(r for r in csv.DictReader(Path(csv_path).read_text().splitlines()) if r["trial"] == "t0")
+    write_selection(Location(str(tmp_path)), [*RESULTS, stopped], top)
+    row = next(r for r in csv.DictReader((tmp_path / "selection.csv").read_text().splitlines()) if r["trial"] == "t0")
     assert row["stopped_early"] == "True" and row["selected_rank"] == ""
     with pytest.raises(ValueError, match="stopped early"):
         select_top([stopped], k=1)
 
 
 def test_extra_grid_axes_become_columns_and_uri_destinations_work(tmp_path: Path) -> None:
-    results = [
-        TrialResult("a", 1, 0.0, {"val_acc": 0.5}, V1, params={"alpha_lr": 0.1}),
-        TrialResult("b", 1, 0.0, {"val_acc": 0.6}, V2, params={"alpha_lr": 0.2, "w_lr": 0.05}),
-    ]
+    results = [trial("a", 0.5, V1, seed=1, alpha_lr=0.1, w_lr=0.05), trial("b", 0.6, V2, seed=1, alpha_lr=0.2)]
     top = select_top(results, k=1)
-    csv_uri, json_uri = write_selection(f"file://{tmp_path}/deep/selection", results, top)
-    assert csv_uri == f"file://{tmp_path}/deep/selection/selection.csv"
+    where = Location(f"file://{tmp_path}/deep/selection")
+    write_selection(where, results, top, axes=["search.alpha_lr", "search.w_lr"])
+    assert where.exists("selection.csv") and where.exists("selection.json")
     rows = list(csv.DictReader((tmp_path / "deep" / "selection" / "selection.csv").read_text().splitlines()))
-    assert [(r["alpha_lr"], r["w_lr"]) for r in rows] == [("0.1", ""), ("0.2", "0.05")]
+    assert [(r["seed"], r["alpha_lr"], r["w_lr"]) for r in rows] == [("1", "0.1", "0.05"), ("1", "0.2", "0.025")]
     assert json.loads((tmp_path / "deep" / "selection" / "selection.json").read_text())["selected"][0]["trial"] == "b"
+
+
+def _normal_mode(folder: Path) -> int:
+    """The mode a plain open() gives a new file here (0o666 less the umask)."""
+    probe = folder / "probe"
+    probe.write_text("")
+    return probe.stat().st_mode & 0o777

@@ -97,10 +97,11 @@ def test_local_copy_and_download(place: str, tmp_path: Path) -> None:
     assert (copied / "cells" / "epoch_001.png").read_bytes() == b"\x89PNG"
 
 
-def test_check_writable_creates_the_folder_and_leaves_nothing(place: str) -> None:
+def test_check_writable_leaves_nothing(place: str) -> None:
     location = Location(place)
     location.check_writable()
-    assert location.exists() and location.list() == []
+    assert location.list() == []
+    assert location.exists() != location.is_local  # a local folder is only looked at; a bucket prefix is probed
 
 
 def test_a_failed_copy_leaves_no_marker(place: str, tmp_path: Path) -> None:
@@ -162,15 +163,6 @@ def test_an_unwritable_folder_is_one_line(tmp_path: Path) -> None:
     location = Location(tmp_path / "file" / "out")
     with pytest.raises(StorageError, match=f"^cannot create {re.escape(location.uri)}: [^\n]*$"):
         location.check_writable()
-
-
-def test_the_former_functions_still_work(tmp_path: Path) -> None:
-    location = str(tmp_path / "out")
-    assert not storage.file_exists(location, "result.json") and storage.read_text(location, "result.json") is None
-    storage.publish(_tree(tmp_path / "src"), location, marker="result.json")
-    assert storage.file_exists(location, "result.json") and storage.read_text(location, "model.pt") == "weights"
-    filesystem, path = storage.resolve(location)
-    assert path == location and filesystem.type_name == "local"
 
 
 # --- S3 (moto) --------------------------------------------------------------------------------------------------------

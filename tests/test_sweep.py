@@ -12,8 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from stage_callbacks import StartLog
 
 from components.config import PipelineConfig
+from components.driver import prepare
+from components.search import read_history
 from components.select import TrialResult
 from components.sweep import run_sweep
 from nas.config import load_config
@@ -41,7 +44,7 @@ def test_two_seeds_by_two_xi_on_two_cpus(tmp_path: Path) -> None:
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         cfg = load_config("digits", [*TINY, f"ray.storage_path={tmp_path}", "sweep.top_k=2"], model=PipelineConfig)
-        result = run_sweep(cfg, name="grid", hooks={"start_log": str(tmp_path / "starts")})
+        result = run_sweep(prepare(cfg, sweep=True), name="grid", callback=StartLog(tmp_path / "starts"))
     finally:
         ray.shutdown()
     assert not result.errors
@@ -54,15 +57,18 @@ def test_two_seeds_by_two_xi_on_two_cpus(tmp_path: Path) -> None:
     second_order = {t.seed: t for t in result.trials if t.xi is None}
     for by_seed in (first_order, second_order):  # ... and so do their α trajectories
         assert _alpha_history(by_seed[1]) != _alpha_history(by_seed[2])
+    for t in result.trials:  # each trial's resolved config is its own grid point, the rest as configured
+        assert t.config.search.model_dump(exclude={"seed", "xi"}) == cfg.search.model_dump(exclude={"seed", "xi"})
+        assert json.loads((t.outputs.local_path / "config.json").read_text()) == t.config.model_dump(mode="json")
+    assert len((tmp_path / "starts").read_text().split()) == 4
     assert 1 <= len(result.selected) <= 2
     best = max(t.metrics["val_acc"] for t in result.trials)
     assert result.selected[0].metric == best
-    assert Path(result.selection_csv).is_file() and Path(result.selection_json).is_file()
+    assert result.selection.exists("selection.csv") and result.selection.exists("selection.json")
 
 
 def _alpha_history(trial: TrialResult) -> list[list]:
-    history = json.loads((Path(trial.search_dir) / "outputs" / "history.json").read_text())
-    return [[row["alpha_normal"], row["alpha_reduce"]] for row in history]
+    return [[row.alpha_normal, row.alpha_reduce] for row in read_history(trial.outputs)]
 
 
 def test_same_seed_and_xi_give_the_same_genotype_and_extra_axes_change_alpha(tmp_path: Path) -> None:
@@ -70,22 +76,22 @@ def test_same_seed_and_xi_give_the_same_genotype_and_extra_axes_change_alpha(tmp
 
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        overrides = [*TINY, f"ray.storage_path={tmp_path}", "sweep.seeds=[3,3]", "sweep.xi=[null]",
-                     "sweep.alpha_lr=[0.006,0.3]", "sweep.top_k=4"]  # fmt: skip
-        result = run_sweep(load_config("digits", overrides, model=PipelineConfig), name="repeat")
+        overrides = [*TINY, f"ray.storage_path={tmp_path}", "sweep.seeds=[3,3]", "sweep.xi=[null]"]
+        overrides += ["sweep.alpha_lr=[0.006,0.3]", "sweep.top_k=4"]
+        result = run_sweep(prepare(load_config("digits", overrides, model=PipelineConfig), sweep=True), name="repeat")
     finally:
         ray.shutdown()
     assert not result.errors and len(result.trials) == 4
     by_lr: dict[float, list[TrialResult]] = {}
     for t in result.trials:
-        by_lr.setdefault(t.params["alpha_lr"], []).append(t)
+        by_lr.setdefault(t.config.search.alpha_lr, []).append(t)
     assert sorted(by_lr) == [0.006, 0.3] and all(len(v) == 2 for v in by_lr.values())
     for twins in by_lr.values():  # same seed, same ξ, same α lr: the same search, to the last bit
         assert twins[0].genotype == twins[1].genotype
         assert _alpha_history(twins[0]) == _alpha_history(twins[1])
         assert twins[0].metrics["val_loss"] == twins[1].metrics["val_loss"]
     assert _alpha_history(by_lr[0.006][0]) != _alpha_history(by_lr[0.3][0])  # the extra axis reached the search
-    rows = {r["trial"]: r for r in csv.DictReader(Path(result.selection_csv).read_text().splitlines())}
+    rows = {r["trial"]: r for r in csv.DictReader(result.selection.read_text("selection.csv").splitlines())}
     assert {float(r["alpha_lr"]) for r in rows.values()} == {0.006, 0.3}
     assert len(result.selected) < 4  # twins are one candidate
 
@@ -95,37 +101,44 @@ def test_asha_stops_a_trailing_search_at_its_first_rung(tmp_path: Path) -> None:
 
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        overrides = [*TINY, f"ray.storage_path={tmp_path}", "search.epochs=2", "search.steps_per_epoch=6",
-                     "sweep.seeds=[1]", "sweep.xi=[0]", "sweep.w_lr=[0.1,0.00001]", "sweep.scheduler=asha",
-                     "sweep.metric=val_loss", "sweep.mode=min", "sweep.max_concurrent_trials=1"]  # fmt: skip
-        result = run_sweep(load_config("digits", overrides, model=PipelineConfig), name="asha",
-                           hooks={"start_log": str(tmp_path / "starts")})  # fmt: skip
+        overrides = [*TINY, f"ray.storage_path={tmp_path}", "search.epochs=2", "search.steps_per_epoch=6"]
+        overrides += ["sweep.seeds=[1]", "sweep.xi=[0]", "sweep.w_lr=[0.1,0.00001]", "sweep.scheduler=asha"]
+        overrides += ["sweep.metric=val_loss", "sweep.mode=min", "sweep.max_concurrent_trials=1"]
+        cfg = prepare(load_config("digits", overrides, model=PipelineConfig), sweep=True)
+        result = run_sweep(cfg, name="asha", callback=StartLog(tmp_path / "starts"))
     finally:
         ray.shutdown()
     order = (tmp_path / "starts").read_text().split()
     first, second = (next(t for t in result.trials if t.trial == trial_id) for trial_id in order)
     assert first.complete and first.metrics["epoch"] == 2  # nothing to compare with at the rung: it runs on
-    first_rung_loss = json.loads((Path(first.search_dir) / "outputs" / "history.json").read_text())[0]["val_loss"]
+    first_rung_loss = read_history(first.outputs)[0].val_loss
     # ASHA (reduction factor 2) stops the second trial at epoch 1 exactly when it trails the first there.
     trails = second.metrics["val_loss"] > first_rung_loss if second.metrics["epoch"] == 1 else None
-    assert second.params["w_lr"] == 0.00001 and second.metrics["epoch"] == 1 and trails
+    assert second.config.search.w_lr == 0.00001 and second.metrics["epoch"] == 1 and trails
     assert not second.complete
     assert [c.trial.trial for c in result.selected] == [first.trial]  # a stopped search is not a candidate
 
 
 def test_an_interrupted_sweep_restores_without_rerunning_finished_trials(tmp_path: Path) -> None:
     starts = tmp_path / "starts"
+    overrides = [*TINY, f"ray.storage_path={tmp_path}", "sweep.max_concurrent_trials=1"]
     script = (
-        "import sys; from components.config import PipelineConfig; from components.sweep import run_sweep; "
-        "from nas.config import load_config; "
-        f"cfg = load_config('digits', {[*TINY, f'ray.storage_path={tmp_path}', 'sweep.max_concurrent_trials=1']!r}, "
-        "model=PipelineConfig); "
-        f"r = run_sweep(cfg, name='restore', hooks={{'start_log': {str(starts)!r}}}); "
+        "import sys; sys.path.insert(0, 'tests'); import conftest; from stage_callbacks import StartLog; "
+        "from components.config import PipelineConfig; from components.driver import prepare; "
+        "from components.sweep import run_sweep; from nas.config import load_config; "
+        f"cfg = prepare(load_config('digits', {overrides!r}, model=PipelineConfig), sweep=True); "
+        f"r = run_sweep(cfg, name='restore', callback=StartLog({str(starts)!r})); "
         "print('TRIALS', len(r.trials), len(r.errors))"
     )
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "RAY_ADDRESS": ""}
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 400
         while time.time() < deadline and (not starts.exists() or len(starts.read_text().split()) < 2):
@@ -137,8 +150,9 @@ def test_an_interrupted_sweep_restores_without_rerunning_finished_trials(tmp_pat
         proc.wait()
     first_run = starts.read_text().split()
     assert len(set(first_run)) < 4, "the sweep finished before it was interrupted"
-    rerun = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=900)  # fmt: skip
+    rerun = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert "TRIALS 4 0" in rerun.stdout, rerun.stderr[-3000:]
     all_starts = starts.read_text().split()
     finished_first = first_run[0]
@@ -148,10 +162,32 @@ def test_an_interrupted_sweep_restores_without_rerunning_finished_trials(tmp_pat
 
 
 @pytest.mark.parametrize(
-    ("override", "message"), [("sweep.xi=[-1]", "xi values must be >= 0"), ("sweep.seeds=[]", "sweep.seeds")]
+    ("override", "message"),
+    [
+        ("sweep.xi=[-1]", "xi values must be >= 0"),
+        ("sweep.seeds=[]", "sweep.seeds"),
+        ("sweep.alpha_lr=[0.1,-1]", "sweep grid value: invalid config: search.alpha_lr"),
+        ("sweep.w_lr=[0]", "search.w_lr"),
+    ],
 )
 def test_bad_sweep_settings_are_refused(override: str, message: str) -> None:
+    from components.config import load_pipeline_config
     from nas.config import ConfigError
 
     with pytest.raises(ConfigError, match=message):
-        load_config("digits", [override], model=PipelineConfig)
+        load_pipeline_config("digits", [override])
+
+
+def test_the_grid_is_written_inside_the_config() -> None:
+    from ray import tune
+
+    from components.config import load_pipeline_config, trial_configs
+    from components.sweep import param_space
+
+    config = load_pipeline_config("quick", ["sweep.seeds=[1,2]", "sweep.xi=[0,null]", "sweep.alpha_lr=[0.1,0.2]"])
+    space = param_space(config)
+    assert space["search"]["seed"] == tune.grid_search([1, 2]) and space["search"]["xi"] == tune.grid_search([0, None])
+    assert space["search"]["alpha_lr"] == tune.grid_search([0.1, 0.2]) and space["sweep"] == config.sweep.model_dump()
+    trials = trial_configs(config)
+    assert len(trials) == 8 and len({(t.search.seed, t.search.xi, t.search.alpha_lr) for t in trials}) == 8
+    assert all(t.retrain == config.retrain and t.ray == config.ray for t in trials)

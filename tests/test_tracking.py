@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
-from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -15,12 +15,12 @@ import torch
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from components import serving
 from components.config import PipelineConfig
-from components.select import select_top, write_selection
+from components.search import read_history
+from components.select import TrialResult, select_top, write_selection
+from components.storage import Location
 from components.tracking import (
     DEFAULT_TRACKING_URI,
-    NETWORK_KEYS,
     Lineage,
     cell_text,
     dataset_digest,
@@ -28,10 +28,10 @@ from components.tracking import (
     walk_lineage,
 )
 from nas.artifacts import save_epoch_pictures, save_search_outputs
-from nas.config import ConfigError, load_config
+from nas.config import ConfigError, from_params, load_config
 from nas.data import load_dataset
 from nas.eval_model import EvalNetwork
-from nas.genotypes import DARTS_V2
+from nas.genotypes import DARTS_V2, parse_genotype
 from nas.retrain import RetrainRun
 from nas.search import SearchRun
 
@@ -52,7 +52,7 @@ def tiny_config(*extra: str) -> PipelineConfig:
 def stages(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Genuine stage outputs: two 2-epoch searches (files as the search stage writes them) and a trained network."""
     root = tmp_path_factory.mktemp("stages")
-    config = tiny_config()
+    config = tiny_config(f"retrain.genotype={DARTS_V2.to_json()}")
     trials = []
     for seed in (2, 3):
         trial_config = tiny_config(f"search.seed={seed}")
@@ -60,53 +60,51 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> dict:
         out = root / f"trial_{seed}"
         save_search_outputs(out, result.genotype, result.history)
         for report in result.history:
+            primitives = trial_config.search.primitives
             save_epoch_pictures(
-                out, report.epoch, report.genotype, report.alpha_normal, report.alpha_reduce,
-                trial_config.search.primitives,
-            )  # fmt: skip
-        history = json.loads((out / "history.json").read_text())
-        trials.append({"key": f"trial_{seed}", "config": trial_config, "genotype": result.genotype,
-                       "history": history, "dir": str(out), "val_acc": history[-1]["val_acc"]})  # fmt: skip
+                out, report.epoch, report.genotype, report.alpha_normal, report.alpha_reduce, primitives
+            )
+        trials.append(TrialResult(f"trial_{seed}", trial_config, result.history[-1], Location(str(out))))
     retrain = RetrainRun(config, DARTS_V2)
     result = retrain.run()
-    weights = root / "weights.pt"
-    torch.save(retrain.state_dict()["network"], weights)
-    info = retrain.info
-    network_args = {
-        "in_channels": info.in_channels, "channels": 4, "num_classes": info.num_classes, "layers": 3,
-        "auxiliary": False, "stem": "cifar", "mean": list(info.mean), "std": list(info.std),
-        "image_size": info.image_size,
-    }  # fmt: skip
-    return {"config": config, "trials": trials, "weights": str(weights), "network_args": network_args,
-            "history": [asdict(e) for e in result.history], "eval_acc": result.eval_acc, "root": root}  # fmt: skip
+    published = root / "retrain"
+    published.mkdir()
+    torch.save(retrain.network.state_dict(), published / "model.pt")
+    return {
+        "config": config,
+        "trials": trials,
+        "histories": {t.trial: read_history(t.outputs) for t in trials},
+        "outputs": Location(str(published)),
+        "spec": retrain.spec,
+        "history": result.history,
+        "root": root,
+    }
 
 
 def run_pipeline(uri: str, stages: dict, out: Path) -> dict:
     """The driver's calls, in order, after each stage; returns the ids they gave back."""
-    from components.select import TrialResult
-
     lineage = Lineage(uri, EXPERIMENT, "digits-pipeline")
     pipeline = lineage.pipeline_run(stages["config"])
     search_runs = {}
-    results = []
     for trial in stages["trials"]:
-        search_runs[trial["key"]] = lineage.log_search_trial(
-            trial["key"], trial["config"], trial["history"], trial["genotype"], trial["dir"],
-            metrics={"val_acc": trial["val_acc"], "final_val_acc": trial["val_acc"]},
-        )  # fmt: skip
-        results.append(TrialResult(trial["key"], trial["config"].search.seed, 0.0, {"val_acc": trial["val_acc"]},
-                                   trial["genotype"], trial["dir"]))  # fmt: skip
-    chosen = select_top(results, k=1)
-    csv_path, json_path = write_selection(out, results, chosen)
-    selection = lineage.log_selection(str(csv_path), str(json_path), chosen, "val_acc")
+        search_runs[trial.trial] = lineage.log_search_trial(trial, stages["histories"][trial.trial])
+    chosen = select_top(stages["trials"], k=1)
+    write_selection(Location(str(out)), stages["trials"], chosen)
+    selection = lineage.log_selection(Location(str(out)), chosen, "val_acc")
     source = chosen[0].trial.trial
     retrain = lineage.log_retrain(
-        "champion", "champion", stages["config"], DARTS_V2, stages["history"], source, {"test_acc": 0.5}
+        "champion", "champion", stages["config"], stages["history"], source, {"test_acc": 0.5}
     )
-    version = lineage.register_champion(retrain, stages["weights"], DARTS_V2, stages["network_args"], MODEL, source)
+    version = lineage.register_champion(retrain, stages["outputs"], stages["spec"], MODEL, source)
     lineage.finish()
-    return {"pipeline": pipeline, "search": search_runs, "selection": selection, "retrain": retrain,
-            "version": version, "source": source}  # fmt: skip
+    return {
+        "pipeline": pipeline,
+        "search": search_runs,
+        "selection": selection,
+        "retrain": retrain,
+        "version": version,
+        "source": source,
+    }
 
 
 def all_runs(client: MlflowClient) -> list:
@@ -178,16 +176,18 @@ def test_lineage_reaches_search_pipeline_and_data(store: dict, stages: dict) -> 
 def test_search_runs_hold_cells_metrics_and_artifacts(store: dict, stages: dict) -> None:
     client = store["client"]
     for trial in stages["trials"]:
-        run = client.get_run(store["ids"]["search"][trial["key"]])
-        assert run.data.params["derived.normal"] == cell_text(trial["genotype"], "normal")
-        assert run.data.params["derived.reduce"] == cell_text(trial["genotype"], "reduce")
+        run = client.get_run(store["ids"]["search"][trial.trial])
+        assert run.data.params["derived.normal"] == cell_text(trial.genotype, "normal")
+        assert run.data.params["derived.reduce"] == cell_text(trial.genotype, "reduce")
         assert run.data.params["derived.normal"].startswith("[('") and "'" in run.data.params["derived.reduce"]
-        assert run.data.params["search.seed"] == str(trial["config"].search.seed)
-        assert run.data.params["search.primitives"] == json.dumps(trial["config"].search.primitives)
+        assert run.data.params["search.seed"] == str(trial.config.search.seed)
+        assert run.data.params["search.primitives"] == json.dumps(trial.config.search.primitives)
+        config_params = {k: v for k, v in run.data.params.items() if not k.startswith(("derived.", "genotype"))}
+        assert from_params(config_params, PipelineConfig) == trial.config  # params -> config -> the same trial
         for key in ("train_loss", "val_acc", "alpha_entropy_normal", "second_order_steps"):
             history = client.get_metric_history(run.info.run_id, key)
-            assert sorted((m.step, m.value) for m in history) == [(row["epoch"], row[key]) for row in trial["history"]]
-        assert client.get_metric_history(run.info.run_id, "final_val_acc")[0].step == 2
+            expected = [(row.epoch, getattr(row, key)) for row in stages["histories"][trial.trial]]
+            assert sorted((m.step, m.value) for m in history) == expected
         assert "alpha_normal" not in run.data.metrics and "genotype" not in run.data.metrics
         top = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"genotype.json", "genotype.txt", "history.json", "cells", "alpha"} <= top
@@ -205,9 +205,10 @@ def test_retrain_run_holds_curves_and_links(store: dict, stages: dict) -> None:
     assert tags["raydarts.source_search_run"] == ids["search"][ids["source"]]
     assert tags["raydarts.pipeline_run"] == ids["pipeline"]
     assert run.data.params["genotype"] == str(DARTS_V2)
+    assert parse_genotype(run.data.params["retrain.genotype"]) == DARTS_V2
     for key in ("train_loss", "eval_acc", "lr"):
         history = client.get_metric_history(ids["retrain"], key)
-        assert [(m.step, m.value) for m in history] == [(row["epoch"], row[key]) for row in stages["history"]]
+        assert [(m.step, m.value) for m in history] == [(row.epoch, getattr(row, key)) for row in stages["history"]]
     assert run.data.metrics["test_acc"] == 0.5
     assert {"learning_curves.png", "cells.png"} <= {a.path for a in client.list_artifacts(ids["retrain"])}
 
@@ -230,16 +231,18 @@ def test_champion_loads_by_alias_and_predicts_like_the_network(store: dict, stag
     assert probabilities.shape == (12, 10) and probabilities.dtype == np.float32
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     network = EvalNetwork(DARTS_V2, in_channels=1, channels=4, num_classes=10, layers=3, auxiliary=False)
-    network.load_state_dict(torch.load(stages["weights"], weights_only=True))
+    network.load_state_dict(torch.load(stages["outputs"].local_path / "model.pt", weights_only=True))
     network.eval()
     mean = torch.tensor(info.mean).view(1, -1, 1, 1)
     std = torch.tensor(info.std).view(1, -1, 1, 1)
     with torch.no_grad():
         expected = torch.softmax(network((torch.from_numpy(batch) - mean) / std)[0], dim=1).numpy()
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
-    assert serving.NETWORK_KEYS == NETWORK_KEYS  # what register_champion writes is what the model reads
-    # the class itself also takes (N, H, W) one-channel images, and names a wrong shape
+    # raw pixels in [0, 255]: through the pyfunc with pixel_max, or as uint8 to the class itself
+    np.testing.assert_allclose(model.predict(batch * 255.0, params={"pixel_max": 255}), expected, atol=1e-5)
     python_model = model.unwrap_python_model()
+    np.testing.assert_allclose(python_model.predict(None, dataset.images.numpy()), expected, atol=1e-5)
+    # the class itself also takes (N, H, W) one-channel images, and names a wrong shape
     np.testing.assert_allclose(python_model.predict(None, batch[:, 0]), expected, atol=1e-5)
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         python_model.predict(None, np.zeros((2, 3, 8, 8)))
@@ -260,9 +263,7 @@ def test_rerun_creates_no_runs_and_no_versions(store: dict, stages: dict) -> Non
     # a driver that died between logging the model and registering it finds the logged model again
     lineage = Lineage(store["uri"], EXPERIMENT, "digits-pipeline")
     lineage.pipeline_run(stages["config"])
-    model_uri, model_id = lineage._logged_model(
-        store["ids"]["retrain"], stages["weights"], DARTS_V2, stages["network_args"]
-    )
+    model_uri, model_id = lineage._logged_model(store["ids"]["retrain"], stages["outputs"], stages["spec"])
     assert model_id == walk_lineage(store["uri"], MODEL)["model_id"]
     assert model_uri == f"models:/{model_id}" == store["ids"]["version"].source
 
@@ -277,14 +278,14 @@ def test_unfinished_child_is_replaced(tmp_path: Path, stages: dict) -> None:
         raise KeyboardInterrupt  # the driver dies half-way through logging this child
 
     with pytest.raises(KeyboardInterrupt):
-        lineage._child("search", trial["key"], {}, crash)
+        lineage._child("search", trial.trial, {}, crash)
     # a hard kill leaves the run RUNNING rather than FAILED: simulate that too
-    stale = lineage._find("search", trial["key"])[0].info.run_id
+    stale = lineage._find("search", trial.trial)[0].info.run_id
     lineage.client.update_run(stale, status="RUNNING")
     again = Lineage(uri, EXPERIMENT, "crash")
     again.pipeline_run(stages["config"])
-    run_id = again.log_search_trial(trial["key"], trial["config"], trial["history"], trial["genotype"], trial["dir"])
-    found = again._find("search", trial["key"])
+    run_id = again.log_search_trial(trial, stages["histories"][trial.trial])
+    found = again._find("search", trial.trial)
     assert [(r.info.run_id, r.info.status) for r in found] == [(run_id, "FINISHED")]
     assert run_id != stale
     assert MlflowClient(uri).get_run(stale).info.lifecycle_stage == "deleted"
@@ -296,14 +297,14 @@ def test_concurrent_writers_share_one_sqlite_store(tmp_path: Path, stages: dict)
     Lineage(uri, EXPERIMENT, "threads").pipeline_run(stages["config"])
     trial = stages["trials"][0]
     errors: list[BaseException] = []
-    history = [{**row, "extra": float(i)} for i, row in enumerate(trial["history"])]
+    history = stages["histories"][trial.trial]
 
     def writer(n: int) -> None:
         try:
             lineage = Lineage(uri, EXPERIMENT, "threads")
             lineage.pipeline_run(stages["config"])
             for k in range(3):
-                lineage.log_search_trial(f"t{n}-{k}", trial["config"], history, trial["genotype"], trial["dir"])
+                lineage.log_search_trial(dataclasses.replace(trial, trial=f"t{n}-{k}"), history)
         except BaseException as err:  # noqa: BLE001 - reported below, in the test's thread
             errors.append(err)
 
@@ -319,5 +320,5 @@ def test_concurrent_writers_share_one_sqlite_store(tmp_path: Path, stages: dict)
         for k in range(3):
             (run,) = lineage._find("search", f"t{n}-{k}")
             assert run.info.status == "FINISHED"
-            assert [m.step for m in client.get_metric_history(run.info.run_id, "extra")] == [1, 2]
+            assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
             assert len(client.list_artifacts(run.info.run_id, "cells")) == 2

@@ -1,0 +1,83 @@
+"""The preflight, once, at the outermost entry: everything a run needs is checked before any stage starts.
+
+``prepare(config)`` makes local paths absolute (workers and Tune trials run in other folders), checks that the
+data can be read, that the storage location can be written, connects to Ray (or starts a local one) and checks
+that the cluster has room for what the config asks. Stages take the :class:`Prepared` result and check nothing
+again; a Tune trial or a Ray task that runs a stage builds its ``Prepared`` from the config it was handed, which the
+driver's preflight has already passed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from components.config import PipelineConfig, trial_configs, with_absolute_paths
+from components.storage import Location
+from nas.config import ConfigError
+from nas.data import load_dataset
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A config that passed the preflight, and where its stages keep their files (picklable: Ray ships it)."""
+
+    config: PipelineConfig
+    storage: Location
+
+    @classmethod
+    def trusted(cls, config: PipelineConfig) -> Prepared:
+        """The ``Prepared`` of a config the driver already prepared (inside a Tune trial or a Ray task)."""
+        return cls(config, Location(config.ray.storage_path))
+
+    def with_config(self, config: PipelineConfig) -> Prepared:
+        """The same run with another variant of its config (the candidates' brief recipe, the champion's full one)."""
+        return dataclasses.replace(self, config=config)
+
+
+def check_data(config: PipelineConfig) -> None:
+    """Fail early and clearly on missing or unreadable data (the workers would fail the same way, later)."""
+    data = config.data
+    load_dataset(data.source, "train", root=data.root, download=data.download, limit=1, image_size=data.image_size)
+
+
+def check_resources(config: PipelineConfig, available_cpus: float, available_gpus: float, sweep: bool) -> None:
+    """The workers of one search or retrain, and in a sweep the trial's own driver, fit in the cluster."""
+    ray_cfg = config.ray
+    need_cpus = ray_cfg.num_workers * ray_cfg.cpus_per_worker + (config.sweep.trial_cpus if sweep else 0.0)
+    if need_cpus > available_cpus + 1e-9 and not ray_cfg.allow_oversubscribe:
+        trial = f" + sweep.trial_cpus {config.sweep.trial_cpus:g}" if sweep else ""
+        raise ConfigError(
+            f"ray.num_workers x ray.cpus_per_worker{trial} = {need_cpus:g} CPUs but the cluster has "
+            f"{available_cpus:g}; lower them, use fractional ray.cpus_per_worker, or set ray.allow_oversubscribe=true"
+        )
+    if ray_cfg.use_gpu and ray_cfg.num_workers * ray_cfg.gpus_per_worker > available_gpus + 1e-9:
+        raise ConfigError(
+            f"ray.use_gpu with {ray_cfg.num_workers} workers x {ray_cfg.gpus_per_worker:g} GPUs "
+            f"but the cluster has {available_gpus:g} GPUs"
+        )
+
+
+def ensure_ray(config: PipelineConfig) -> tuple[float, float]:
+    """Connect to ``ray.address``, RAY_ADDRESS, or start a local Ray; the cluster's (CPUs, GPUs)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=config.ray.address, log_to_driver=True, configure_logging=False)
+    resources = ray.cluster_resources()
+    return float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
+
+
+def prepare(config: PipelineConfig, *, sweep: bool = False) -> Prepared:
+    """Check everything once (grid values, data, storage, Ray and its room), before any stage or worker starts.
+
+    Raises ConfigError, DataError or StorageError with one line; nothing is written when it does.
+    """
+    config = with_absolute_paths(config)
+    if sweep:
+        trial_configs(config)
+    check_data(config)
+    storage = Location(config.ray.storage_path)
+    storage.check_writable()
+    check_resources(config, *ensure_ray(config), sweep=sweep)
+    return Prepared(config, storage)
