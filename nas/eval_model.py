@@ -12,19 +12,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import stochastic_depth
 
 from nas.genotypes import Genotype
-from nas.ops import FactorizedReduce, Identity, ReLUConvBN, build_op
+from nas.ops import FactorizedReduce, ReLUConvBN, build_op
 from nas.search_model import reduction_layers
-
-
-def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
-    """Zero whole samples of a branch with probability ``drop_prob`` and rescale the rest (ScheduledDropPath)."""
-    if drop_prob <= 0.0:
-        return x
-    keep = 1.0 - drop_prob
-    mask = torch.empty(x.size(0), 1, 1, 1, dtype=x.dtype, device=x.device).bernoulli_(keep)
-    return x / keep * mask
 
 
 class EvalCell(nn.Module):
@@ -54,8 +46,9 @@ class EvalCell(nn.Module):
             for k in (2 * node, 2 * node + 1):
                 op = self.ops[k]
                 h = op(states[self.indices[k]])
-                if self.training and drop_prob > 0.0 and not isinstance(op, Identity):
-                    h = drop_path(h, drop_prob)
+                if self.training and drop_prob > 0.0 and not isinstance(op, nn.Identity):
+                    # ScheduledDropPath: zero whole samples of the branch, scale the survivors by 1 / (1 - p)
+                    h = stochastic_depth(h, drop_prob, mode="row", training=True)
                 total = total + h
             states.append(total)
         return torch.cat([states[i] for i in self.concat], dim=1)

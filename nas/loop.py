@@ -8,7 +8,6 @@ code is the same.
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,12 +126,3 @@ class Progress:
         self.log(
             f"{self.label} epoch {epoch + 1}/{self.total} | {parts} | {seconds:.1f}s | ETA {format_duration(remaining)}"
         )
-
-
-class Timer:
-    def __enter__(self) -> Timer:
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.start

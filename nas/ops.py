@@ -110,11 +110,6 @@ class SepConv(nn.Sequential):
         )
 
 
-class Identity(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
 class Zero(nn.Module):
     """The 'none' operation: zeros of the output shape (a missing edge)."""
 
@@ -167,7 +162,7 @@ def _avg_pool_3x3(channels: int, stride: int, affine: bool) -> nn.Module:
 
 @register_op("skip_connect")
 def _skip_connect(channels: int, stride: int, affine: bool) -> nn.Module:
-    return Identity() if stride == 1 else FactorizedReduce(channels, channels, affine=affine)
+    return nn.Identity() if stride == 1 else FactorizedReduce(channels, channels, affine=affine)
 
 
 @register_op("sep_conv_3x3")

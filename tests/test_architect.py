@@ -31,8 +31,10 @@ def setup() -> tuple[SearchNetwork, torch.optim.SGD, tuple[torch.Tensor, ...]]:
             a.normal_(0, 0.5)
     opt = torch.optim.SGD(net.weights(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
     gen = torch.Generator().manual_seed(1)
-    tx, vx = torch.randn(8, 1, 6, 6, generator=gen, dtype=torch.float64), torch.randn(8, 1, 6, 6, generator=gen,
-                                                                                      dtype=torch.float64)  # fmt: skip
+    tx, vx = (
+        torch.randn(8, 1, 6, 6, generator=gen, dtype=torch.float64),
+        torch.randn(8, 1, 6, 6, generator=gen, dtype=torch.float64),
+    )
     ty, vy = torch.randint(0, 3, (8,), generator=gen), torch.randint(0, 3, (8,), generator=gen)
     F.cross_entropy(net(tx), ty).backward()  # one real step so μ·v is not zero
     opt.step()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+from torchvision.ops import stochastic_depth
 
+import nas.eval_model
 from nas import GENOTYPES, PRIMITIVES, EvalNetwork, SearchNetwork, count_parameters
-from nas.eval_model import drop_path
+from nas.eval_model import EvalCell
 from nas.search_model import MixedOp, num_edges, reduction_layers
 
 
@@ -88,14 +91,36 @@ def test_no_auxiliary_head_when_disabled() -> None:
 
 
 def test_drop_path_zeroes_whole_samples_and_keeps_the_mean() -> None:
+    """The cells' drop path (torchvision's stochastic depth, by rows): whole samples zeroed, survivors / (1 - p)."""
     torch.manual_seed(0)
     x = torch.ones(4000, 2, 3, 3)
-    y = drop_path(x, 0.3)
+    y = stochastic_depth(x, 0.3, mode="row", training=True)
     per_sample = y.flatten(1)
     assert torch.all((per_sample == 0) | torch.isclose(per_sample, torch.tensor(1 / 0.7)))
     assert torch.all((per_sample == 0).all(1) | (per_sample != 0).all(1))
     assert abs(float(y.mean()) - 1.0) < 0.05
-    assert torch.equal(drop_path(x, 0.0), x)
+    assert torch.equal(stochastic_depth(x, 0.0, mode="row", training=True), x)
+
+
+def test_cells_drop_paths_of_every_op_but_identity_and_only_in_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[float, str, bool]] = []
+
+    def recording(x: torch.Tensor, p: float, mode: str, training: bool = True) -> torch.Tensor:
+        calls.append((p, mode, training))
+        return stochastic_depth(x, p, mode, training)
+
+    monkeypatch.setattr(nas.eval_model, "stochastic_depth", recording)
+    genotype = GENOTYPES["DARTS_V2"]  # two skip_connect edges in the normal cell: identities at stride 1
+    cell = EvalCell(genotype, 8, 8, 4, reduction=False, reduction_prev=False)
+    identities = sum(isinstance(op, nn.Identity) for op in cell.ops)
+    assert identities == sum(op == "skip_connect" for op, _ in genotype.normal) == 2
+    x = torch.randn(2, 8, 6, 6)
+    cell.train()(x, x, 0.3)
+    assert calls == [(0.3, "row", True)] * (len(cell.ops) - identities)
+    calls.clear()
+    cell(x, x, 0.0)
+    cell.eval()(x, x, 0.3)
+    assert calls == []
 
 
 def test_bad_stem_is_rejected() -> None:

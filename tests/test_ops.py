@@ -30,10 +30,8 @@ def expected_params(name: str, stride: int, c: int = C) -> int:
 
 
 def test_primitives_are_the_papers_eight() -> None:
-    assert PRIMITIVES == (
-        "none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
-        "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5",
-    )  # fmt: skip
+    papers = "none max_pool_3x3 avg_pool_3x3 skip_connect sep_conv_3x3 sep_conv_5x5 dil_conv_3x3 dil_conv_5x5"
+    assert tuple(papers.split()) == PRIMITIVES
     assert registered_ops()[:8] == PRIMITIVES
 
 
@@ -60,6 +58,14 @@ def test_affine_false_has_no_batchnorm_parameters(name: str) -> None:
     for module in op.modules():
         if isinstance(module, nn.BatchNorm2d):
             assert module.weight is None and module.bias is None
+
+
+def test_skip_connect_is_torchs_identity_at_stride_1_and_a_factorized_reduce_at_2() -> None:
+    op = build_op("skip_connect", C, 1)
+    assert type(op) is nn.Identity
+    x = torch.randn(2, C, 6, 6)
+    assert op(x) is x
+    assert isinstance(build_op("skip_connect", C, 2), FactorizedReduce)
 
 
 def test_none_is_zero_of_the_output_shape() -> None:
@@ -90,8 +96,9 @@ def test_register_custom_op_and_use_it_in_a_search() -> None:
         assert "conv_1x1_test" in registered_ops()
         with pytest.raises(ValueError, match="already registered"):
             register_op("conv_1x1_test")(conv_1x1)
-        net = SearchNetwork(in_channels=1, channels=4, num_classes=3, layers=2, nodes=2,
-                            primitives=["none", "conv_1x1_test"])  # fmt: skip
+        net = SearchNetwork(
+            in_channels=1, channels=4, num_classes=3, layers=2, nodes=2, primitives=["none", "conv_1x1_test"]
+        )
         assert net(torch.randn(2, 1, 8, 8)).shape == (2, 3)
         assert load_config(None, ["search.primitives=[none, conv_1x1_test]"]).search.primitives[-1] == "conv_1x1_test"
     finally:
