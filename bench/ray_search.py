@@ -6,8 +6,8 @@ Three measurements on the same configuration (the ``digits`` preset with the siz
 1. Ray overhead. Mean epoch seconds of one Ray Train worker running the search stage
    (``components.search.run_search_stage`` with ray.num_workers=1, ray.cpus_per_worker=2, so the worker sets
    torch to 2 threads) against the same loop without Ray (``nas.search.SearchRun(config).run_epoch()`` with
-   ``torch.set_num_threads(2)``). Both numbers are ``SearchEpoch.seconds`` (the steps, then the evaluation on the α
-   half; checkpointing between epochs is not in it). The first epoch of each run is a warm-up and is left out.
+   ``torch.set_num_threads(2)``). Both numbers are ``SearchEpoch.epoch_seconds`` (the steps, then the evaluation on
+   the α half; checkpointing between epochs is not in it). The first epoch of each run is a warm-up and is left out.
    Overhead = (ray - in-process) / in-process; target <= 10%. The in-process baseline runs in a fresh (spawned)
    process without Ray, at the niceness Ray gives its workers (15 by default): with a foreign load on the machine,
    two OpenMP threads at normal priority can run many times slower than the same threads at niceness 15, and that
@@ -133,7 +133,7 @@ def inprocess_epochs(config: PipelineConfig, threads: int) -> tuple[list[float],
     try:
         start = time.perf_counter()
         run = SearchRun(config, LoopContext(log=lambda message: None))
-        epochs = [run.run_epoch().seconds for _ in range(config.search.epochs)]
+        epochs = [run.run_epoch().epoch_seconds for _ in range(config.search.epochs)]
         return epochs, time.perf_counter() - start
     finally:
         torch.set_num_threads(before)
@@ -325,7 +325,7 @@ def timed_search_worker(loop_config: dict[str, Any]) -> None:
         clock.reset()
         report = run.run_epoch()
         clock.steps_ended()
-        epochs.append({**clock.totals(), "epoch_seconds": report.seconds})
+        epochs.append({**clock.totals(), "epoch_seconds": report.epoch_seconds})
     per_rank: list[Any] = [None] * world
     dist.all_gather_object(per_rank, epochs)
     if rank == 0:

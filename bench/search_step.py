@@ -1,8 +1,9 @@
 """Images/s and peak memory of ONE full DARTS search step, first order (ξ = 0) against second order (ξ > 0).
 
-One search step is exactly what ``SearchRun.run_epoch`` does per batch pair: the α step (``Architect.step`` on a
-train batch and a val batch, then Adam) followed by the weight step (α frozen, cross-entropy, backward, gradient
-clipping, SGD with momentum). Optimizer settings are the ``SearchConfig`` defaults. Data are random tensors already
+One search step is exactly what ``SearchRun.run_epoch`` does per batch pair, timed through the same code:
+``nas.search.Searcher.step`` (the α step: ``Architect.step`` on a train batch and a val batch, then Adam; then the
+weight step: α frozen, cross-entropy, backward, gradient clipping, SGD with momentum) and the ``Meter`` update.
+Optimizer settings are the ``SearchConfig`` defaults. Data are random tensors already
 on the device, so data loading and host-to-device copies are not measured. Images/s counts both batches a step
 consumes: 2 × batch / (seconds per step).
 
@@ -43,13 +44,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from nas.architect import Architect
 from nas.config import SearchConfig
-from nas.loop import Meter
-from nas.search_model import SearchNetwork
+from nas.loop import LoopContext, Meter
+from nas.search import Searcher
 
 MB = 2**20
 CUDA_MEMORY = "torch.cuda.max_memory_allocated over the timed loop"
@@ -100,38 +99,13 @@ class Row:
     torch: str
 
 
-@dataclass
-class SearchState:
-    """The supernet, both optimizers and the architect, built as ``SearchRun.__init__`` builds them."""
-
-    network: SearchNetwork
-    w_optimizer: torch.optim.SGD
-    a_optimizer: torch.optim.Adam
-    architect: Architect
-    grad_clip: float
-
-
-def build_state(setting: Setting, xi: float) -> SearchState:
-    """Same optimizers and hyper-parameters as a search run, so the step costs what it costs there."""
-    cfg = SearchConfig()
-    network = SearchNetwork(
-        in_channels=setting.in_channels,
-        channels=setting.channels,
-        num_classes=setting.classes,
-        layers=setting.layers,
-        nodes=setting.nodes,
-        primitives=cfg.primitives,
-        stem_multiplier=cfg.stem_multiplier,
-    ).to(setting.device)
-    network.train()
-    w_optimizer = torch.optim.SGD(
-        network.weights(), lr=cfg.w_lr, momentum=cfg.w_momentum, weight_decay=cfg.w_weight_decay
-    )
-    a_optimizer = torch.optim.Adam(
-        network.alphas(), lr=cfg.alpha_lr, betas=cfg.alpha_betas, weight_decay=cfg.alpha_weight_decay
-    )
-    architect = Architect(network, w_optimizer, xi=xi, hessian_scale=cfg.hessian_scale)
-    return SearchState(network, w_optimizer, a_optimizer, architect, cfg.w_grad_clip)
+def build_searcher(setting: Setting, xi: float) -> Searcher:
+    """The supernet, optimizers and architect exactly as a search run builds them (``SearchConfig`` defaults)."""
+    cfg = SearchConfig(layers=setting.layers, channels=setting.channels, nodes=setting.nodes, xi=xi)
+    context = LoopContext(device=torch.device(setting.device))
+    searcher = Searcher(cfg, in_channels=setting.in_channels, num_classes=setting.classes, context=context)
+    searcher.network.train()
+    return searcher
 
 
 def random_batches(setting: Setting) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -144,31 +118,10 @@ def random_batches(setting: Setting) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return x_w, y_w, x_a, y_a
 
 
-def weight_step(state: SearchState, x: Tensor, y: Tensor, meter: Meter) -> None:
-    """A copy of ``SearchRun._weight_step``, which needs a whole run (config, data) to call directly."""
-    network = state.network
-    state.w_optimizer.zero_grad(set_to_none=True)
-    for alpha in network.alphas():
-        alpha.requires_grad_(False)
-    try:
-        logits = network(x)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-    finally:
-        for alpha in network.alphas():
-            alpha.requires_grad_(True)
-    nn.utils.clip_grad_norm_(list(network.weights()), state.grad_clip)
-    state.w_optimizer.step()
-    meter.update(loss, logits, y)  # SearchRun does this every step, and it synchronises on CUDA
-
-
-def search_step(state: SearchState, batches: tuple[Tensor, Tensor, Tensor, Tensor], meter: Meter) -> None:
-    """One step of ``SearchRun.run_epoch``: the α step, then the weight step on the weight-half batch."""
-    x_w, y_w, x_a, y_a = batches
-    state.a_optimizer.zero_grad(set_to_none=True)
-    state.architect.step(x_w, y_w, x_a, y_a)
-    state.a_optimizer.step()
-    weight_step(state, x_w, y_w, meter)
+def search_step(searcher: Searcher, batches: tuple[Tensor, Tensor, Tensor, Tensor], meter: Meter) -> None:
+    """One step of ``SearchRun.run_epoch``: ``Searcher.step``, then the meter (it synchronises on CUDA)."""
+    loss, logits = searcher.step(*batches)
+    meter.update(loss, logits, batches[1])
 
 
 def current_rss_bytes() -> int | None:
@@ -198,12 +151,12 @@ def measure_mode(setting: Setting, mode: str, xi: float) -> Row:
         torch.set_num_threads(setting.threads)
     torch.manual_seed(setting.seed)
     device, cuda = setting.device, setting.device.startswith("cuda")
-    state = build_state(setting, xi)
+    searcher = build_searcher(setting, xi)
     batches = random_batches(setting)
     meter = Meter()
     rss_before_steps = None if cuda else current_rss_bytes()
     for _ in range(setting.warmup):
-        search_step(state, batches, meter)
+        search_step(searcher, batches, meter)
     synchronize(device)
     gc.collect()
     if cuda:
@@ -214,7 +167,7 @@ def measure_mode(setting: Setting, mode: str, xi: float) -> Row:
         rss_before = peak_rss_bytes() if now is None else now
     start = time.perf_counter()
     for _ in range(setting.iters):
-        search_step(state, batches, meter)
+        search_step(searcher, batches, meter)
     synchronize(device)
     seconds = (time.perf_counter() - start) / setting.iters
     peak_rss = None if cuda else peak_rss_bytes()

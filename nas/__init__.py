@@ -9,12 +9,12 @@ No Ray and no MLflow here: a search runs in a notebook with this package alone::
 
 from nas.architect import Architect
 from nas.config import Config, ConfigError, DataConfig, RetrainConfig, SearchConfig, load_config
-from nas.eval_model import EvalNetwork, count_parameters
+from nas.eval_model import EvalNetwork, NetworkSpec, count_parameters
 from nas.genotypes import GENOTYPES, Genotype, GenotypeError, derive_genotype, parse_genotype
-from nas.loop import LoopContext
+from nas.loop import EpochRecord, GenotypeField, LoopContext
 from nas.ops import PRIMITIVES, build_op, register_op, registered_ops
-from nas.retrain import RetrainRun, retrain
-from nas.search import SearchRun, search
+from nas.retrain import RetrainEpoch, RetrainResult, RetrainRun, retrain
+from nas.search import SearchEpoch, Searcher, SearchResult, SearchRun, search
 from nas.search_model import SearchNetwork
 
 __all__ = [
@@ -24,15 +24,23 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "EpochRecord",
     "EvalNetwork",
     "Genotype",
     "GenotypeError",
+    "GenotypeField",
     "LoopContext",
+    "NetworkSpec",
     "RetrainConfig",
+    "RetrainEpoch",
+    "RetrainResult",
     "RetrainRun",
     "SearchConfig",
+    "SearchEpoch",
     "SearchNetwork",
+    "SearchResult",
     "SearchRun",
+    "Searcher",
     "build_op",
     "count_parameters",
     "derive_genotype",

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from nas.genotypes import Genotype
+from nas.loop import EpochRecord
 from nas.plot import save_alpha_heatmap, save_cells
 
 
@@ -59,30 +60,24 @@ def save_epoch_pictures(
     alpha_reduce: Any,
     primitives: Sequence[str],
 ) -> list[Path]:
-    """The derived cells and the softmax(α) heatmap of one epoch: ``cells/epoch_NNN.png``, ``alpha/epoch_NNN.png``."""
+    """The derived cells and the softmax(α) heatmap of ``epoch`` (1-based, as in the epoch records):
+    ``cells/epoch_NNN.png``, ``alpha/epoch_NNN.png``."""
+    if epoch < 1:
+        raise ValueError(f"epochs count from 1, got epoch {epoch}")
     out = Path(out_dir)
-    name = f"epoch_{epoch + 1:03d}.png"
+    name = f"epoch_{epoch:03d}.png"
     return [
-        save_cells(genotype, out / "cells" / name, title=f"epoch {epoch + 1}"),
-        save_alpha_heatmap(alpha_normal, alpha_reduce, primitives, out / "alpha" / name, title=f"epoch {epoch + 1}"),
+        save_cells(genotype, out / "cells" / name, title=f"epoch {epoch}"),
+        save_alpha_heatmap(alpha_normal, alpha_reduce, primitives, out / "alpha" / name, title=f"epoch {epoch}"),
     ]
 
 
-def save_search_outputs(out_dir: str | Path, genotype: Genotype, history: Sequence[Any]) -> list[Path]:
-    """The final genotype (JSON and the authors' text form) and the per-epoch metrics and α history."""
+def save_search_outputs(out_dir: str | Path, genotype: Genotype, history: Sequence[EpochRecord]) -> list[Path]:
+    """The final genotype (JSON and the authors' text form) and the per-epoch records (``history.json``: each
+    record's ``model_dump(mode="json")``, which ``SearchEpoch.model_validate`` reads back)."""
     out = Path(out_dir)
-    rows = []
-    for report in history:
-        metrics = report.metrics()
-        rows.append({
-            "epoch": report.epoch + 1,
-            **metrics,
-            "genotype": report.genotype.to_dict(),
-            "alpha_normal": report.alpha_normal,
-            "alpha_reduce": report.alpha_reduce,
-        })  # fmt: skip
     return [
         write_text_atomic(out / "genotype.json", genotype.to_json() + "\n"),
         write_text_atomic(out / "genotype.txt", str(genotype) + "\n"),
-        write_json(out / "history.json", rows),
+        write_json(out / "history.json", [report.model_dump(mode="json") for report in history]),
     ]

@@ -3,20 +3,96 @@
 Two settings from the paper: ``stem="cifar"`` (one 3x3 conv stem of 3·C channels, 32x32 inputs) and
 ``stem="imagenet"`` (the mobile setting: three stride-2 convolutions take 224x224 to 28x28 before the first
 cell). Both put reduction cells at 1/3 and 2/3 of the depth and an optional auxiliary head at 2/3.
+
+A :class:`NetworkSpec` is everything that rebuilds a trained network and feeds it: the architecture's arguments
+and the data's normalisation, as plain JSON (``spec.model_dump(mode="json")``). ``EvalNetwork.from_spec(spec)``
+builds the network (which keeps ``spec`` as ``network.spec``) and ``spec.normalise(images)`` turns raw pixels
+into its input, exactly as the training data were turned::
+
+    spec = NetworkSpec.model_validate_json(path.read_text())
+    network = EvalNetwork.from_spec(spec)
+    logits, _ = network.eval()(spec.normalise(images))  # uint8 in [0, 255] or float in [0, 1], (N, C, H, W)
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torchvision.ops import stochastic_depth
 
 from nas.genotypes import Genotype
+from nas.loop import GenotypeField
 from nas.ops import FactorizedReduce, ReLUConvBN, build_op
 from nas.search_model import reduction_layers
+
+if TYPE_CHECKING:
+    from nas.config import RetrainConfig
+    from nas.data import DatasetInfo
+
+
+class NetworkSpec(BaseModel):
+    """What rebuilds an evaluation network and feeds it raw images: its arguments and the data's normalisation."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    genotype: GenotypeField
+    in_channels: int = Field(gt=0)
+    num_classes: int = Field(gt=0)
+    layers: int = Field(gt=0)
+    channels: int = Field(gt=0)
+    stem: Literal["cifar", "imagenet"] = "cifar"
+    auxiliary: bool = True
+    image_size: int = Field(gt=0, description="height = width of the images the network was trained on")
+    mean: list[float] = Field(description="per-channel mean of the training pixels, in [0, 1] units")
+    std: list[float] = Field(description="per-channel standard deviation of the training pixels, in [0, 1] units")
+    dataset: str = Field(description="the data set's name")
+
+    @classmethod
+    def for_retrain(cls, config: RetrainConfig, genotype: Genotype, data_info: DatasetInfo) -> NetworkSpec:
+        """The network a retrain with ``config`` trains on data described by ``data_info``."""
+        return cls(
+            genotype=genotype,
+            in_channels=data_info.in_channels,
+            num_classes=data_info.num_classes,
+            layers=config.layers,
+            channels=config.channels,
+            stem=config.stem,
+            auxiliary=config.auxiliary,
+            image_size=data_info.image_size,
+            mean=list(data_info.mean),
+            std=list(data_info.std),
+            dataset=data_info.name,
+        )
+
+    def normalise(self, images: torch.Tensor | np.ndarray | Sequence[Any]) -> torch.Tensor:
+        """Raw images to the network's input: float32 ``(x - mean) / std`` per channel, as in training.
+
+        ``images`` is (N, C, H, W) with (C, H, W) = (in_channels, image_size, image_size), or (N, H, W) when
+        ``in_channels`` is 1; a tensor, numpy array or nested list. uint8 pixels are in [0, 255] and divided by 255
+        first; floating-point pixels are taken to be in [0, 1] already. Any other dtype or shape is a ValueError.
+        """
+        x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+        if x.dtype == torch.uint8:
+            x = x.to(torch.float32).div(255.0)
+        elif x.is_floating_point():
+            x = x.to(torch.float32)
+        else:
+            raise ValueError(f"expected uint8 pixels in [0, 255] or float pixels in [0, 1], got dtype {x.dtype}")
+        if x.ndim == 3 and self.in_channels == 1:
+            x = x.unsqueeze(1)
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            allowed = "(N, C, H, W)" + (" or (N, H, W)" if self.in_channels == 1 else "")
+            raise ValueError(f"expected images {allowed} with (C, H, W) = {expected}, got shape {tuple(x.shape)}")
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
 
 
 class EvalCell(nn.Module):
@@ -95,6 +171,7 @@ class EvalNetwork(nn.Module):
         stem_multiplier: int = 3,
     ):
         super().__init__()
+        self.spec: NetworkSpec | None = None  # set by from_spec
         if stem not in ("cifar", "imagenet"):
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
         if layers < 3 and auxiliary:
@@ -141,6 +218,22 @@ class EvalNetwork(nn.Module):
         self.auxiliary_head = AuxiliaryHead(c_auxiliary, num_classes, stem == "imagenet") if auxiliary else None
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c_prev, num_classes)
+
+    @classmethod
+    def from_spec(cls, spec: NetworkSpec, drop_path: float = 0.0) -> EvalNetwork:
+        """The network ``spec`` describes (freshly initialised), carrying ``spec`` as ``network.spec``."""
+        network = cls(
+            spec.genotype,
+            in_channels=spec.in_channels,
+            channels=spec.channels,
+            num_classes=spec.num_classes,
+            layers=spec.layers,
+            auxiliary=spec.auxiliary,
+            drop_path=drop_path,
+            stem=spec.stem,
+        )
+        network.spec = spec
+        return network
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits_aux = None

@@ -1,20 +1,63 @@
-"""What the search and retrain loops share: the worker context, seeding, RNG capture, metrics and progress lines.
+"""What the search and retrain loops share: the worker context, seeding, RNG capture, metrics, epoch records and
+progress lines.
 
 A loop runs in one process (tests, notebooks) with the default :class:`LoopContext`; a distributed caller (the Ray
 Train stage) passes a context whose hooks average gradients, sum metrics and wrap the model in DDP, and the loop
 code is the same.
+
+Epoch records (:class:`EpochRecord` and its subclasses ``SearchEpoch``, ``RetrainEpoch``) are pydantic models whose
+``model_dump(mode="json")`` is their one serialised form: plain lists, dicts, floats (NaN kept) and strings, what
+checkpoints (``torch.load(weights_only=True)``) and ``history.json`` hold, and what ``model_validate`` reads back.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
 from torch import Tensor, nn
+
+from nas.genotypes import Genotype, parse_genotype
+
+
+def _to_genotype(value: Any) -> Genotype:
+    """A Genotype from itself, its ``to_dict()`` form, or genotype text/JSON (never evaluated)."""
+    if isinstance(value, Genotype):
+        return value
+    if isinstance(value, Mapping):
+        return Genotype.from_dict(value)
+    if isinstance(value, str):
+        return parse_genotype(value)
+    raise ValueError(f"expected a genotype (dict, text or JSON), got {type(value).__name__}")
+
+
+# A Genotype as a pydantic field: validated from a Genotype, a ``to_dict()`` dict or text/JSON; dumped as to_dict().
+GenotypeField = Annotated[
+    Genotype,
+    BeforeValidator(_to_genotype),
+    PlainSerializer(lambda genotype: genotype.to_dict(), return_type=dict[str, list[Any]]),
+]
+
+
+class EpochRecord(BaseModel):
+    """What one epoch of a loop reports. ``epoch`` counts from 1 (the first epoch is epoch 1)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
+
+    epoch: int = Field(ge=1)
+
+    def metrics(self) -> dict[str, float]:
+        """The numeric scalar fields except ``epoch`` (what is reported per epoch, with step = epoch; NaN allowed)."""
+        return {
+            name: getattr(self, name)
+            for name, info in type(self).model_fields.items()
+            if name != "epoch" and info.annotation in (float, int)
+        }
 
 
 def _identity_model(model: nn.Module) -> nn.Module:
@@ -120,9 +163,10 @@ class Progress:
         self.durations: list[float] = []
 
     def epoch_done(self, epoch: int, seconds: float, fields: dict[str, str]) -> None:
+        """Log the line of ``epoch`` (1-based: the first epoch is 1) that took ``seconds``."""
         self.durations.append(seconds)
-        remaining = (self.total - epoch - 1) * (sum(self.durations) / len(self.durations))
+        remaining = (self.total - epoch) * (sum(self.durations) / len(self.durations))
         parts = " | ".join(f"{k} {v}" for k, v in fields.items())
         self.log(
-            f"{self.label} epoch {epoch + 1}/{self.total} | {parts} | {seconds:.1f}s | ETA {format_duration(remaining)}"
+            f"{self.label} epoch {epoch}/{self.total} | {parts} | {seconds:.1f}s | ETA {format_duration(remaining)}"
         )

@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,22 +25,23 @@ from torch import nn
 
 from nas.config import Config
 from nas.data import epoch_batches, load_dataset, make_loader, split_indices
-from nas.eval_model import EvalNetwork
+from nas.eval_model import EvalNetwork, NetworkSpec
 from nas.genotypes import Genotype, parse_genotype
-from nas.loop import LoopContext, Meter, Progress, rng_state, seed_everything, set_rng_state
+from nas.loop import EpochRecord, LoopContext, Meter, Progress, rng_state, seed_everything, set_rng_state
 
 
-@dataclass
-class RetrainEpoch:
-    epoch: int
+class RetrainEpoch(EpochRecord):
+    """What one retrain epoch reports (``epoch`` from 1). ``eval_loss``/``eval_acc`` are NaN on epochs that are not
+    measured (before the last one when ``eval_split`` is "test"). ``metrics()``: every numeric field but ``epoch``."""
+
     train_loss: float
     train_acc: float
     eval_loss: float
     eval_acc: float
-    eval_split: str
+    eval_split: Literal["val", "test"]
     lr: float
     drop_path: float
-    seconds: float
+    epoch_seconds: float
     images_per_second: float
 
 
@@ -62,9 +63,15 @@ class RetrainRun:
         self.genotype = genotype if genotype is not None else parse_genotype(cfg.genotype)
         seed_everything(cfg.seed)
         self.train_set, info = load_dataset(
-            data.source, "train", root=data.root, download=data.download, augment=cfg.augment,
-            cutout=cfg.cutout, limit=data.limit, image_size=data.image_size,
-        )  # fmt: skip
+            data.source,
+            "train",
+            root=data.root,
+            download=data.download,
+            augment=cfg.augment,
+            cutout=cfg.cutout,
+            limit=data.limit,
+            image_size=data.image_size,
+        )
         self.info = info
         if cfg.val_fraction > 0:
             self.train_indices, self.eval_indices = split_indices(len(self.train_set), cfg.seed, 1 - cfg.val_fraction)
@@ -73,9 +80,14 @@ class RetrainRun:
         else:
             self.train_indices = list(range(len(self.train_set)))
             self.eval_set, _ = load_dataset(
-                data.source, "test", root=data.root, download=data.download, augment=False,
-                limit=data.test_limit, image_size=data.image_size,
-            )  # fmt: skip
+                data.source,
+                "test",
+                root=data.root,
+                download=data.download,
+                augment=False,
+                limit=data.test_limit,
+                image_size=data.image_size,
+            )
             self.eval_indices = list(range(len(self.eval_set)))
             self.eval_split = "test"
         if len(self.train_indices) < cfg.batch_size * self.context.world_size:
@@ -83,10 +95,8 @@ class RetrainRun:
                 f"{len(self.train_indices)} training examples are fewer than the global batch "
                 f"({cfg.batch_size} x {self.context.world_size} workers)"
             )
-        self.network = EvalNetwork(
-            self.genotype, in_channels=info.in_channels, channels=cfg.channels, num_classes=info.num_classes,
-            layers=cfg.layers, auxiliary=cfg.auxiliary, drop_path=0.0, stem=cfg.stem,
-        ).to(self.context.device)  # fmt: skip
+        self.spec = NetworkSpec.for_retrain(cfg, self.genotype, info)
+        self.network = EvalNetwork.from_spec(self.spec, drop_path=0.0).to(self.context.device)
         self.optimizer = torch.optim.SGD(
             self.network.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
@@ -94,7 +104,7 @@ class RetrainRun:
             self.optimizer, T_max=cfg.epochs, eta_min=cfg.lr_min
         )
         self.train_model: nn.Module = self.context.wrap_model(self.network)
-        self.epoch = 0
+        self.epoch = 0  # epochs done; the next report is epoch self.epoch + 1
         self.history: list[RetrainEpoch] = []
 
     def state_dict(self) -> dict[str, Any]:
@@ -104,7 +114,7 @@ class RetrainRun:
             "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch,
             "rng": rng_state(),
-            "history": [asdict(e) for e in self.history],
+            "history": [report.model_dump(mode="json") for report in self.history],
             "genotype": self.genotype.to_json(),
         }
 
@@ -114,26 +124,26 @@ class RetrainRun:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scheduler.T_max = self.config.retrain.epochs  # a resumed run may have been given more epochs
         self.epoch = int(state["epoch"])
-        self.history = [RetrainEpoch(**e) for e in state["history"]]
+        self.history = [RetrainEpoch.model_validate(report) for report in state["history"]]
         set_rng_state(state["rng"])
 
     def run_epoch(self) -> RetrainEpoch:
         cfg, ctx = self.config.retrain, self.context
-        epoch = self.epoch
+        index = self.epoch  # 0-based: seeds the batch order, sets drop path
         start = time.perf_counter()
         batches = epoch_batches(
-            self.train_indices, cfg.batch_size, rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed, epoch=epoch
+            self.train_indices, cfg.batch_size, rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed, epoch=index
         )
         if cfg.steps_per_epoch:
             batches = batches[: cfg.steps_per_epoch]
         # Drop path grows linearly from 0 to its configured value over training (as in the authors' code).
-        self.network.drop_path_prob = cfg.drop_path * epoch / cfg.epochs
+        self.network.drop_path_prob = cfg.drop_path * index / cfg.epochs
         lr = self.scheduler.get_last_lr()[0]
         meter = Meter()
         self.network.train()
         for step, (x, y) in enumerate(make_loader(self.train_set, batches, num_workers=self.config.data.num_workers)):
             if ctx.step_hook is not None:
-                ctx.step_hook(epoch * len(batches) + step)
+                ctx.step_hook(index * len(batches) + step)
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
             logits, logits_aux = self.train_model(x)
@@ -146,15 +156,22 @@ class RetrainRun:
         self.scheduler.step()
         train_loss, train_acc, seen = meter.result(ctx)
         eval_loss = eval_acc = math.nan
-        if self.eval_split == "val" or epoch + 1 == cfg.epochs:
+        self.epoch += 1
+        if self.eval_split == "val" or self.epoch == cfg.epochs:
             eval_loss, eval_acc = self.evaluate()
         seconds = time.perf_counter() - start
-        self.epoch += 1
         report = RetrainEpoch(
-            epoch=epoch, train_loss=train_loss, train_acc=train_acc, eval_loss=eval_loss, eval_acc=eval_acc,
-            eval_split=self.eval_split, lr=lr, drop_path=self.network.drop_path_prob, seconds=seconds,
+            epoch=self.epoch,
+            train_loss=train_loss,
+            train_acc=train_acc,
+            eval_loss=eval_loss,
+            eval_acc=eval_acc,
+            eval_split=self.eval_split,
+            lr=lr,
+            drop_path=self.network.drop_path_prob,
+            epoch_seconds=seconds,
             images_per_second=seen / seconds if seconds > 0 else math.nan,
-        )  # fmt: skip
+        )
         self.history.append(report)
         return report
 
@@ -181,15 +198,18 @@ class RetrainRun:
         cfg = self.config.retrain
         log = self.context.log if self.context.is_main else (lambda message: None)
         progress = Progress("retrain", cfg.epochs, log)
-        progress.durations = [e.seconds for e in self.history]
+        progress.durations = [e.epoch_seconds for e in self.history]
         while self.epoch < cfg.epochs:
             report = self.run_epoch()
-            progress.epoch_done(report.epoch, report.seconds, {
-                "train loss": f"{report.train_loss:.3f}", "acc": f"{report.train_acc:.1%}",
+            fields = {
+                "train loss": f"{report.train_loss:.3f}",
+                "acc": f"{report.train_acc:.1%}",
                 f"{report.eval_split} loss": _shown(report.eval_loss, "{:.3f}"),
                 "acc ": _shown(report.eval_acc, "{:.1%}"),
-                "drop path": f"{report.drop_path:.3f}", "img/s": f"{report.images_per_second:.0f}",
-            })  # fmt: skip
+                "drop path": f"{report.drop_path:.3f}",
+                "img/s": f"{report.images_per_second:.0f}",
+            }
+            progress.epoch_done(report.epoch, report.epoch_seconds, fields)
             if on_epoch is not None:
                 on_epoch(report, self)
         last = self.history[-1] if self.history else None

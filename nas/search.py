@@ -11,7 +11,6 @@ One process, on the digits preset::
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -20,14 +19,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from nas.architect import Architect
-from nas.config import Config
+from nas.config import Config, SearchConfig
 from nas.data import epoch_batches, load_dataset, make_loader, split_indices
 from nas.genotypes import Genotype
-from nas.loop import LoopContext, Meter, Progress, rng_state, seed_everything, set_rng_state
+from nas.loop import EpochRecord, GenotypeField, LoopContext, Meter, Progress, rng_state, seed_everything, set_rng_state
 from nas.search_model import SearchNetwork
+
+__all__ = ["GenotypeField", "SearchEpoch", "SearchResult", "SearchRun", "Searcher", "alpha_entropy", "search"]
 
 
 def alpha_entropy(alpha: torch.Tensor) -> float:
@@ -36,40 +37,23 @@ def alpha_entropy(alpha: torch.Tensor) -> float:
     return float(-(p * p.clamp_min(1e-30).log()).sum(dim=-1).mean())
 
 
-@dataclass
-class SearchEpoch:
-    """What one epoch reports."""
+class SearchEpoch(EpochRecord):
+    """What one search epoch reports (``epoch`` from 1). ``metrics()``: every numeric field but ``epoch``."""
 
-    epoch: int
     train_loss: float
     train_acc: float
     val_loss: float
     val_acc: float
     alpha_entropy_normal: float
     alpha_entropy_reduce: float
-    genotype: Genotype
     lr: float
     xi: float
-    seconds: float
+    epoch_seconds: float
     images_per_second: float
-    alpha_normal: list[list[float]] = field(default_factory=list)
-    alpha_reduce: list[list[float]] = field(default_factory=list)
-    second_order_steps: int = 0  # α steps through the unrolled virtual step, in this run so far
-
-    def metrics(self) -> dict[str, float]:
-        return {
-            "train_loss": self.train_loss,
-            "train_acc": self.train_acc,
-            "val_loss": self.val_loss,
-            "val_acc": self.val_acc,
-            "alpha_entropy_normal": self.alpha_entropy_normal,
-            "alpha_entropy_reduce": self.alpha_entropy_reduce,
-            "lr": self.lr,
-            "xi": self.xi,
-            "epoch_seconds": self.seconds,
-            "images_per_second": self.images_per_second,
-            "second_order_steps": self.second_order_steps,
-        }
+    second_order_steps: int  # α steps through the unrolled virtual step, in this run so far
+    genotype: GenotypeField
+    alpha_normal: list[list[float]]
+    alpha_reduce: list[list[float]]
 
 
 @dataclass
@@ -80,32 +64,26 @@ class SearchResult:
     history: list[SearchEpoch] = field(default_factory=list)
 
 
-class SearchRun:
-    """A whole search: data halves, supernet, both optimizers, the architect; checkpointable at epoch ends."""
+class Searcher:
+    """The supernet, both optimizers, the learning-rate schedule and the architect: everything a search step needs.
 
-    def __init__(self, config: Config, context: LoopContext | None = None):
-        self.config = config
+    No data: :meth:`step` takes the tensors of one weight-half batch and one α-half batch, so a benchmark times
+    exactly the step a :class:`SearchRun` takes. Build it after seeding (the supernet's weights and α draw from the
+    torch RNG).
+    """
+
+    def __init__(self, config: SearchConfig, in_channels: int, num_classes: int, context: LoopContext | None = None):
+        self.config = cfg = config
         self.context = context or LoopContext()
-        cfg, data = config.search, config.data
-        seed_everything(cfg.seed)  # identical on every rank: same α and w at initialisation
-        self.train_set, info = load_dataset(
-            data.source, "train", root=data.root, download=data.download, augment=cfg.augment,
-            limit=data.limit, image_size=data.image_size,
-        )  # fmt: skip
-        self.eval_set = self.train_set.unaugmented()  # the α half, for the end-of-epoch evaluation
-        self.info = info
-        self.w_indices, self.a_indices = split_indices(len(self.train_set), cfg.seed, cfg.train_portion)
-        global_batch = cfg.batch_size * self.context.world_size
-        if min(len(self.w_indices), len(self.a_indices)) < global_batch:
-            raise ValueError(
-                f"each half of the training set ({min(len(self.w_indices), len(self.a_indices))} examples) is "
-                f"smaller than the global batch ({cfg.batch_size} x {self.context.world_size} workers)"
-            )
-        device = self.context.device
         self.network = SearchNetwork(
-            in_channels=info.in_channels, channels=cfg.channels, num_classes=info.num_classes, layers=cfg.layers,
-            nodes=cfg.nodes, primitives=cfg.primitives, stem_multiplier=cfg.stem_multiplier,
-        ).to(device)  # fmt: skip
+            in_channels=in_channels,
+            channels=cfg.channels,
+            num_classes=num_classes,
+            layers=cfg.layers,
+            nodes=cfg.nodes,
+            primitives=cfg.primitives,
+            stem_multiplier=cfg.stem_multiplier,
+        ).to(self.context.device)
         self.w_optimizer = torch.optim.SGD(
             self.network.weights(), lr=cfg.w_lr, momentum=cfg.w_momentum, weight_decay=cfg.w_weight_decay
         )
@@ -116,26 +94,44 @@ class SearchRun:
             self.w_optimizer, T_max=cfg.epochs, eta_min=cfg.w_lr_min
         )
         self.architect = Architect(
-            self.network, self.w_optimizer, xi=cfg.xi, hessian_scale=cfg.hessian_scale,
+            self.network,
+            self.w_optimizer,
+            xi=cfg.xi,
+            hessian_scale=cfg.hessian_scale,
             grad_reducer=self.context.grad_reducer,
-        )  # fmt: skip
+        )
         self.train_model: nn.Module = self.context.wrap_model(self.network)
-        self.epoch = 0
-        self.step = 0
-        self.history: list[SearchEpoch] = []
 
-    # --- checkpoints -------------------------------------------------------------------------------------------
+    def step(self, x_w: Tensor, y_w: Tensor, x_a: Tensor, y_a: Tensor) -> tuple[Tensor, Tensor]:
+        """One search step: the α step (architect on both batches, then Adam), then the weight step on the weight
+        batch. Returns the weight step's (loss, logits), what :meth:`Meter.update` takes with ``y_w``."""
+        self.a_optimizer.zero_grad(set_to_none=True)
+        self.architect.step(x_w, y_w, x_a, y_a)
+        self.a_optimizer.step()
+        return self.weight_step(x_w, y_w)
+
+    def weight_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """SGD on the weights with α frozen (no α gradient is computed), gradient clipping; (loss, logits)."""
+        self.w_optimizer.zero_grad(set_to_none=True)
+        for alpha in self.network.alphas():  # α is not trained by this step: skip its gradient
+            alpha.requires_grad_(False)
+        try:
+            logits = self.train_model(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+        finally:
+            for alpha in self.network.alphas():
+                alpha.requires_grad_(True)
+        nn.utils.clip_grad_norm_(list(self.network.weights()), self.config.w_grad_clip)
+        self.w_optimizer.step()
+        return loss, logits
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly where this run stands (tensors and plain values only)."""
         return {
             "network": self.network.state_dict(),
             "w_optimizer": self.w_optimizer.state_dict(),
             "a_optimizer": self.a_optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "epoch": self.epoch,
-            "step": self.step,
-            "rng": rng_state(),
-            "history": [_epoch_to_dict(e) for e in self.history],
             "architect_steps": [self.architect.first_order_steps, self.architect.second_order_steps],
         }
 
@@ -144,11 +140,83 @@ class SearchRun:
         self.w_optimizer.load_state_dict(state["w_optimizer"])
         self.a_optimizer.load_state_dict(state["a_optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scheduler.T_max = self.config.search.epochs  # a resumed run may have been given more epochs
+        self.scheduler.T_max = self.config.epochs  # a resumed run may have been given more epochs
+        self.architect.first_order_steps, self.architect.second_order_steps = (int(n) for n in state["architect_steps"])
+
+
+class SearchRun:
+    """A whole search: data halves, a :class:`Searcher` (supernet, optimizers, architect) and the epoch loop;
+    checkpointable at epoch ends."""
+
+    def __init__(self, config: Config, context: LoopContext | None = None):
+        self.config = config
+        self.context = context or LoopContext()
+        cfg, data = config.search, config.data
+        seed_everything(cfg.seed)  # identical on every rank: same α and w at initialisation
+        self.train_set, info = load_dataset(
+            data.source,
+            "train",
+            root=data.root,
+            download=data.download,
+            augment=cfg.augment,
+            limit=data.limit,
+            image_size=data.image_size,
+        )
+        self.eval_set = self.train_set.unaugmented()  # the α half, for the end-of-epoch evaluation
+        self.info = info
+        self.w_indices, self.a_indices = split_indices(len(self.train_set), cfg.seed, cfg.train_portion)
+        global_batch = cfg.batch_size * self.context.world_size
+        if min(len(self.w_indices), len(self.a_indices)) < global_batch:
+            raise ValueError(
+                f"each half of the training set ({min(len(self.w_indices), len(self.a_indices))} examples) is "
+                f"smaller than the global batch ({cfg.batch_size} x {self.context.world_size} workers)"
+            )
+        self.searcher = Searcher(cfg, info.in_channels, info.num_classes, self.context)
+        self.epoch = 0  # epochs done; the next report is epoch self.epoch + 1
+        self.step = 0
+        self.history: list[SearchEpoch] = []
+
+    # --- the searcher's parts, by their old names ----------------------------------------------------------------
+    @property
+    def network(self) -> SearchNetwork:
+        return self.searcher.network
+
+    @property
+    def w_optimizer(self) -> torch.optim.SGD:
+        return self.searcher.w_optimizer
+
+    @property
+    def a_optimizer(self) -> torch.optim.Adam:
+        return self.searcher.a_optimizer
+
+    @property
+    def scheduler(self) -> torch.optim.lr_scheduler.CosineAnnealingLR:
+        return self.searcher.scheduler
+
+    @property
+    def architect(self) -> Architect:
+        return self.searcher.architect
+
+    @property
+    def train_model(self) -> nn.Module:
+        return self.searcher.train_model
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly where this run stands (tensors and plain values only)."""
+        return {
+            **self.searcher.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "rng": rng_state(),
+            "history": [report.model_dump(mode="json") for report in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.searcher.load_state_dict(state)
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
-        self.history = [_epoch_from_dict(e) for e in state["history"]]
-        self.architect.first_order_steps, self.architect.second_order_steps = (int(n) for n in state["architect_steps"])
+        self.history = [SearchEpoch.model_validate(report) for report in state["history"]]
         set_rng_state(state["rng"])
 
     # --- the loop ----------------------------------------------------------------------------------------------
@@ -162,10 +230,10 @@ class SearchRun:
     def run_epoch(self) -> SearchEpoch:
         """One epoch of alternating α and weight steps, then the supernet on the α half."""
         cfg, ctx, device = self.config.search, self.context, self.context.device
-        epoch = self.epoch
+        index = self.epoch  # 0-based: seeds this epoch's batch order
         start = time.perf_counter()
-        w_batches = self._batches(self.w_indices, epoch, 1, cfg.steps_per_epoch)
-        a_batches = self._batches(self.a_indices, epoch, 2, cfg.steps_per_epoch)
+        w_batches = self._batches(self.w_indices, index, 1, cfg.steps_per_epoch)
+        a_batches = self._batches(self.a_indices, index, 2, cfg.steps_per_epoch)
         steps = min(len(w_batches), len(a_batches))
         w_loader = make_loader(self.train_set, w_batches[:steps], num_workers=self.config.data.num_workers)
         a_loader = make_loader(self.train_set, a_batches[:steps], num_workers=self.config.data.num_workers)
@@ -177,48 +245,38 @@ class SearchRun:
             if ctx.step_hook is not None:
                 ctx.step_hook(self.step)
             x_w, y_w, x_a, y_a = (t.to(device, non_blocking=True) for t in (x_w, y_w, x_a, y_a))
-            self.a_optimizer.zero_grad(set_to_none=True)
-            self.architect.step(x_w, y_w, x_a, y_a)
-            self.a_optimizer.step()
-            self._weight_step(x_w, y_w, meter)
+            loss, logits = self.searcher.step(x_w, y_w, x_a, y_a)
+            meter.update(loss, logits, y_w)
             self.step += 1
         self.scheduler.step()
         train_loss, train_acc, seen = meter.result(ctx)
-        val_loss, val_acc = self.evaluate(epoch)
+        val_loss, val_acc = self.evaluate(index)
         seconds = time.perf_counter() - start
         self.epoch += 1
         report = SearchEpoch(
-            epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
+            epoch=self.epoch,
+            train_loss=train_loss,
+            train_acc=train_acc,
+            val_loss=val_loss,
+            val_acc=val_acc,
             alpha_entropy_normal=alpha_entropy(self.network.alpha_normal),
             alpha_entropy_reduce=alpha_entropy(self.network.alpha_reduce),
-            genotype=self.network.genotype(), lr=lr, xi=xi, seconds=seconds,
+            lr=lr,
+            xi=xi,
+            epoch_seconds=seconds,
             images_per_second=2 * seen / seconds if seconds > 0 else math.nan,
+            second_order_steps=self.architect.second_order_steps,
+            genotype=self.network.genotype(),
             alpha_normal=self.network.alpha_normal.detach().cpu().tolist(),
             alpha_reduce=self.network.alpha_reduce.detach().cpu().tolist(),
-            second_order_steps=self.architect.second_order_steps,
-        )  # fmt: skip
+        )
         self.history.append(report)
         return report
 
-    def _weight_step(self, x: torch.Tensor, y: torch.Tensor, meter: Meter) -> None:
-        cfg = self.config.search
-        self.w_optimizer.zero_grad(set_to_none=True)
-        for alpha in self.network.alphas():  # α is not trained by this step: skip its gradient
-            alpha.requires_grad_(False)
-        try:
-            logits = self.train_model(x)
-            loss = F.cross_entropy(logits, y)
-            loss.backward()
-        finally:
-            for alpha in self.network.alphas():
-                alpha.requires_grad_(True)
-        nn.utils.clip_grad_norm_(list(self.network.weights()), cfg.w_grad_clip)
-        self.w_optimizer.step()
-        meter.update(loss, logits, y)
-
     @torch.no_grad()
     def evaluate(self, epoch: int) -> tuple[float, float]:
-        """Supernet loss and accuracy on the α half (no augmentation, running batch-norm statistics off)."""
+        """Supernet loss and accuracy on the α half (no augmentation, running batch-norm statistics off);
+        ``epoch`` (0-based) seeds the batch order."""
         meter = Meter()
         self.network.eval()
         device = self.context.device
@@ -234,15 +292,18 @@ class SearchRun:
         """Run the remaining epochs; ``on_epoch`` sees each report (and the run, to checkpoint it)."""
         cfg = self.config.search
         progress = Progress("search", cfg.epochs, self.context.log if self.context.is_main else _silent)
-        progress.durations = [e.seconds for e in self.history]
+        progress.durations = [e.epoch_seconds for e in self.history]
         while self.epoch < cfg.epochs:
             report = self.run_epoch()
-            progress.epoch_done(report.epoch, report.seconds, {
-                "train loss": f"{report.train_loss:.3f}", "acc": f"{report.train_acc:.1%}",
-                "val loss": f"{report.val_loss:.3f}", "acc ": f"{report.val_acc:.1%}",
+            fields = {
+                "train loss": f"{report.train_loss:.3f}",
+                "acc": f"{report.train_acc:.1%}",
+                "val loss": f"{report.val_loss:.3f}",
+                "acc ": f"{report.val_acc:.1%}",
                 "H(α)": f"{report.alpha_entropy_normal:.4f}/{report.alpha_entropy_reduce:.4f}",
                 "img/s": f"{report.images_per_second:.0f}",
-            })  # fmt: skip
+            }
+            progress.epoch_done(report.epoch, report.epoch_seconds, fields)
             if on_epoch is not None:
                 on_epoch(report, self)
         return self.result()
@@ -258,29 +319,6 @@ class SearchRun:
 
 def _silent(message: str) -> None:
     return None
-
-
-def _epoch_to_dict(report: SearchEpoch) -> dict[str, Any]:
-    return {
-        "epoch": report.epoch,
-        **report.metrics(),
-        "genotype": report.genotype.to_json(),
-        "alpha_normal": report.alpha_normal,
-        "alpha_reduce": report.alpha_reduce,
-    }
-
-
-def _epoch_from_dict(data: dict[str, Any]) -> SearchEpoch:
-    metrics = dict(data)
-    return SearchEpoch(
-        epoch=int(metrics["epoch"]), train_loss=metrics["train_loss"], train_acc=metrics["train_acc"],
-        val_loss=metrics["val_loss"], val_acc=metrics["val_acc"],
-        alpha_entropy_normal=metrics["alpha_entropy_normal"], alpha_entropy_reduce=metrics["alpha_entropy_reduce"],
-        genotype=Genotype.from_dict(json.loads(metrics["genotype"])), lr=metrics["lr"],
-        xi=metrics["xi"], seconds=metrics["epoch_seconds"], images_per_second=metrics["images_per_second"],
-        alpha_normal=metrics["alpha_normal"], alpha_reduce=metrics["alpha_reduce"],
-        second_order_steps=int(metrics.get("second_order_steps", 0)),
-    )  # fmt: skip
 
 
 def search(config: Config, context: LoopContext | None = None) -> SearchResult:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torchvision.ops import stochastic_depth
 
 import nas.eval_model
-from nas import GENOTYPES, PRIMITIVES, EvalNetwork, SearchNetwork, count_parameters
+from nas import GENOTYPES, PRIMITIVES, EvalNetwork, NetworkSpec, SearchNetwork, count_parameters
 from nas.eval_model import EvalCell
 from nas.search_model import MixedOp, num_edges, reduction_layers
 
@@ -121,6 +122,68 @@ def test_cells_drop_paths_of_every_op_but_identity_and_only_in_training(monkeypa
     cell(x, x, 0.0)
     cell.eval()(x, x, 0.3)
     assert calls == []
+
+
+def _spec(**changes: object) -> NetworkSpec:
+    fields = dict(genotype=GENOTYPES["DARTS_V2"], in_channels=3, num_classes=10, layers=6, channels=8, stem="cifar")
+    fields |= dict(auxiliary=True, image_size=32, mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26], dataset="cifar10")
+    return NetworkSpec(**(fields | changes))
+
+
+def test_network_from_spec_is_the_directly_built_network() -> None:
+    spec = _spec()
+    torch.manual_seed(0)
+    built = EvalNetwork.from_spec(spec, drop_path=0.1)
+    torch.manual_seed(0)
+    direct = EvalNetwork(GENOTYPES["DARTS_V2"], in_channels=3, channels=8, num_classes=10, layers=6, drop_path=0.1)
+    assert built.spec is spec and direct.spec is None and built.drop_path_prob == 0.1
+    assert count_parameters(built) == count_parameters(direct)
+    assert built.state_dict().keys() == direct.state_dict().keys()
+    assert all(torch.equal(v, direct.state_dict()[k]) for k, v in built.state_dict().items())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(built.eval()(x)[0], direct.eval()(x)[0])
+    paper = _spec(layers=20, channels=36)
+    assert count_parameters(EvalNetwork.from_spec(paper)) == 3_349_342
+
+
+def test_network_spec_json_round_trip() -> None:
+    spec = _spec(stem="imagenet", auxiliary=False, image_size=224)
+    dumped = spec.model_dump(mode="json")
+    assert dumped["genotype"] == GENOTYPES["DARTS_V2"].to_dict() and dumped["mean"] == [0.49, 0.48, 0.45]
+    assert NetworkSpec.model_validate_json(spec.model_dump_json()) == spec
+    assert NetworkSpec.model_validate(dumped) == spec
+    assert NetworkSpec.model_validate({**dumped, "genotype": str(GENOTYPES["DARTS_V2"])}) == spec
+    with pytest.raises(ValueError, match="stem"):
+        NetworkSpec.model_validate({**dumped, "stem": "mobile"})
+
+
+def test_normalise_takes_uint8_and_float_pixels() -> None:
+    spec = _spec()
+    mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert torch.allclose(spec.normalise(pixels), (pixels / 255 - mean) / std)
+    assert torch.allclose(spec.normalise(pixels.numpy()), (pixels / 255 - mean) / std)
+    floats = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    got = spec.normalise(floats.numpy())
+    assert got.dtype == torch.float32 and torch.allclose(got, ((floats - mean) / std).float(), atol=1e-6)
+    gray = _spec(in_channels=1, image_size=8, mean=[0.3], std=[0.2])
+    images = np.random.default_rng(0).random((4, 8, 8), dtype=np.float32)  # (N, H, W) for one channel
+    assert torch.allclose(gray.normalise(images), (torch.from_numpy(images).unsqueeze(1) - 0.3) / 0.2)
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (torch.zeros(2, 3, 32, 32, dtype=torch.int64), "dtype torch.int64"),
+        (torch.zeros(2, 1, 32, 32), r"got shape \(2, 1, 32, 32\)"),
+        (torch.zeros(2, 3, 16, 16), r"\(C, H, W\) = \(3, 32, 32\)"),
+        (np.zeros((3, 32, 32), dtype=np.float32), r"got shape \(3, 32, 32\)"),
+    ],
+)
+def test_normalise_refuses_other_dtypes_and_shapes_in_one_line(images: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as error:
+        _spec().normalise(images)
+    assert "\n" not in str(error.value) and "tensor(" not in str(error.value) and "array(" not in str(error.value)
 
 
 def test_bad_stem_is_rejected() -> None:

@@ -1,7 +1,10 @@
-"""Tests of nas.plot: cell DAG pictures, softmax(α) heatmaps, and their atomic PNG files."""
+"""Tests of nas.plot and nas.artifacts: cell DAG pictures, softmax(α) heatmaps, their atomic PNG files, and the
+search's other files (genotype, history, checkpoints)."""
 
 from __future__ import annotations
 
+import json
+import math
 import subprocess
 import sys
 from collections import Counter
@@ -14,7 +17,8 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch
 
-from nas.genotypes import GENOTYPES, Genotype
+from nas.artifacts import save_epoch_pictures, save_search_outputs
+from nas.genotypes import GENOTYPES, Genotype, parse_genotype
 from nas.ops import PRIMITIVES
 from nas.plot import (
     alpha_figure,
@@ -25,6 +29,7 @@ from nas.plot import (
     save_cell,
     save_cells,
 )
+from nas.search import SearchEpoch
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -234,3 +239,43 @@ def test_no_pyplot_import(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "c.png"]
+
+
+# --------------------------------------------------------------------------------------------------- nas.artifacts
+
+
+def _report(epoch: int) -> SearchEpoch:
+    alpha = torch.randn(14, 8, generator=torch.Generator().manual_seed(epoch)).tolist()
+    numbers = dict(train_loss=2.0, train_acc=0.3, val_loss=2.1, val_acc=0.25, alpha_entropy_normal=2.07)
+    numbers |= dict(alpha_entropy_reduce=2.06, lr=0.025, xi=0.0, epoch_seconds=1.5, images_per_second=float("nan"))
+    return SearchEpoch(
+        epoch=epoch,
+        **numbers,
+        second_order_steps=0,
+        genotype=GENOTYPES["DARTS_V2"],
+        alpha_normal=alpha,
+        alpha_reduce=alpha,
+    )
+
+
+def test_search_outputs_hold_the_records_as_dumped(tmp_path: Path) -> None:
+    history = [_report(1), _report(2)]
+    paths = save_search_outputs(tmp_path, GENOTYPES["DARTS_V2"], history)
+    assert [p.name for p in paths] == ["genotype.json", "genotype.txt", "history.json"]
+    assert parse_genotype((tmp_path / "genotype.txt").read_text()) == GENOTYPES["DARTS_V2"]
+    rows = json.loads((tmp_path / "history.json").read_text())
+    assert [row["epoch"] for row in rows] == [1, 2] and rows[0]["genotype"] == GENOTYPES["DARTS_V2"].to_dict()
+    back = [SearchEpoch.model_validate(row) for row in rows]
+    nan = {"images_per_second"}
+    assert [r.model_dump(exclude=nan) for r in back] == [r.model_dump(exclude=nan) for r in history]
+    assert all(math.isnan(r.images_per_second) for r in back)  # NaN survives the file
+
+
+def test_epoch_pictures_are_named_after_the_1_based_epoch(tmp_path: Path) -> None:
+    report = _report(1)
+    paths = save_epoch_pictures(
+        tmp_path, report.epoch, report.genotype, report.alpha_normal, report.alpha_reduce, PRIMITIVES
+    )
+    assert paths == [tmp_path / "cells" / "epoch_001.png", tmp_path / "alpha" / "epoch_001.png"]
+    with pytest.raises(ValueError, match="count from 1"):
+        save_epoch_pictures(tmp_path, 0, report.genotype, report.alpha_normal, report.alpha_reduce, PRIMITIVES)
