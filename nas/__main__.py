@@ -6,7 +6,8 @@
     python -m nas search  --config digits --resume              # continue from the last epoch's checkpoint
 
 Outputs go to ``<output_dir>/<name>/<command>/``: genotype.json / genotype.txt, history.json, cells/ and alpha/
-PNGs per epoch, checkpoint.pt (weights, α, optimizer states, RNG states) after every epoch.
+PNGs per epoch, checkpoint.pt (weights, α, optimizer states, RNG states) after every epoch; a retrain adds model.pt
+(the weights) and spec.json (the NetworkSpec that rebuilds the network: ``EvalNetwork.from_spec``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from nas.artifacts import save_epoch_pictures, save_search_outputs, save_torch_atomic, write_json
+from nas.artifacts import save_epoch_pictures, save_search_outputs, save_torch_atomic, write_json, write_text_atomic
 from nas.config import Config, ConfigError, config_parser, format_validation_error, load_config
 from nas.data import DataError
 from nas.genotypes import GenotypeError, parse_genotype
@@ -68,8 +69,11 @@ def run_retrain(config: Config, out: Path, resume: bool) -> None:
         print(f"resumed from {checkpoint} at epoch {run.epoch}")
     result = run.run(lambda report, run_: save_torch_atomic(run_.state_dict(), checkpoint))
     save_torch_atomic(run.network.state_dict(), out / "model.pt")
-    write_json(out / "result.json", {"genotype": result.genotype.to_dict(), "eval_split": result.eval_split,
-                                     "eval_acc": result.eval_acc})  # fmt: skip
+    write_text_atomic(out / "spec.json", run.spec.model_dump_json(indent=2) + "\n")  # what rebuilds and feeds it
+    write_json(
+        out / "result.json",
+        {"genotype": result.genotype.to_dict(), "eval_split": result.eval_split, "eval_acc": result.eval_acc},
+    )
     print(f"{result.eval_split} accuracy {result.eval_acc:.2%}; weights in {out / 'model.pt'}")
 
 

@@ -81,9 +81,12 @@ class S3Server:
         import boto3
 
         return boto3.client(
-            "s3", endpoint_url=self.endpoint, region_name=REGION, aws_access_key_id="testing",
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=REGION,
+            aws_access_key_id="testing",
             aws_secret_access_key="testing",
-        )  # fmt: skip
+        )
 
     def requests(self) -> list[str]:
         """The request lines answered so far (``PUT /bucket/key HTTP/1.1`` ...), oldest first."""
@@ -112,9 +115,10 @@ def start_moto(log: Path, timeout: float = 60.0) -> tuple[subprocess.Popen[bytes
     endpoint = f"http://127.0.0.1:{port}"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=out,
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
             stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        )
     deadline = time.monotonic() + timeout
     while not _answers(endpoint):
         if process.poll() is not None or time.monotonic() > deadline:

@@ -103,7 +103,7 @@ def test_bad_input_is_one_line_on_stderr_exit_2_and_writes_nothing(tmp_path, com
         (["search", "--set", "search.epochs"], "search.epochs"),
         (["search", "--set", "search.layers=2"], "search.layers"),
         (["search", "--set", "data.source=bogus"], "data.source"),
-        (["search", "--config", "no-such-preset"], "cifar10, cifar10-cpu, digits"),
+        (["search", "--config", "no-such-preset"], "cifar10, cifar10-cpu, digits, quick"),
     ],
 )
 def test_more_bad_input_in_process(tmp_path, monkeypatch, capsys, args, expected):
@@ -202,6 +202,11 @@ def test_retrain_takes_the_genotype_json_a_search_wrote(searched, tmp_path, caps
     assert result["eval_split"] == "val" and 0.0 <= result["eval_acc"] <= 1.0
     weights = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
     assert weights and all(isinstance(v, torch.Tensor) for v in weights.values())
+    from nas.eval_model import EvalNetwork, NetworkSpec
+
+    spec = NetworkSpec.model_validate_json((out / "spec.json").read_text())
+    assert spec.genotype == parse_genotype(genotype_file.read_text())
+    EvalNetwork.from_spec(spec).load_state_dict(weights)  # the spec rebuilds exactly the network of the weights
     assert f"{result['eval_acc']:.2%}" in capsys.readouterr().out
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert state["epoch"] == 1 and parse_genotype(state["genotype"]) == parse_genotype(genotype_file.read_text())

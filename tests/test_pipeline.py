@@ -176,19 +176,46 @@ def test_ray_job_submit_runs_the_pipeline_on_a_head_node(tmp_path: Path) -> None
     env["PATH"] = f"{ray_bin.parent}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` is this environment's
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="rd", dir="/tmp")  # Ray's socket paths must stay short
-    start = subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
-                            "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}",
-                            "--dashboard-agent-listen-port", str(_free_port())],
-                           env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    start = subprocess.run(
+        [
+            str(ray_bin),
+            "start",
+            "--head",
+            f"--port={port}",
+            f"--dashboard-port={dashboard}",
+            "--include-dashboard=true",
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
+            "--dashboard-agent-listen-port",
+            str(_free_port()),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert start.returncode == 0, start.stderr[-2000:]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     try:
-        overrides = [*SHRINK, f"mlflow.tracking_uri={uri}", f"ray.storage_path={tmp_path / 'store'}",
-                     "--name", "job"]  # fmt: skip
+        overrides = [*SHRINK, f"mlflow.tracking_uri={uri}", f"ray.storage_path={tmp_path / 'store'}", "--name", "job"]
         args = [*_sets(overrides[:-2]), *overrides[-2:]]
-        submit = subprocess.run([str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
-                                 f"--working-dir={ROOT}", "--", "python", "pipelines/full.py", *args],
-                                env=env, capture_output=True, text=True, timeout=1100)  # fmt: skip
+        submit = subprocess.run(
+            [
+                str(ray_bin),
+                "job",
+                "submit",
+                f"--address=http://127.0.0.1:{dashboard}",
+                f"--working-dir={ROOT}",
+                "--",
+                "python",
+                "pipelines/full.py",
+                *args,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1100,
+        )
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
         assert "succeeded" in submit.stdout.lower()
         assert "models:/quick@champion" in submit.stdout
@@ -207,6 +234,7 @@ def test_local_paths_become_absolute_before_workers_see_them(tmp_path: Path, mon
     config = with_absolute_paths(load_pipeline_config("quick", ["data.source=parquet:../cifar", "data.root=data"]))
     assert config.ray.storage_path == str(tmp_path / "runs" / "ray")
     assert config.data.source == f"parquet:{tmp_path.parent / 'cifar'}" and config.data.root == str(tmp_path / "data")
-    remote = with_absolute_paths(load_pipeline_config("quick", ["ray.storage_path=s3://bucket/runs",
-                                                                "data.source=parquet:s3://bucket/cifar"]))  # fmt: skip
+    remote = with_absolute_paths(
+        load_pipeline_config("quick", ["ray.storage_path=s3://bucket/runs", "data.source=parquet:s3://bucket/cifar"])
+    )
     assert remote.ray.storage_path == "s3://bucket/runs" and remote.data.source == "parquet:s3://bucket/cifar"

@@ -36,10 +36,21 @@ from nas.retrain import RetrainRun
 from nas.search import SearchRun
 
 TINY = [
-    "data.limit=200", "search.epochs=2", "search.layers=3", "search.channels=4", "search.batch_size=16",
-    "search.steps_per_epoch=2", "search.xi=0", "search.nodes=2", "retrain.epochs=1", "retrain.steps_per_epoch=2",
-    "retrain.layers=3", "retrain.channels=4", "retrain.batch_size=16", "retrain.auxiliary=false",
-]  # fmt: skip
+    "data.limit=200",
+    "search.epochs=2",
+    "search.layers=3",
+    "search.channels=4",
+    "search.batch_size=16",
+    "search.steps_per_epoch=2",
+    "search.xi=0",
+    "search.nodes=2",
+    "retrain.epochs=1",
+    "retrain.steps_per_epoch=2",
+    "retrain.layers=3",
+    "retrain.channels=4",
+    "retrain.batch_size=16",
+    "retrain.auxiliary=false",
+]
 MODEL = "digits-champion"
 EXPERIMENT = "raydarts-test"
 
@@ -193,8 +204,9 @@ def test_search_runs_hold_cells_metrics_and_artifacts(store: dict, stages: dict)
         assert {"genotype.json", "genotype.txt", "history.json", "cells", "alpha"} <= top
         for folder in ("cells", "alpha"):
             assert [a.path for a in client.list_artifacts(run.info.run_id, folder)] == [
-                f"{folder}/epoch_001.png", f"{folder}/epoch_002.png"
-            ]  # fmt: skip
+                f"{folder}/epoch_001.png",
+                f"{folder}/epoch_002.png",
+            ]
 
 
 def test_retrain_run_holds_curves_and_links(store: dict, stages: dict) -> None:
