@@ -1,14 +1,15 @@
 """Files a search leaves behind, in stable formats other stages read: genotype JSON, α history, pictures.
 
-Every file is written atomically (temp file, then rename), so a reader never sees half of one.
+Every file is written atomically (temp file, then rename), so a reader never sees half of one, and gets the mode a
+plain ``open()`` would give it (``0o666`` less the umask), like the pictures.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Sequence
+import secrets
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +20,27 @@ from nas.loop import EpochRecord
 from nas.plot import save_alpha_heatmap, save_cells
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
+def _write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """``write`` a temp file next to ``path``, then rename it over ``path``.
+
+    The temp file is created as ``open()`` creates files (mode 0o666 less the umask), not with mkstemp, whose 0600
+    mode would survive the rename and hide the file from other users (a tracking server, a colleague).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(tmp)  # opens the file it was given for writing: the mode stays
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json(path: str | Path, data: Any) -> Path:
@@ -39,17 +49,7 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 def save_torch_atomic(obj: Any, path: str | Path) -> Path:
     """``torch.save`` through a temp file: a checkpoint is either whole or absent."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return _write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_epoch_pictures(

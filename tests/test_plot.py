@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -17,7 +18,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch
 
-from nas.artifacts import save_epoch_pictures, save_search_outputs
+from nas.artifacts import save_epoch_pictures, save_search_outputs, save_torch_atomic, write_json, write_text_atomic
 from nas.genotypes import GENOTYPES, Genotype, parse_genotype
 from nas.ops import PRIMITIVES
 from nas.plot import (
@@ -279,3 +280,26 @@ def test_epoch_pictures_are_named_after_the_1_based_epoch(tmp_path: Path) -> Non
     assert paths == [tmp_path / "cells" / "epoch_001.png", tmp_path / "alpha" / "epoch_001.png"]
     with pytest.raises(ValueError, match="count from 1"):
         save_epoch_pictures(tmp_path, 0, report.genotype, report.alpha_normal, report.alpha_reduce, PRIMITIVES)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_artifacts_get_the_mode_open_gives_not_mkstemps(tmp_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        plain = tmp_path / "plain.txt"
+        with open(plain, "w") as f:
+            f.write("x")
+        written = [
+            *save_search_outputs(tmp_path, GENOTYPES["DARTS_V2"], [_report(1)]),
+            write_text_atomic(tmp_path / "deep" / "note.txt", "text"),
+            write_json(tmp_path / "data.json", {"a": 1}),
+            save_torch_atomic({"w": torch.ones(2)}, tmp_path / "checkpoint.pt"),
+            save_torch_atomic({"w": torch.zeros(2)}, tmp_path / "checkpoint.pt"),  # replacing keeps the mode too
+        ]
+    finally:
+        os.umask(old)
+    assert plain.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert {p.name: p.stat().st_mode & 0o777 for p in written} == {p.name: 0o666 & ~umask for p in written}
+    assert torch.equal(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["w"], torch.zeros(2))
+    leftovers = [p.name for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == [], "temp files left behind"
