@@ -316,9 +316,15 @@ def timed_search_worker(loop_config: dict[str, Any]) -> None:
         grad_reducer = clock.marker("alpha_grads")
         sum_reducer = clock.reducer("metric_sums", no_reduce)  # reduces nothing, but still ends the last step
     context = LoopContext(
-        rank=rank, world_size=world, device=device, grad_reducer=grad_reducer, sum_reducer=sum_reducer,
-        wrap_model=wrap, log=lambda message: None, step_hook=clock.step_started,
-    )  # fmt: skip
+        rank=rank,
+        world_size=world,
+        device=device,
+        grad_reducer=grad_reducer,
+        sum_reducer=sum_reducer,
+        wrap_model=wrap,
+        log=lambda message: None,
+        step_hook=clock.step_started,
+    )
     run = SearchRun(config, context)
     epochs = []
     for _ in range(config.search.epochs):
@@ -594,9 +600,13 @@ def start_ray() -> bool:
     if ray.is_initialized():
         return False
     ray.init(
-        address="local", num_cpus=CLUSTER_CPUS, include_dashboard=True, dashboard_port=0, configure_logging=False,
+        address="local",
+        num_cpus=CLUSTER_CPUS,
+        include_dashboard=True,
+        dashboard_port=0,
+        configure_logging=False,
         log_to_driver=False,
-    )  # fmt: skip
+    )
     return True
 
 
