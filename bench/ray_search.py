@@ -168,12 +168,13 @@ def ray_worker_niceness() -> int:
 
 def ray_epochs(config: PipelineConfig, name: str) -> tuple[list[float], float]:
     """Epoch seconds reported by the search stage's worker, and the wall time of the whole stage."""
+    from components.driver import prepare
     from components.search import run_search_stage
 
     start = time.perf_counter()
-    result = run_search_stage(config, name=name)
+    result = run_search_stage(prepare(config), name=name)
     wall = time.perf_counter() - start
-    epochs = [float(row["epoch_seconds"]) for row in result.history]
+    epochs = [row.epoch_seconds for row in result.history]
     if len(epochs) != config.search.epochs:
         raise RuntimeError(f"{name}: expected {config.search.epochs} epochs, the stage reported {len(epochs)}")
     return epochs, wall
@@ -351,7 +352,7 @@ def allreduce_timings(config: PipelineConfig, name: str, synchronize: bool = Tru
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from components.search import storage_root
+    from components.storage import absolute
 
     ray_cfg = config.ray
     trainer = TorchTrainer(
@@ -361,7 +362,9 @@ def allreduce_timings(config: PipelineConfig, name: str, synchronize: bool = Tru
         scaling_config=ScalingConfig(
             num_workers=ray_cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": ray_cfg.cpus_per_worker}
         ),
-        run_config=RunConfig(name=name, storage_path=storage_root(config), failure_config=FailureConfig(0)),
+        run_config=RunConfig(
+            name=name, storage_path=absolute(config.ray.storage_path), failure_config=FailureConfig(max_failures=0)
+        ),
     )
     result = trainer.fit()
     if result.checkpoint is None:
