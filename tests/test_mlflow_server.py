@@ -1,0 +1,214 @@
+"""The pipeline against a real MLflow tracking server over HTTP, as on a cluster: ``mlflow server`` on 127.0.0.1
+(sqlite backend, artifacts served by the server), the tiny quick pipeline in-process with
+``mlflow.tracking_uri=http://127.0.0.1:PORT``, then everything read back through the server alone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from components.config import PipelineConfig, load_pipeline_config
+from components.driver import prepare
+from components.tracking import dataset_digest, walk_lineage
+from nas.config import from_params
+
+SHRINK = [  # tests/test_pipeline.py's SHRINK: the quick preset with fewer steps
+    "search.epochs=2",
+    "search.steps_per_epoch=2",
+    "search.batch_size=16",
+    "search.nodes=2",
+    "retrain.epochs=2",
+    "retrain.steps_per_epoch=2",
+    "retrain.layers=3",
+    "retrain.channels=4",
+    "data.limit=300",
+    "data.test_limit=100",
+]
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "k8s"
+# the Kubernetes server's settings (deploy/k8s/mlflow.yaml), used here too: allowed Host headers, no job runner
+SERVER_SETTINGS = {
+    key: value
+    for doc in yaml.safe_load_all((K8S / "mlflow.yaml").read_text())
+    if doc["kind"] == "ConfigMap"
+    for key, value in doc["data"].items()
+    if key.startswith("MLFLOW_SERVER_")
+}
+TRACKING_URI = yaml.safe_load((K8S / "config.yaml").read_text())["data"]["MLFLOW_TRACKING_URI"]
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    uri: str  # http://127.0.0.1:PORT
+    artifacts: Path  # --artifacts-destination: where the server puts what clients upload
+    log: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _healthy(uri: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"{uri}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _status(uri: str, host: str) -> int:
+    """The HTTP status of an API request sent with another Host header (as a client in the cluster sends it)."""
+    request = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": host})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop the server this module started: its own process group (the server and the workers it forked)."""
+    if process.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)  # the group is the server's own (start_new_session): nothing else is in it
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    artifacts, log = root / "artifacts", root / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update({"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
+    env.update(SERVER_SETTINGS)
+    command = [
+        *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+        *("--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"),
+        *("--serve-artifacts", "--artifacts-destination", str(artifacts)),
+    ]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not _healthy(uri):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not answer on {uri}: {log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield MlflowServer(uri, artifacts, log)
+    finally:
+        _stop(process)
+
+
+def test_the_kubernetes_server_settings_admit_the_in_cluster_tracking_uri(mlflow_server: MlflowServer) -> None:
+    """deploy/k8s: the server's MLFLOW_SERVER_ALLOWED_HOSTS admits the Host header of config.yaml's tracking URI."""
+    assert SERVER_SETTINGS["MLFLOW_SERVER_ALLOWED_HOSTS"]
+    in_cluster = urllib.parse.urlparse(TRACKING_URI).netloc  # raydarts-mlflow:5000
+    assert _status(mlflow_server.uri, in_cluster) == 200
+    assert _status(mlflow_server.uri, f"raydarts-mlflow.raydarts.svc.cluster.local:{in_cluster.split(':')[1]}") == 200
+    assert _status(mlflow_server.uri, "attacker.example:5000") == 403
+
+
+def test_the_pipeline_tracks_to_an_mlflow_server_over_http(
+    mlflow_server: MlflowServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mlflow.pyfunc
+    import ray
+    from mlflow import MlflowClient
+    from sklearn.datasets import load_digits
+
+    from pipelines.full import run_pipeline
+
+    uri = mlflow_server.uri
+    monkeypatch.chdir(tmp_path)  # nothing may land in the current directory: no mlflow.db, no mlartifacts/
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    overrides = [*SHRINK, "sweep.seeds=[1]", "sweep.xi=[0]", f"mlflow.tracking_uri={uri}"]
+    config = load_pipeline_config("quick", [*overrides, f"ray.storage_path={tmp_path / 'store'}"])
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        result = run_pipeline(prepare(config, sweep=True), log=lambda line: None)
+    finally:
+        ray.shutdown()
+    assert result.tracking_uri == uri
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # the server holds the runs and the artifacts
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name(result.experiment)
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")  # uploads go through the server
+    runs = client.search_runs([experiment.experiment_id])
+    stages = sorted(run.data.tags["raydarts.stage"] for run in runs)
+    assert stages == ["pipeline", "retrain", "search", "selection"]
+    assert all(run.info.status == "FINISHED" for run in runs)
+
+    # the search run: its config as params, every epoch's metrics, its files and pictures
+    (trial,) = result.sweep.trials
+    search_run = result.search_runs[trial.trial]
+    params = client.get_run(search_run).data.params
+    assert params["derived.normal"] and params["derived.reduce"]
+    config_params = {k: v for k, v in params.items() if not k.startswith(("derived.", "genotype"))}
+    assert from_params(config_params, PipelineConfig) == trial.config  # params are exactly the trial's config
+    for metric in ("train_loss", "val_acc", "alpha_entropy_normal"):
+        assert [m.step for m in client.get_metric_history(search_run, metric)] == [1, 2], metric
+    assert {"genotype.json", "history.json", "config.json", "cells", "alpha"} <= {
+        a.path for a in client.list_artifacts(search_run)
+    }
+    pictures = [a.path for a in client.list_artifacts(search_run, "cells")]
+    assert pictures == ["cells/epoch_001.png", "cells/epoch_002.png"]
+    genotype_file = Path(client.download_artifacts(search_run, "genotype.json", str(tmp_path / "down")))
+    assert genotype_file.read_text() == trial.outputs.read_text("genotype.json")
+
+    # the champion's retrain run: curves, pictures, the logged model; all of it stored by the server
+    retrain_run = result.retrain_runs["quick-champion"]
+    assert [m.step for m in client.get_metric_history(retrain_run, "train_loss")] == [1, 2]
+    assert client.get_run(retrain_run).data.metrics["final_test_acc"] >= 0
+    assert {"cells.png", "learning_curves.png"} <= {a.path for a in client.list_artifacts(retrain_run)}
+    stored = {p.name for p in mlflow_server.artifacts.rglob("*") if p.is_file()}
+    assert {"genotype.json", "epoch_002.png", "learning_curves.png", "model.pt", "spec.json", "MLmodel"} <= stored
+
+    # the registry: one version, alias champion, and the lineage walked back through the server
+    (version,) = client.search_model_versions("name = 'quick'")
+    assert client.get_model_version_by_alias("quick", "champion").version == version.version == result.model_version
+    lineage = walk_lineage(uri, "quick")
+    champion_job, champion = result.champion.champion
+    assert lineage["role"] == "champion" and lineage["retrain_run"] == retrain_run
+    assert lineage["search_run"] == result.search_runs[champion_job.source] == search_run
+    assert lineage["pipeline_run"] == result.pipeline_run and lineage["pipeline"] == "quick"
+    assert lineage["dataset_digest"] == dataset_digest(config)[0] and lineage["dataset_rows"] == 300
+    assert lineage["genotype"] == champion.genotype.to_json()
+
+    # the registered model, downloaded from the server, predicts class probabilities
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model = mlflow.pyfunc.load_model("models:/quick@champion")
+    images = (load_digits().images[:4] / 16.0).astype(np.float32)[:, None]
+    probabilities = model.predict(images)
+    assert probabilities.shape == (4, 10) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
