@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from components.config import load_pipeline_config
-from nas.config import config_parser
+from components.driver import check_resources
+from nas.config import ConfigError, config_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -144,6 +145,12 @@ RAYCLUSTER_SCHEMA = {  # the RayCluster CRD's spec is the RayJob's spec.rayClust
 }
 
 
+def _mlflow_server() -> dict[str, Any]:
+    """The MLflow server's container."""
+    (container,) = _find("Deployment", "raydarts-mlflow")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
 def _entrypoint() -> tuple[list[str], Any]:
     """The RayJob's entrypoint: (its words, the pipeline config it resolves to, checked by the pipeline's parser)."""
     words = shlex.split(_rayjob()["spec"]["entrypoint"])
@@ -240,7 +247,8 @@ def test_the_readmes_kubernetes_commands_name_what_exists() -> None:
     applied = [c[c.index("-k") + 1] for c in commands if c[:2] == ["kubectl", "apply"] and "-k" in c]
     assert applied == ["deploy/k8s"]
     files = [c[c.index("-f") + 1] for c in commands if c[:2] == ["kubectl", "apply"] and "-f" in c]
-    assert all((ROOT / f).exists() or f == "secrets.yaml" for f in files)
+    assert files == ["~/raydarts-secrets.yaml"]  # the filled-in copy of secrets.example.yaml, outside the repository
+    assert any(c[:2] == ["cp", "deploy/k8s/secrets.example.yaml"] and c[2] == files[0] for c in commands)
     builds = [c for c in commands if c[:2] == ["docker", "build"]]
     assert builds and all(c[-1] == "." for c in builds)
 
@@ -331,7 +339,7 @@ def test_the_services_the_code_and_the_server_reach_exist() -> None:
     env = _find("ConfigMap", "raydarts-env")["data"]
     mlflow = _service_for(env["MLFLOW_TRACKING_URI"])
     _service_for(env["AWS_ENDPOINT_URL"])
-    server = _find("Deployment", "raydarts-mlflow")["spec"]["template"]["spec"]["containers"][0]
+    server = _mlflow_server()
     args = dict(a.removeprefix("--").split("=", 1) for a in server["args"] if "=" in a)
     backend = args["backend-store-uri"]
     assert backend.startswith("postgresql://")
@@ -358,23 +366,24 @@ def test_the_rayjob_runs_the_pipeline_with_what_the_cluster_provides() -> None:
     assert config.mlflow.tracking_uri is None and _environment(head)["MLFLOW_TRACKING_URI"].startswith("http://")
     # storage: an s3:// URI in the bucket the MLflow server's init container creates, on the in-cluster S3 API
     storage = urlparse(config.ray.storage_path)
-    artifacts = urlparse(
-        _environment(_find("Deployment", "raydarts-mlflow")["spec"]["template"]["spec"]["containers"][0])[
-            "MLFLOW_ARTIFACTS_DESTINATION"
-        ]
-    )
+    artifacts = urlparse(_environment(_mlflow_server())["MLFLOW_ARTIFACTS_DESTINATION"])
     assert storage.scheme == artifacts.scheme == "s3" and storage.netloc == artifacts.netloc
     assert storage.path.strip("/") != artifacts.path.strip("/")
     assert config.data.root.startswith("/home/ray/")  # a folder the image's user owns
-    # resources: every search or retrain worker fits one GPU worker pod; the head holds no GPU
+    # resources: the head holds no GPU; each search or retrain worker fits one GPU pod; the pipeline's own preflight
+    # passes on the cluster as it starts (minReplicas), and the autoscaler can run every search at once
     assert config.ray.use_gpu and head["resources"]["limits"].get("nvidia.com/gpu") is None
     assert cluster["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
     (group,) = cluster["workerGroupSpecs"]
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert float(limits["nvidia.com/gpu"]) >= config.ray.gpus_per_worker
-    assert float(limits["cpu"]) >= config.ray.cpus_per_worker
-    assert group["minReplicas"] >= 1  # the preflight counts the GPUs present when the job starts
-    assert group["maxReplicas"] * float(limits["nvidia.com/gpu"]) >= len(config.sweep.seeds) * config.ray.num_workers
+    pod_gpus, pod_cpus = float(limits["nvidia.com/gpu"]), float(limits["cpu"])
+    assert pod_gpus >= config.ray.gpus_per_worker and pod_cpus >= config.ray.cpus_per_worker
+    head_cpus = float(head["resources"]["limits"]["cpu"])
+    check_resources(config, head_cpus + group["minReplicas"] * pod_cpus, group["minReplicas"] * pod_gpus, sweep=True)
+    with pytest.raises(ConfigError, match="but the cluster has"):  # what autoscaling from zero pods would meet
+        check_resources(config, head_cpus, 0.0, sweep=True)
+    searches = len(config.sweep.seeds) * len(config.sweep.xi)
+    assert group["maxReplicas"] * pod_gpus >= searches * config.ray.num_workers * config.ray.gpus_per_worker
     # the image: the Dockerfile's, at the project's version, with the Ray version KubeRay is told
     images = {c["image"] for _, spec in _pod_specs() for c in _containers(spec) if "raydarts" in c["image"]}
     assert images == {"raydarts"}
@@ -385,9 +394,7 @@ def test_the_rayjob_runs_the_pipeline_with_what_the_cluster_provides() -> None:
 
 def test_the_dockerfile_installs_the_project_the_readmes_way() -> None:
     text = _dockerfile()
-    assert text.splitlines()[[i for i, line in enumerate(text.splitlines()) if line.startswith("FROM")][0]] == (
-        "FROM python:3.11-slim"
-    )
+    assert re.findall(r"^FROM (\S+)", text, re.M) == ["python:3.11-slim"]
     assert re.search(r"pip install -e \.", text)
     copied = set(re.findall(r"^COPY (\w+) \./\1$", text, re.M))
     packages = {p.split(".")[0] for p in SETUP["options.packages.find"]["include"].split()}
