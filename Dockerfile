@@ -25,7 +25,8 @@ RUN apt-get update \
 RUN useradd --create-home --uid 1000 ray
 WORKDIR /app
 
-# Dependencies first (a code change does not reinstall them), then the project: the README's `pip install -e .`.
+# The heavy dependencies first (torch, Ray: a code change does not download them again), then the project the
+# README's way, `pip install -e .`, with the rest of its dependencies.
 # psycopg2-binary and boto3 are the MLflow server's: its Postgres database and its S3-compatible artifact store.
 COPY setup.cfg pyproject.toml README.md ./
 RUN pip install --index-url "${TORCH_INDEX}" "torch>=2.4,<=2.14.1" "torchvision>=0.19,<=0.29.1" \

@@ -14,8 +14,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -100,31 +102,41 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             continue
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    root = tmp_path_factory.mktemp("mlflow-server")
+@contextmanager
+def running_server(root: Path, artifacts: str, env: dict[str, str] | None = None) -> Iterator[MlflowServer]:
+    """``mlflow server`` on 127.0.0.1 (sqlite under ``root``, artifacts served into ``artifacts``), until it answers;
+    stopped at the end with everything it started."""
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
-    artifacts, log = root / "artifacts", root / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update({"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
-    env.update(SERVER_SETTINGS)
+    log = root / "server.log"
+    server_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    server_env.update({"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
+    server_env.update(SERVER_SETTINGS | (env or {}))
     command = [
         *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
         *("--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"),
-        *("--serve-artifacts", "--artifacts-destination", str(artifacts)),
+        *("--serve-artifacts", "--artifacts-destination", artifacts),
     ]
     with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=server_env, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + 180
         while not _healthy(uri):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"mlflow server did not answer on {uri}: {log.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield MlflowServer(uri, artifacts, log)
+        yield MlflowServer(uri, Path(artifacts) if "://" not in artifacts else root, log)
     finally:
         _stop(process)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with running_server(root, str(root / "artifacts")) as server:
+        yield server
 
 
 def test_the_kubernetes_server_settings_admit_the_in_cluster_tracking_uri(mlflow_server: MlflowServer) -> None:
@@ -212,3 +224,36 @@ def test_the_pipeline_tracks_to_an_mlflow_server_over_http(
     images = (load_digits().images[:4] / 16.0).astype(np.float32)[:, None]
     probabilities = model.predict(images)
     assert probabilities.shape == (4, 10) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_a_server_with_the_kubernetes_s3_settings_keeps_artifacts_in_the_bucket(tmp_path: Path, s3: Any) -> None:
+    """deploy/k8s/mlflow.yaml's artifact store on a real S3 API (moto): its init container creates the bucket (and
+    finds it the next time), and the server, configured by the same variables, stores uploads there."""
+    from mlflow import MlflowClient
+
+    deployment = next(
+        doc for doc in yaml.safe_load_all((K8S / "mlflow.yaml").read_text()) if doc["kind"] == "Deployment"
+    )
+    pod = deployment["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    (server,) = pod["containers"]
+    names = {var["name"] for var in server["env"]} | {var["name"] for var in init["env"]}
+    assert {"MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"} <= names
+    assert init["command"][:2] == ["python", "-c"]
+    destination = f"s3://{s3.bucket}-mlflow/mlflow"  # a bucket that does not exist yet
+    env = s3.env | {"MLFLOW_S3_ENDPOINT_URL": s3.endpoint, "MLFLOW_ARTIFACTS_DESTINATION": destination}
+    for _ in range(2):  # creates the bucket, then finds it
+        subprocess.run([sys.executable, *init["command"][1:]], env={**os.environ, **env}, check=True, timeout=120)
+    assert s3.client().head_bucket(Bucket=f"{s3.bucket}-mlflow")["ResponseMetadata"]["HTTPStatusCode"] == 200
+
+    (tmp_path / "note.txt").write_text("through the server into the bucket")
+    with running_server(tmp_path, destination, env) as running:
+        client = MlflowClient(running.uri)
+        experiment = client.create_experiment("s3-artifacts")
+        run_id = client.create_run(experiment).info.run_id
+        client.log_artifact(run_id, str(tmp_path / "note.txt"))
+        assert [a.path for a in client.list_artifacts(run_id)] == ["note.txt"]
+        back = Path(client.download_artifacts(run_id, "note.txt", str(tmp_path / "down")))
+        assert back.read_text() == "through the server into the bucket"
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=f"{s3.bucket}-mlflow")["Contents"]]
+    assert [key for key in keys if key.endswith("/note.txt")] and all(key.startswith("mlflow/") for key in keys)
