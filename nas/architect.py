@@ -8,6 +8,10 @@ weight optimizer (eq. 6-8)::
     H  = (∇α L_train(w⁺, α) − ∇α L_train(w⁻, α)) / (2ε),   w± = w ± ε·∇w' L_val(w', α)
     ε  = scale / ‖∇w' L_val(w', α)‖                          (scale = 0.01 in the paper)
 
+``hessian="exact"`` replaces the finite difference by the exact Hessian-vector product
+``∇α (∇w L_train(w, α) · v)`` (double backward, :func:`exact_hessian_vector_product`): one forward and a backward
+through the backward instead of two forward/backward passes, and no ε.
+
 The network is evaluated with ``torch.func.functional_call`` on new weight tensors, so nothing is deep-copied and
 the network's own weights and batch-norm statistics are never touched: they are bit-identical afterwards.
 
@@ -19,6 +23,7 @@ gradient), so every rank computes the same w', the same ε, and ends with the sa
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +34,42 @@ from nas.search_model import SearchNetwork
 
 GradReducer = Callable[[Sequence[Tensor]], None]
 LossFn = Callable[[Tensor, Tensor], Tensor]
+HessianMode = Literal["fd", "exact"]
 
 
 def _no_reduce(tensors: Sequence[Tensor]) -> None:
     return None
+
+
+def exact_hessian_vector_product(
+    loss: Callable[[Sequence[Tensor]], Tensor],
+    weights: Sequence[Tensor],
+    alphas: Sequence[Tensor],
+    vector: Sequence[Tensor],
+) -> list[Tensor]:
+    """∇²_{α,w} L · v = ∇α (∇w L(w, α) · v), exactly, by double backward.
+
+    ``loss(weights)`` evaluates L with the given weight tensors (α taken from ``alphas``); ``weights`` are leaves
+    that require grad. ``vector`` is constant (no gradient flows into it).
+    """
+    grads = torch.autograd.grad(loss(weights), weights, create_graph=True, allow_unused=True)
+    dot = sum((g * v.detach()).sum() for g, v in zip(grads, vector) if g is not None)
+    return list(torch.autograd.grad(dot, alphas, materialize_grads=True))
+
+
+def finite_difference_hessian_vector_product(
+    grad_alpha: Callable[[Sequence[Tensor]], Sequence[Tensor]],
+    weights: Sequence[Tensor],
+    vector: Sequence[Tensor],
+    eps: float | Tensor,
+) -> list[Tensor]:
+    """Eq. 8: (∇α L(w + ε·v, α) − ∇α L(w − ε·v, α)) / (2ε) ≈ ∇²_{α,w} L · v; ``grad_alpha(w)`` is ∇α L(w, α)."""
+    with torch.no_grad():
+        w_plus = [w + eps * v for w, v in zip(weights, vector)]
+        w_minus = [w - eps * v for w, v in zip(weights, vector)]
+    g_plus = grad_alpha(w_plus)
+    g_minus = grad_alpha(w_minus)
+    return [(p - m) / (2 * eps) for p, m in zip(g_plus, g_minus)]
 
 
 class Architect:
@@ -46,11 +83,15 @@ class Architect:
         hessian_scale: float = 0.01,
         grad_reducer: GradReducer | None = None,
         loss_fn: LossFn = F.cross_entropy,
+        hessian: HessianMode = "fd",
     ):
         if xi is not None and xi < 0:
             raise ValueError(f"xi must be >= 0 (0 = first order), got {xi}")
         if hessian_scale <= 0:
             raise ValueError(f"hessian_scale must be > 0, got {hessian_scale}")
+        if hessian not in ("fd", "exact"):
+            raise ValueError(f"hessian must be 'fd' or 'exact', got {hessian!r}")
+        self.hessian = hessian
         self.network = network
         self.w_optimizer = w_optimizer
         self.xi = xi
@@ -138,19 +179,24 @@ class Architect:
     def hessian_vector_product(
         self, vector: Sequence[Tensor], train_x: Tensor, train_y: Tensor, scale: float | None = None
     ) -> list[Tensor]:
-        """Central finite difference of ∇α L_train along ``vector``: ≈ ∇²_{α,w} L_train(w, α) · vector (eq. 8)."""
+        """∇²_{α,w} L_train(w, α) · vector: the central finite difference of eq. 8 (``hessian="fd"``, ε =
+        scale / ‖vector‖) or the exact product by double backward (``hessian="exact"``; ``scale`` unused)."""
+        if self.hessian == "exact":
+            return self.exact_hessian_vector_product(vector, train_x, train_y)
         scale = self.hessian_scale if scale is None else scale
         norm = torch.cat([v.reshape(-1) for v in vector]).norm()
         if norm == 0:
             return [torch.zeros_like(a) for a in self.alphas]
-        eps = scale / norm
-        with torch.no_grad():
-            w_plus = [w + eps * v for w, v in zip(self.weights, vector)]
-            w_minus = [w - eps * v for w, v in zip(self.weights, vector)]
-        g_plus = torch.autograd.grad(
-            self.loss(w_plus, self.alphas, train_x, train_y), self.alphas, materialize_grads=True
+        return finite_difference_hessian_vector_product(
+            lambda w: self._alpha_gradient(w, train_x, train_y), self.weights, vector, scale / norm
         )
-        g_minus = torch.autograd.grad(
-            self.loss(w_minus, self.alphas, train_x, train_y), self.alphas, materialize_grads=True
+
+    def exact_hessian_vector_product(self, vector: Sequence[Tensor], train_x: Tensor, train_y: Tensor) -> list[Tensor]:
+        """∇α (∇w L_train(w, α) · vector), exactly (double backward through the network)."""
+        return exact_hessian_vector_product(
+            lambda w: self.loss(w, self.alphas, train_x, train_y), self._aliases(), self.alphas, vector
         )
-        return [(p - m) / (2 * eps) for p, m in zip(g_plus, g_minus)]
+
+    def _alpha_gradient(self, weights: Sequence[Tensor], x: Tensor, y: Tensor) -> list[Tensor]:
+        """∇α L(w, α) at the given weights."""
+        return list(torch.autograd.grad(self.loss(weights, self.alphas, x, y), self.alphas, materialize_grads=True))

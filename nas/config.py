@@ -54,6 +54,24 @@ class DataConfig(_Section):
         return value
 
 
+class SpeedConfig(_Section):
+    """Optimizations of the search step that keep its mathematics (each tested against all of them off, the plain
+    path: α and w after 3 steps within 1e-4). On by default only where they pay on CPU; bench/README.md has the
+    measurements."""
+
+    skip_none: bool = Field(
+        True, description="skip computing 'none' (its output is zeros; its α stays in the softmax, so gradients agree)"
+    )
+    shared_relu: bool = Field(
+        True, description="one ReLU per edge input shared by the conv candidates that all begin with ReLU"
+    )
+    channels_last: bool = Field(False, description="supernet weights and inputs in channels_last memory format")
+    checkpoint_cells: bool = Field(
+        False, description="activation checkpointing per cell: less memory, one more cell forward per backward"
+    )
+    compile: bool = Field(False, description="torch.compile each mixed op (falls back to eager if compiling fails)")
+
+
 class SearchConfig(_Section):
     seed: int = 2
     epochs: int = Field(50, gt=0)
@@ -76,6 +94,11 @@ class SearchConfig(_Section):
     alpha_weight_decay: float = Field(1e-3, ge=0)
     xi: float | None = Field(None, ge=0, description="virtual-step lr; null = current weight lr, 0 = first order")
     hessian_scale: float = Field(0.01, gt=0, description="ε = hessian_scale / ‖∇w' L_val‖")
+    hessian: Literal["fd", "exact"] = Field(
+        "fd",
+        description="second-order Hessian-vector product: fd = the paper's finite difference, exact = double backward",
+    )
+    speed: SpeedConfig = Field(default_factory=SpeedConfig)
 
     @field_validator("primitives")
     @classmethod
@@ -98,6 +121,12 @@ class SearchConfig(_Section):
         if value < 3:
             raise ValueError("a search needs layers >= 3, so that both normal and reduction cells exist")
         return value
+
+    @model_validator(mode="after")
+    def _exact_hessian_is_not_compiled(self) -> SearchConfig:
+        if self.hessian == "exact" and self.speed.compile:
+            raise ValueError("search.hessian=exact needs a double backward, which torch.compile does not support")
+        return self
 
     def is_second_order(self) -> bool:
         return self.xi is None or self.xi > 0

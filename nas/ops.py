@@ -140,9 +140,33 @@ class FactorizedReduce(nn.Module):
         self.bn = nn.BatchNorm2d(c_out, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(x)
+        return self.forward_after_relu(self.relu(x))
+
+    def forward_after_relu(self, x: torch.Tensor) -> torch.Tensor:
+        """The rest of :meth:`forward`, given ReLU(x) (a supernet edge computes that ReLU once for all its ops)."""
         shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
         return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+
+
+def starts_with_relu(op: nn.Module) -> bool:
+    """Whether ``op(x)`` begins with ReLU(x), so :func:`forward_after_relu` can take a ReLU computed elsewhere."""
+    if isinstance(op, FactorizedReduce):
+        return True
+    if isinstance(op, SepConv):
+        return starts_with_relu(op[0])
+    return isinstance(op, nn.Sequential) and len(op) > 0 and type(op[0]) is nn.ReLU
+
+
+def forward_after_relu(op: nn.Module, relu_x: torch.Tensor) -> torch.Tensor:
+    """``op(x)`` given ``relu_x`` = ReLU(x), for an op where :func:`starts_with_relu` holds: the same modules and
+    parameters, the leading ReLU skipped."""
+    if isinstance(op, FactorizedReduce):
+        return op.forward_after_relu(relu_x)
+    if isinstance(op, SepConv):
+        return op[1](forward_after_relu(op[0], relu_x))
+    for module in list(op)[1:]:
+        relu_x = module(relu_x)
+    return relu_x
 
 
 @register_op("none")

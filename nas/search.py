@@ -83,6 +83,7 @@ class Searcher:
             nodes=cfg.nodes,
             primitives=cfg.primitives,
             stem_multiplier=cfg.stem_multiplier,
+            speed=cfg.speed,
         ).to(self.context.device)
         self.w_optimizer = torch.optim.SGD(
             self.network.weights(), lr=cfg.w_lr, momentum=cfg.w_momentum, weight_decay=cfg.w_weight_decay
@@ -99,6 +100,7 @@ class Searcher:
             xi=cfg.xi,
             hessian_scale=cfg.hessian_scale,
             grad_reducer=self.context.grad_reducer,
+            hessian=cfg.hessian,
         )
         self.train_model: nn.Module = self.context.wrap_model(self.network)
 

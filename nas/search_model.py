@@ -6,14 +6,19 @@ so the weight optimizer never sees α and the α optimizer never sees the weight
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nas.config import SpeedConfig
 from nas.genotypes import Genotype, derive_genotype
-from nas.ops import PRIMITIVES, FactorizedReduce, ReLUConvBN, build_op
+from nas.ops import PRIMITIVES, FactorizedReduce, ReLUConvBN, build_op, forward_after_relu, starts_with_relu
+
+PLAIN = SpeedConfig(skip_none=False, shared_relu=False, channels_last=False, checkpoint_cells=False, compile=False)
 
 
 def num_edges(nodes: int) -> int:
@@ -26,10 +31,36 @@ def reduction_layers(layers: int) -> tuple[int, ...]:
     return tuple(sorted({layers // 3, 2 * layers // 3}))
 
 
-class MixedOp(nn.Module):
-    """Eq. 1 of the paper: the softmax-weighted sum of all candidate operations on one edge."""
+class _CompiledOrEager:
+    """``torch.compile(fn)``, falling back to ``fn`` itself (with one warning) if compiling or running it fails."""
 
-    def __init__(self, channels: int, stride: int, primitives: Sequence[str]):
+    def __init__(self, fn: Callable[..., torch.Tensor]):
+        self.fn = fn
+        self.compiled: Callable[..., torch.Tensor] | None = None
+        try:
+            self.compiled = torch.compile(fn, dynamic=False)
+        except Exception as err:  # noqa: BLE001 - any failure means: run eagerly
+            warnings.warn(f"torch.compile unavailable, running eagerly: {err}", stacklevel=2)
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as err:  # noqa: BLE001
+                warnings.warn(f"torch.compile failed, running eagerly: {err}", stacklevel=2)
+                self.compiled = None
+        return self.fn(*args)
+
+
+class MixedOp(nn.Module):
+    """Eq. 1 of the paper: the softmax-weighted sum of all candidate operations on one edge.
+
+    ``speed`` (default: the plain path) switches on optimizations that keep the result: ``skip_none`` leaves out
+    the 'none' term (it is w·0; its weight stays in the softmax, so every gradient is the same), ``shared_relu``
+    computes ReLU(x) once for every candidate that begins with it.
+    """
+
+    def __init__(self, channels: int, stride: int, primitives: Sequence[str], speed: SpeedConfig = PLAIN):
         super().__init__()
         ops = []
         for name in primitives:
@@ -38,9 +69,20 @@ class MixedOp(nn.Module):
                 op = nn.Sequential(op, nn.BatchNorm2d(channels, affine=False))
             ops.append(op)
         self.ops = nn.ModuleList(ops)
+        self.active = tuple(i for i, name in enumerate(primitives) if not (speed.skip_none and name == "none"))
+        self.after_relu = tuple(speed.shared_relu and starts_with_relu(op) for op in self.ops)
+        self.fast = speed.skip_none or speed.shared_relu
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return sum(w * op(x) for w, op in zip(weights, self.ops))
+        """Σ_o w_o · o(x) over the candidates (eq. 1)."""
+        if not self.fast:
+            return sum(w * op(x) for w, op in zip(weights, self.ops))
+        relu_x = F.relu(x) if any(self.after_relu) else x
+        out = None
+        for i in self.active:
+            y = forward_after_relu(self.ops[i], relu_x) if self.after_relu[i] else self.ops[i](x)
+            out = weights[i] * y if out is None else out + weights[i] * y
+        return out
 
 
 class SearchCell(nn.Module):
@@ -55,6 +97,7 @@ class SearchCell(nn.Module):
         reduction: bool,
         reduction_prev: bool,
         primitives: Sequence[str],
+        speed: SpeedConfig = PLAIN,
     ):
         super().__init__()
         self.reduction = reduction
@@ -65,7 +108,9 @@ class SearchCell(nn.Module):
             self.preprocess0 = ReLUConvBN(c_prev_prev, channels, 1, 1, 0, affine=False)
         self.preprocess1 = ReLUConvBN(c_prev, channels, 1, 1, 0, affine=False)
         self.edges = nn.ModuleList(
-            MixedOp(channels, 2 if reduction and j < 2 else 1, primitives) for i in range(nodes) for j in range(2 + i)
+            MixedOp(channels, 2 if reduction and j < 2 else 1, primitives, speed)
+            for i in range(nodes)
+            for j in range(2 + i)
         )
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -75,6 +120,28 @@ class SearchCell(nn.Module):
             states.append(sum(self.edges[offset + j](h, weights[offset + j]) for j, h in enumerate(states)))
             offset += len(states) - 1
         return torch.cat(states[2:], dim=1)
+
+
+def checkpointed_cell(cell: SearchCell, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``cell(s0, s1, weights)`` with activation checkpointing: its activations are recomputed in the backward.
+
+    The cell's parameters are passed as inputs (``functional_call`` in the recomputation), so the recomputation
+    uses the tensors the forward used even when the architect ran it under ``functional_call`` with other weights;
+    the recomputation updates copies of the batch-norm running statistics, so the real ones are updated once, as
+    without checkpointing (in training the output uses batch statistics, never the running ones).
+    """
+    names = [n for n, _ in cell.named_parameters()]
+    recomputing = [False]
+
+    def run(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        if not recomputing[0]:
+            recomputing[0] = True
+            return cell(a, b, w)
+        throwaway = {n: t.clone() for n, t in cell.named_buffers()}
+        return torch.func.functional_call(cell, {**dict(zip(names, params)), **throwaway}, (a, b, w))
+
+    params = [p for _, p in cell.named_parameters()]
+    return torch.utils.checkpoint.checkpoint(run, s0, s1, weights, *params, use_reentrant=False)
 
 
 class SearchNetwork(nn.Module):
@@ -89,8 +156,10 @@ class SearchNetwork(nn.Module):
         nodes: int = 4,
         primitives: Sequence[str] = PRIMITIVES,
         stem_multiplier: int = 3,
+        speed: SpeedConfig = PLAIN,
     ):
         super().__init__()
+        self.speed = speed
         if layers < 1 or nodes < 1 or channels < 1:
             raise ValueError(f"layers, nodes and channels must be positive, got {layers}, {nodes}, {channels}")
         if len(set(primitives)) != len(primitives) or not primitives:
@@ -110,7 +179,9 @@ class SearchNetwork(nn.Module):
             reduction = i in reductions
             if reduction:
                 c_curr *= 2
-            cells.append(SearchCell(nodes, c_prev_prev, c_prev, c_curr, reduction, reduction_prev, self.primitives))
+            cells.append(
+                SearchCell(nodes, c_prev_prev, c_prev, c_curr, reduction, reduction_prev, self.primitives, speed)
+            )
             reduction_prev = reduction
             c_prev_prev, c_prev = c_prev, nodes * c_curr
         self.cells = nn.ModuleList(cells)
@@ -123,6 +194,9 @@ class SearchNetwork(nn.Module):
         self.alpha = nn.ParameterDict(
             {"normal": nn.Parameter(1e-3 * torch.randn(k, n_ops)), "reduce": nn.Parameter(1e-3 * torch.randn(k, n_ops))}
         )
+        if speed.channels_last:
+            self.to(memory_format=torch.channels_last)
+        self._compiled: _CompiledOrEager | None = None
 
     @property
     def alpha_normal(self) -> nn.Parameter:
@@ -132,12 +206,27 @@ class SearchNetwork(nn.Module):
     def alpha_reduce(self) -> nn.Parameter:
         return self.alpha["reduce"]
 
+    def __getstate__(self) -> dict[str, Any]:  # a compiled forward is rebuilt, never copied or pickled
+        return {**super().__getstate__(), "_compiled": None}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.speed.compile:
+            if self._compiled is None:
+                self._compiled = _CompiledOrEager(self.supernet)
+            return self._compiled(x)
+        return self.supernet(x)
+
+    def supernet(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem, cells (each edge eq. 1 with softmax(α)), pooling, classifier."""
         w_normal = F.softmax(self.alpha_normal, dim=-1)
         w_reduce = F.softmax(self.alpha_reduce, dim=-1)
+        if self.speed.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         s0 = s1 = self.stem(x)
+        checkpointed = self.speed.checkpoint_cells and self.training and torch.is_grad_enabled()
         for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal)
+            weights = w_reduce if cell.reduction else w_normal
+            s0, s1 = s1, checkpointed_cell(cell, s0, s1, weights) if checkpointed else cell(s0, s1, weights)
         return self.classifier(self.global_pooling(s1).flatten(1))
 
     def alpha_names(self) -> tuple[str, str]:

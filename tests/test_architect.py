@@ -194,3 +194,47 @@ def test_reducer_that_averages_makes_the_result_the_global_batch_gradient(setup)
         t.join()
     assert rel_err(results[0], want) < 1e-4
     assert all(torch.equal(a, b) for a, b in zip(results[0], results[1]))
+
+
+def test_exact_hessian_vector_product_equals_double_backward(setup) -> None:  # noqa: ANN001
+    net, opt, (tx, ty, vx, vy) = setup
+    arch = Architect(net, opt, xi=LR, hessian="exact")
+    torch.manual_seed(3)
+    v = [torch.randn_like(w) for w in arch.weights]
+    want = exact_hvp(arch, v, tx, ty)
+    got = arch.hessian_vector_product(v, tx, ty)
+    assert rel_err(got, want) < 1e-10
+    assert all(p.grad is None for p in net.weights())  # the aliases keep the weights' own gradients untouched
+
+
+def test_finite_difference_approaches_the_exact_product_as_the_scale_shrinks(setup) -> None:  # noqa: ANN001
+    net, opt, (tx, ty, vx, vy) = setup
+    fd, exact = Architect(net, opt, xi=LR), Architect(net, opt, xi=LR, hessian="exact")
+    torch.manual_seed(4)
+    v = [torch.randn_like(w) for w in fd.weights]
+    want = exact.hessian_vector_product(v, tx, ty)
+    errors = [rel_err(fd.hessian_vector_product(v, tx, ty, scale=s), want) for s in (1e-1, 1e-4, 1e-6)]
+    # Large ε crosses ReLU and max-pool kinks; small ε leaves only the O(ε²) term and rounding.
+    assert errors[1] < 1e-6 and errors[2] < 1e-6 and errors[0] > 100 * errors[1], errors
+
+
+def test_second_order_step_with_the_exact_product_equals_autograd_through_the_virtual_step(setup) -> None:  # noqa: ANN001
+    net, opt, (tx, ty, vx, vy) = setup
+    xi = 0.05
+    alphas = list(net.alphas())
+    arch = Architect(net, opt, xi=xi, hessian="exact")
+    loss = arch.loss(arch.weights, alphas, tx, ty)
+    g = torch.autograd.grad(loss, arch.weights, create_graph=True)
+    unrolled = [w - xi * (MOMENTUM * opt.state[w]["momentum_buffer"] + gi + WD * w) for w, gi in zip(arch.weights, g)]
+    exact = torch.autograd.grad(arch.loss(unrolled, alphas, vx, vy), alphas)
+    before = {k: v.clone() for k, v in net.state_dict().items() if "alpha" not in k}
+    arch.step(tx, ty, vx, vy)
+    assert rel_err([a.grad for a in alphas], list(exact)) < 1e-9  # no ε: exact up to float64 rounding
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items() if k in before)
+    assert all(p.grad is None for p in net.weights())
+
+
+def test_hessian_mode_is_checked() -> None:
+    net = SearchNetwork(in_channels=1, channels=4, num_classes=3, layers=3, nodes=2, primitives=PRIMS)
+    with pytest.raises(ValueError, match="hessian must be"):
+        Architect(net, torch.optim.SGD(net.weights(), lr=0.1), hessian="bogus")

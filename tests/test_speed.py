@@ -1,0 +1,135 @@
+"""The search step's speed switches (``search.speed.*``): each one on its own, and all the defaults together, give
+the plain path's α and w after 3 steps (within 1e-4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nas import SearchNetwork
+from nas.config import SearchConfig, SpeedConfig
+from nas.ops import PRIMITIVES, build_op, forward_after_relu, starts_with_relu
+from nas.search import Searcher
+from nas.search_model import PLAIN, MixedOp
+
+SWITCHES = [name for name in SpeedConfig.model_fields]
+
+
+def tiny_config(speed: SpeedConfig, xi: float | None = None, hessian: str = "fd") -> SearchConfig:
+    """A 3-cell supernet on every DARTS primitive (a reduction with FactorizedReduce skips included)."""
+    return SearchConfig(layers=3, channels=4, nodes=2, batch_size=8, xi=xi, hessian=hessian, speed=speed)
+
+
+def three_steps(cfg: SearchConfig) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """α and every parameter and buffer after 3 search steps on fixed random batches."""
+    torch.manual_seed(0)
+    searcher = Searcher(cfg, in_channels=1, num_classes=3)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x_w, x_a = (torch.randn(8, 1, 8, 8, generator=gen) for _ in range(2))
+        y_w, y_a = (torch.randint(0, 3, (8,), generator=gen) for _ in range(2))
+        searcher.step(x_w, y_w, x_a, y_a)
+    state = {k: v.detach().clone() for k, v in searcher.network.state_dict().items()}
+    return [a.detach().clone() for a in searcher.network.alphas()], state
+
+
+def assert_same(got: tuple, want: tuple) -> None:
+    for a, b in zip(got[0], want[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    assert got[1].keys() == want[1].keys()
+    for key in want[1]:
+        torch.testing.assert_close(got[1][key].float(), want[1][key].float(), rtol=0, atol=1e-4, msg=key)
+
+
+@pytest.fixture(scope="module")
+def plain_second_order() -> tuple:
+    return three_steps(tiny_config(PLAIN))
+
+
+@pytest.mark.parametrize("switch", [s for s in SWITCHES if s != "compile"])
+def test_each_switch_alone_gives_the_plain_paths_alpha_and_weights(switch: str, plain_second_order: tuple) -> None:
+    speed = PLAIN.model_copy(update={switch: True})
+    assert_same(three_steps(tiny_config(speed)), plain_second_order)
+
+
+def test_the_default_switches_give_the_plain_path_first_and_second_order(plain_second_order: tuple) -> None:
+    assert SpeedConfig() != PLAIN  # something is on by default
+    assert_same(three_steps(tiny_config(SpeedConfig())), plain_second_order)
+    assert_same(three_steps(tiny_config(SpeedConfig(), xi=0.0)), three_steps(tiny_config(PLAIN, xi=0.0)))
+
+
+def test_every_switch_at_once_with_the_exact_hessian() -> None:
+    every = SpeedConfig(**{s: s != "compile" for s in SWITCHES})
+    want = three_steps(tiny_config(PLAIN, hessian="exact"))
+    assert_same(three_steps(tiny_config(every, hessian="exact")), want)
+
+
+def test_compile_gives_the_plain_path(monkeypatch: pytest.MonkeyPatch, plain_second_order: tuple) -> None:
+    """Dynamo's tracing (the 'eager' backend, so no code generation: seconds, not minutes on 2 CPUs)."""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="eager", **kw))
+    assert_same(three_steps(tiny_config(SpeedConfig(compile=True))), plain_second_order)
+
+
+def test_compile_falls_back_to_eager_when_it_fails(monkeypatch: pytest.MonkeyPatch, plain_second_order: tuple) -> None:
+    def broken(fn, **kw):  # noqa: ANN001, ANN003, ANN202
+        def run(*args):  # noqa: ANN002, ANN202
+            raise RuntimeError("no compiler here")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match="running eagerly"):
+        got = three_steps(tiny_config(SpeedConfig(compile=True)))
+    assert_same(got, plain_second_order)
+
+
+def test_exact_hessian_with_compile_is_refused() -> None:
+    with pytest.raises(ValueError, match="double backward"):
+        SearchConfig(hessian="exact", speed=SpeedConfig(compile=True))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_forward_after_relu_is_the_op_on_relu_x(stride: int) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    shared = [name for name in PRIMITIVES if starts_with_relu(build_op(name, 4, stride))]
+    expected = {"sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"} | (
+        {"skip_connect"} if stride == 2 else set()
+    )
+    assert set(shared) == expected
+    for name in shared:
+        op = build_op(name, 4, stride).eval()
+        assert torch.equal(forward_after_relu(op, torch.relu(x)), op(x)), name
+
+
+def test_skip_none_and_shared_relu_mixed_op_equals_eq_1_with_gradients() -> None:
+    torch.manual_seed(0)
+    plain = MixedOp(4, 2, PRIMITIVES)
+    fast = MixedOp(4, 2, PRIMITIVES, SpeedConfig())
+    fast.load_state_dict(plain.state_dict())
+    assert PRIMITIVES.index("none") not in fast.active and sum(fast.after_relu) == 5
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    alpha = torch.randn(len(PRIMITIVES), requires_grad=True)
+    outs, grads = [], []
+    for op in (plain, fast):
+        y = op(x, torch.softmax(alpha, 0))
+        outs.append(y)
+        grads.append(torch.autograd.grad((y * y).sum(), [x, alpha, *op.parameters()]))
+    torch.testing.assert_close(outs[0], outs[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_channels_last_network_keeps_its_state_dict_and_deepcopies() -> None:
+    import copy
+
+    net = SearchNetwork(
+        in_channels=1, channels=4, num_classes=3, layers=3, nodes=2, speed=SpeedConfig(channels_last=True)
+    )
+    conv = next(m for m in net.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = SearchNetwork(in_channels=1, channels=4, num_classes=3, layers=3, nodes=2)
+    assert net.state_dict().keys() == plain.state_dict().keys()
+    assert copy.deepcopy(net)(torch.randn(2, 1, 8, 8)).shape == (2, 3)
