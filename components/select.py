@@ -17,7 +17,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict
+
 from components.config import PipelineConfig
+from components.driver import Prepared
 from components.storage import Location
 from nas.genotypes import Genotype
 from nas.search import SearchEpoch
@@ -25,15 +28,21 @@ from nas.search import SearchEpoch
 Mode = Literal["max", "min"]
 
 
-@dataclass(frozen=True)
-class TrialResult:
-    """One finished search: its resolved config (seed, ξ and any other grid value), its last epoch, its outputs."""
+class TrialResult(BaseModel):
+    """One finished search: its resolved config (seed, ξ and any other grid value), its last epoch, where its
+    outputs are. A record: what the sweep hands to selection, in one process or as JSON between Kubeflow steps."""
+
+    model_config = ConfigDict(frozen=True, ser_json_inf_nan="constants")
 
     trial: str
     config: PipelineConfig
     last: SearchEpoch
-    outputs: Location | None = None
+    outputs: str | None = None  # folder or URI of the published search outputs
     complete: bool = True  # False when a scheduler stopped the search before its last epoch
+
+    @property
+    def location(self) -> Location | None:
+        return None if self.outputs is None else Location(self.outputs)
 
     @property
     def genotype(self) -> Genotype:
@@ -127,7 +136,7 @@ def selection_table(
                 "selected_rank": rank_of.get(r.trial),
                 "same_genotype_as": same_as.get(r.trial),
                 "genotype": str(r.genotype),
-                "outputs": None if r.outputs is None else r.outputs.uri,
+                "outputs": r.outputs,
             }
         )
     return rows
@@ -162,3 +171,15 @@ def write_selection(
     ]
     where.write_text("selection.csv", buffer.getvalue())
     where.write_json("selection.json", {"metric": metric, "selected": selected, "trials": rows})
+
+
+def select_and_publish(
+    prepared: Prepared, trials: Sequence[TrialResult], sweep_name: str
+) -> tuple[list[Candidate], Location]:
+    """The top ``sweep.top_k`` distinct cells of a sweep's trials, by ``sweep.metric``, and where the table went
+    (``<storage>/<sweep_name>/selection``). Raises ValueError when no trial can be selected."""
+    sweep = prepared.config.sweep
+    selected = select_top(trials, metric=sweep.metric, mode=sweep.mode, k=sweep.top_k)
+    where = prepared.storage.join(sweep_name, "selection")
+    write_selection(where, trials, selected, sweep.metric, sweep.axes())
+    return selected, where

@@ -4,7 +4,7 @@ The grid is written inside the pipeline config itself (``tune.grid_search`` at `
 so Tune resolves each trial's config, the trial validates it again, and that config is what selection, retrain
 and MLflow see. Each trial is a Tune function trainable that runs the Ray Train search stage (a ``TorchTrainer``);
 its epoch records reach Tune through Train V2's ``TuneReportCallback``. ξ = 0 trials are first order, ξ = null or > 0
-second order. When every trial has finished, the trials are ranked and the top genotypes selected
+second order. When every trial has finished, ``python -m components.sweep`` ranks them and selects the top genotypes
 (components/select.py); the table lands in ``<storage>/<name>/selection/``.
 
     python -m components.sweep --config digits --set sweep.seeds=[1,2] --set sweep.xi=[0,null] \
@@ -27,7 +27,7 @@ from typing import Any
 from components.config import PipelineConfig
 from components.driver import Prepared
 from components.search import publish_from_checkpoint, read_history, run_search_stage, search_outputs
-from components.select import Candidate, TrialResult, select_top, write_selection
+from components.select import Candidate, TrialResult, select_and_publish
 from components.storage import Location
 from components.trainer import StageCallback, StageError, stage_main
 from nas.search import SearchEpoch
@@ -37,9 +37,7 @@ from nas.search import SearchEpoch
 class SweepResult:
     name: str
     trials: list[TrialResult]
-    selected: list[Candidate]
-    selection: Location  # selection.csv and selection.json
-    errors: list[str]
+    errors: list[str]  # one line per trial that failed
 
 
 def _trial(params: dict[str, Any], sweep_name: str, callback: StageCallback | None = None) -> None:
@@ -132,19 +130,13 @@ def run_sweep(prepared: Prepared, *, name: str | None = None, callback: StageCal
                 trial=trial_id,
                 config=trial_config,
                 last=last,
-                outputs=outputs,
+                outputs=None if outputs is None else outputs.uri,
                 complete=last.epoch >= trial_config.search.epochs,
             )
         )
     if not trials:
         raise StageError(f"sweep {name!r}: no trial finished ({'; '.join(errors) or 'no trials'})")
-    try:
-        selected = select_top(trials, metric=config.sweep.metric, mode=config.sweep.mode, k=config.sweep.top_k)
-    except ValueError as err:
-        raise StageError(f"sweep {name!r}: {err}") from None
-    selection = experiment.join("selection")
-    write_selection(selection, trials, selected, config.sweep.metric, config.sweep.axes())
-    return SweepResult(name, trials, selected, selection, errors)
+    return SweepResult(name, trials, errors)
 
 
 def _publish_stopped(search: Location, outputs: Location, metrics: dict[str, Any], config: PipelineConfig) -> bool:
@@ -156,16 +148,29 @@ def _publish_stopped(search: Location, outputs: Location, metrics: dict[str, Any
     return True
 
 
+def sweep_and_select(
+    prepared: Prepared, *, name: str | None = None, callback: StageCallback | None = None
+) -> tuple[SweepResult, list[Candidate], Location]:
+    """The sweep, then the selection of its trials (what ``python -m components.sweep`` runs)."""
+    sweep = run_sweep(prepared, name=name, callback=callback)
+    try:
+        selected, where = select_and_publish(prepared, sweep.trials, sweep.name)
+    except ValueError as err:
+        raise StageError(f"sweep {sweep.name!r}: {err}") from None
+    return sweep, selected, where
+
+
 def main(argv: list[str] | None = None) -> int:
-    def show(config: PipelineConfig, result: SweepResult) -> None:
-        for candidate in result.selected:
+    def show(config: PipelineConfig, result: tuple[SweepResult, list[Candidate], Location]) -> None:
+        sweep, selected, where = result
+        for candidate in selected:
             metric = f"{config.sweep.metric}={candidate.metric:.4f}"
             print(f"#{candidate.rank} {candidate.trial.trial} {metric} {candidate.genotype}")
-        print(f"selection: {result.selection}")
-        for error in result.errors:
+        print(f"selection: {where}")
+        for error in sweep.errors:
             print(f"failed trial {error}", file=sys.stderr)
 
-    return stage_main("python -m components.sweep", __doc__, "sweep", run_sweep, show, argv)
+    return stage_main("python -m components.sweep", __doc__, "sweep", sweep_and_select, show, argv)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,7 @@ class Lineage:
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.client = _client(self.tracking_uri)
         self.pipeline = pipeline
+        self.experiment = experiment
         _quoted(pipeline)
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
@@ -267,9 +268,9 @@ class Lineage:
 
         def write(run_id: str) -> None:
             self._log_trained(run_id, trial.config, trial.genotype, history, None)
-            if trial.outputs is None:
+            if trial.location is None:
                 return
-            with trial.outputs.local_copy() as out:
+            with trial.location.local_copy() as out:
                 for name in SEARCH_FILES:
                     if (out / name).is_file():
                         self.client.log_artifact(run_id, str(out / name))
@@ -277,8 +278,7 @@ class Lineage:
                     if (out / folder).is_dir():
                         self.client.log_artifacts(run_id, str(out / folder), artifact_path=folder)
 
-        outputs = trial.outputs.uri if trial.outputs is not None else ""
-        return self._child("search", trial.trial, {f"{T}search_dir": outputs}, write)
+        return self._child("search", trial.trial, {f"{T}search_dir": trial.outputs or ""}, write)
 
     def log_selection(self, selection: Location | None, selected: Sequence[Candidate], metric: str) -> str:
         """The selection: its table as artifacts, the chosen trials and genotypes by rank, links to their runs."""

@@ -24,10 +24,10 @@ if __name__ == "__main__" and __package__ is None:  # `python pipelines/full.py`
 
 from components.config import PipelineConfig, load_pipeline_config, trial_configs
 from components.driver import Prepared, prepare
-from components.retrain import ChampionResult, RetrainJob, RetrainStageResult, choose_champion
-from components.search import read_history
+from components.pipeline import model_name, open_lineage, register_stage, retrain_stage, select_stage, sweep_stage
+from components.retrain import ChampionResult
+from components.select import Candidate, TrialResult
 from components.storage import StorageError
-from components.sweep import SweepResult, run_sweep
 from components.trainer import StageError
 from nas.config import ConfigError, config_parser
 from nas.data import DataError
@@ -39,7 +39,8 @@ class PipelineResult:
     tracking_uri: str
     experiment: str
     pipeline_run: str
-    sweep: SweepResult
+    trials: list[TrialResult]
+    selected: list[Candidate]
     champion: ChampionResult
     model_name: str
     model_version: str
@@ -75,59 +76,38 @@ def plan(config: PipelineConfig, name: str) -> list[str]:
 
 def run_pipeline(prepared: Prepared, *, name: str | None = None, log: Any = print) -> PipelineResult:
     """Run (or resume) every stage and record it in MLflow; the driver is MLflow's only writer."""
-    from components.tracking import Lineage, resolve_tracking_uri
-
     config = prepared.config
     name = name or config.name
-    tracking_uri = resolve_tracking_uri(config.mlflow.tracking_uri)
-    experiment = config.mlflow.experiment or name
-    model_name = config.mlflow.model_name or config.name
-    lineage = Lineage(tracking_uri, experiment=experiment, pipeline=name)
-    pipeline_run = lineage.pipeline_run(config)
-    log(f"[pipeline] {name}: MLflow run {pipeline_run} in experiment {experiment!r} at {tracking_uri}")
+    lineage = open_lineage(config, name)
+    log(
+        f"[pipeline] {name}: MLflow run {lineage.run_id} in experiment {lineage.experiment!r} at {lineage.tracking_uri}"
+    )
     try:
         log("[pipeline] 1/4 sweep")
-        sweep = run_sweep(prepared, name=f"{name}-sweep")
-        search_runs = {}
-        for trial in sweep.trials:
-            history = (read_history(trial.outputs) if trial.outputs is not None else None) or []
-            search_runs[trial.trial] = lineage.log_search_trial(trial, history)
+        trials, search_runs = sweep_stage(prepared, lineage, name)
         log("[pipeline] 2/4 selection")
-        lineage.log_selection(sweep.selection, sweep.selected, config.sweep.metric)
+        selected = select_stage(prepared, lineage, trials, name)
         log("[pipeline] 3/4 retrain")
-        candidates = [(c.trial.trial, c.genotype) for c in sweep.selected]
-        champion = choose_champion(prepared, candidates, name=name, log=lambda line: log(f"[pipeline] {line}"))
-        retrain_runs: dict[str, str] = {}
-
-        def record(job: RetrainJob, stage: RetrainStageResult) -> str:
-            split = stage.last.eval_split
-            metrics = {f"final_{split}_acc": stage.last.eval_acc, f"final_{split}_loss": stage.last.eval_loss}
-            run_id = lineage.log_retrain(job.name, job.role, job.config, stage.history, job.source, metrics)
-            retrain_runs[job.name] = run_id
-            return run_id
-
-        for job, stage in champion.candidates:
-            record(job, stage)
-        champion_run = record(*champion.champion)
-        for job, stage in champion.baselines:
-            record(job, stage)
+        candidates = [(c.trial.trial, c.genotype) for c in selected]
+        champion, retrain_runs = retrain_stage(
+            prepared, lineage, candidates, name, log=lambda line: log(f"[pipeline] {line}")
+        )
         log("[pipeline] 4/4 register")
         job, stage = champion.champion
-        version = lineage.register_champion(
-            champion_run, stage.location, stage.spec, model_name, source_search_run=job.source
-        )
+        version = register_stage(lineage, retrain_runs[job.name], stage, model_name(config), job.source)
     except BaseException:
         lineage.finish("FAILED")
         raise
     lineage.finish()
     return PipelineResult(
         name=name,
-        tracking_uri=tracking_uri,
-        experiment=experiment,
-        pipeline_run=pipeline_run,
-        sweep=sweep,
+        tracking_uri=lineage.tracking_uri,
+        experiment=lineage.experiment,
+        pipeline_run=lineage.run_id,
+        trials=trials,
+        selected=selected,
         champion=champion,
-        model_name=model_name,
+        model_name=model_name(config),
         model_version=str(version.version),
         metric=config.sweep.metric,
         search_runs=search_runs,
@@ -139,7 +119,7 @@ def summary(result: PipelineResult) -> str:
     """The end-of-run table: every search, the retrains, the registered model, how to look at it all."""
     metric = result.metric
     rows = ["search trials:", f"  {'trial':<24} {'seed':>4} {'xi':>8} {metric:>8}  genotype"]
-    for t in sorted(result.sweep.trials, key=lambda t: t.trial):
+    for t in sorted(result.trials, key=lambda t: t.trial):
         xi = "null" if t.xi is None else f"{t.xi:g}"
         value = t.metrics.get(metric, float("nan"))
         rows.append(f"  {t.trial:<24} {t.seed:>4} {xi:>8} {value:>8.4f}  {t.genotype}")

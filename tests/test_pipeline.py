@@ -77,7 +77,7 @@ def test_the_quick_pipeline_on_s3_registers_a_champion_with_its_lineage(tmp_path
     assert len(client.search_model_versions("name = 'quick'")) == 1
     # 4 searches ran concurrently and were logged: every epoch of every metric, their files and pictures
     assert len(result.search_runs) == 4
-    for trial in result.sweep.trials:
+    for trial in result.trials:
         run_id = result.search_runs[trial.trial]
         run = client.get_run(run_id)
         assert run.data.params["derived.normal"] and run.data.params["derived.reduce"]
@@ -104,7 +104,7 @@ def test_the_quick_pipeline_on_s3_registers_a_champion_with_its_lineage(tmp_path
     assert lineage["pipeline_run"] == result.pipeline_run
     assert lineage["dataset_digest"] == dataset_digest(config)[0]
     assert champion.last.eval_split == "test" and {job.role for job, _ in result.champion.baselines} == {"baseline"}
-    assert len(result.champion.candidates) == len(result.sweep.selected) >= 1
+    assert len(result.champion.candidates) == len(result.selected) >= 1
     champion_params = client.get_run(lineage["retrain_run"]).data.params
     assert champion_params["retrain.genotype"] == champion.genotype.to_json()  # what it trained, not the preset's
     # the registered model predicts class probabilities, as the retrained network does, from raw pixels too

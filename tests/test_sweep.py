@@ -18,7 +18,7 @@ from components.config import PipelineConfig
 from components.driver import prepare
 from components.search import read_history
 from components.select import TrialResult
-from components.sweep import run_sweep
+from components.sweep import sweep_and_select
 from nas.config import load_config
 
 TINY = [
@@ -44,7 +44,8 @@ def test_two_seeds_by_two_xi_on_two_cpus(tmp_path: Path) -> None:
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         cfg = load_config("digits", [*TINY, f"ray.storage_path={tmp_path}", "sweep.top_k=2"], model=PipelineConfig)
-        result = run_sweep(prepare(cfg, sweep=True), name="grid", callback=StartLog(tmp_path / "starts"))
+        starts = StartLog(tmp_path / "starts")
+        result, selected, where = sweep_and_select(prepare(cfg, sweep=True), name="grid", callback=starts)
     finally:
         ray.shutdown()
     assert not result.errors
@@ -59,16 +60,17 @@ def test_two_seeds_by_two_xi_on_two_cpus(tmp_path: Path) -> None:
         assert _alpha_history(by_seed[1]) != _alpha_history(by_seed[2])
     for t in result.trials:  # each trial's resolved config is its own grid point, the rest as configured
         assert t.config.search.model_dump(exclude={"seed", "xi"}) == cfg.search.model_dump(exclude={"seed", "xi"})
-        assert json.loads((t.outputs.local_path / "config.json").read_text()) == t.config.model_dump(mode="json")
-    assert len((tmp_path / "starts").read_text().split()) == 4
-    assert 1 <= len(result.selected) <= 2
+        assert json.loads((t.location.local_path / "config.json").read_text()) == t.config.model_dump(mode="json")
+        assert TrialResult.model_validate_json(t.model_dump_json()) == t  # a record: JSON between Kubeflow steps
+    assert sorted((tmp_path / "starts").read_text().split()) == sorted(t.trial for t in result.trials)
+    assert 1 <= len(selected) <= 2
     best = max(t.metrics["val_acc"] for t in result.trials)
-    assert result.selected[0].metric == best
-    assert result.selection.exists("selection.csv") and result.selection.exists("selection.json")
+    assert selected[0].metric == best
+    assert where.exists("selection.csv") and where.exists("selection.json")
 
 
 def _alpha_history(trial: TrialResult) -> list[list]:
-    return [[row.alpha_normal, row.alpha_reduce] for row in read_history(trial.outputs)]
+    return [[row.alpha_normal, row.alpha_reduce] for row in read_history(trial.location)]
 
 
 def test_same_seed_and_xi_give_the_same_genotype_and_extra_axes_change_alpha(tmp_path: Path) -> None:
@@ -78,7 +80,8 @@ def test_same_seed_and_xi_give_the_same_genotype_and_extra_axes_change_alpha(tmp
     try:
         overrides = [*TINY, f"ray.storage_path={tmp_path}", "sweep.seeds=[3,3]", "sweep.xi=[null]"]
         overrides += ["sweep.alpha_lr=[0.006,0.3]", "sweep.top_k=4"]
-        result = run_sweep(prepare(load_config("digits", overrides, model=PipelineConfig), sweep=True), name="repeat")
+        config = prepare(load_config("digits", overrides, model=PipelineConfig), sweep=True)
+        result, selected, where = sweep_and_select(config, name="repeat")
     finally:
         ray.shutdown()
     assert not result.errors and len(result.trials) == 4
@@ -91,9 +94,9 @@ def test_same_seed_and_xi_give_the_same_genotype_and_extra_axes_change_alpha(tmp
         assert _alpha_history(twins[0]) == _alpha_history(twins[1])
         assert twins[0].metrics["val_loss"] == twins[1].metrics["val_loss"]
     assert _alpha_history(by_lr[0.006][0]) != _alpha_history(by_lr[0.3][0])  # the extra axis reached the search
-    rows = {r["trial"]: r for r in csv.DictReader(result.selection.read_text("selection.csv").splitlines())}
+    rows = {r["trial"]: r for r in csv.DictReader(where.read_text("selection.csv").splitlines())}
     assert {float(r["alpha_lr"]) for r in rows.values()} == {0.006, 0.3}
-    assert len(result.selected) < 4  # twins are one candidate
+    assert len(selected) < 4  # twins are one candidate
 
 
 def test_asha_stops_a_trailing_search_at_its_first_rung(tmp_path: Path) -> None:
@@ -105,18 +108,18 @@ def test_asha_stops_a_trailing_search_at_its_first_rung(tmp_path: Path) -> None:
         overrides += ["sweep.seeds=[1]", "sweep.xi=[0]", "sweep.w_lr=[0.1,0.00001]", "sweep.scheduler=asha"]
         overrides += ["sweep.metric=val_loss", "sweep.mode=min", "sweep.max_concurrent_trials=1"]
         cfg = prepare(load_config("digits", overrides, model=PipelineConfig), sweep=True)
-        result = run_sweep(cfg, name="asha", callback=StartLog(tmp_path / "starts"))
+        result, selected, _ = sweep_and_select(cfg, name="asha", callback=StartLog(tmp_path / "starts"))
     finally:
         ray.shutdown()
     order = (tmp_path / "starts").read_text().split()
     first, second = (next(t for t in result.trials if t.trial == trial_id) for trial_id in order)
     assert first.complete and first.metrics["epoch"] == 2  # nothing to compare with at the rung: it runs on
-    first_rung_loss = read_history(first.outputs)[0].val_loss
+    first_rung_loss = read_history(first.location)[0].val_loss
     # ASHA (reduction factor 2) stops the second trial at epoch 1 exactly when it trails the first there.
     trails = second.metrics["val_loss"] > first_rung_loss if second.metrics["epoch"] == 1 else None
     assert second.config.search.w_lr == 0.00001 and second.metrics["epoch"] == 1 and trails
     assert not second.complete
-    assert [c.trial.trial for c in result.selected] == [first.trial]  # a stopped search is not a candidate
+    assert [c.trial.trial for c in selected] == [first.trial]  # a stopped search is not a candidate
 
 
 def test_an_interrupted_sweep_restores_without_rerunning_finished_trials(tmp_path: Path) -> None:

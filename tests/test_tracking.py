@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import threading
@@ -75,7 +74,9 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> dict:
             save_epoch_pictures(
                 out, report.epoch, report.genotype, report.alpha_normal, report.alpha_reduce, primitives
             )
-        trials.append(TrialResult(f"trial_{seed}", trial_config, result.history[-1], Location(str(out))))
+        trials.append(
+            TrialResult(trial=f"trial_{seed}", config=trial_config, last=result.history[-1], outputs=str(out))
+        )
     retrain = RetrainRun(config, DARTS_V2)
     result = retrain.run()
     published = root / "retrain"
@@ -84,7 +85,7 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {
         "config": config,
         "trials": trials,
-        "histories": {t.trial: read_history(t.outputs) for t in trials},
+        "histories": {t.trial: read_history(t.location) for t in trials},
         "outputs": Location(str(published)),
         "spec": retrain.spec,
         "history": result.history,
@@ -316,7 +317,7 @@ def test_concurrent_writers_share_one_sqlite_store(tmp_path: Path, stages: dict)
             lineage = Lineage(uri, EXPERIMENT, "threads")
             lineage.pipeline_run(stages["config"])
             for k in range(3):
-                lineage.log_search_trial(dataclasses.replace(trial, trial=f"t{n}-{k}"), history)
+                lineage.log_search_trial(trial.model_copy(update={"trial": f"t{n}-{k}"}), history)
         except BaseException as err:  # noqa: BLE001 - reported below, in the test's thread
             errors.append(err)
 
