@@ -183,7 +183,7 @@ def test_the_pipeline_tracks_to_an_mlflow_server_over_http(
     assert all(run.info.status == "FINISHED" for run in runs)
 
     # the search run: its config as params, every epoch's metrics, its files and pictures
-    (trial,) = result.sweep.trials
+    (trial,) = result.trials
     search_run = result.search_runs[trial.trial]
     params = client.get_run(search_run).data.params
     assert params["derived.normal"] and params["derived.reduce"]
