@@ -26,7 +26,7 @@ RUN useradd --create-home --uid 1000 ray
 WORKDIR /app
 
 # The heavy dependencies first (torch, Ray: a code change does not download them again), then the project the
-# README's way, `pip install -e .`, with the rest of its dependencies.
+# README's way, `pip install -e .`, with the rest of its dependencies (and kfp, for the Kubeflow steps).
 # psycopg2-binary and boto3 are the MLflow server's: its Postgres database and its S3-compatible artifact store.
 COPY setup.cfg pyproject.toml README.md ./
 RUN pip install --index-url "${TORCH_INDEX}" "torch>=2.4,<=2.14.1" "torchvision>=0.19,<=0.29.1" \
@@ -34,7 +34,7 @@ RUN pip install --index-url "${TORCH_INDEX}" "torch>=2.4,<=2.14.1" "torchvision>
 COPY nas ./nas
 COPY components ./components
 COPY pipelines ./pipelines
-RUN pip install -e . "ray[default,train,tune]==${RAY_VERSION}" \
+RUN pip install -e ".[kubeflow]" "ray[default,train,tune]==${RAY_VERSION}" \
     && chown -R ray:ray /app
 
 USER ray

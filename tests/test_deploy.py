@@ -395,7 +395,7 @@ def test_the_rayjob_runs_the_pipeline_with_what_the_cluster_provides() -> None:
 def test_the_dockerfile_installs_the_project_the_readmes_way() -> None:
     text = _dockerfile()
     assert re.findall(r"^FROM (\S+)", text, re.M) == ["python:3.11-slim"]
-    assert re.search(r"pip install -e \.", text)
+    assert re.search(r"pip install -e \"?\.(\[kubeflow\])?", text)  # the README's step, with the Kubeflow steps' kfp
     copied = set(re.findall(r"^COPY (\w+) \./\1$", text, re.M))
     packages = {p.split(".")[0] for p in SETUP["options.packages.find"]["include"].split()}
     assert copied == packages
