@@ -39,15 +39,19 @@ PIPELINE_NAME = "raydarts"
 
 # --- what each step does (imported by the steps inside their pods) ---------------------------------------------------
 def _config(config_yaml: str, ray_address: str = "") -> Any:
-    """The first step's resolved config, validated again; ``ray_address`` ('' : a local Ray) set in it."""
+    """The first step's resolved config, validated again, with ``ray_address`` ('' : a local Ray) set in it."""
     import yaml
 
     from components.config import PipelineConfig
 
-    config = PipelineConfig.model_validate(yaml.safe_load(config_yaml))
-    if ray_address:
-        config = config.model_copy(update={"ray": config.ray.model_copy(update={"address": ray_address})})
-    return config
+    return _on(PipelineConfig.model_validate(yaml.safe_load(config_yaml)), ray_address)
+
+
+def _on(config: Any, ray_address: str) -> Any:
+    """``config`` running its stages on the Ray at ``ray_address`` (unchanged when it is empty)."""
+    if not ray_address:
+        return config
+    return config.model_copy(update={"ray": config.ray.model_copy(update={"address": ray_address})})
 
 
 def _yaml(config: Any) -> str:
@@ -63,8 +67,7 @@ def sweep_step(preset: str, overrides: list[str], name: str, ray_address: str, t
     from components.driver import prepare
     from components.pipeline import open_lineage, sweep_stage
 
-    config = _config(_yaml(load_pipeline_config(preset, overrides)), ray_address)
-    prepared = prepare(config, sweep=True)
+    prepared = prepare(_on(load_pipeline_config(preset, overrides), ray_address), sweep=True)
     trials, _ = sweep_stage(prepared, open_lineage(prepared.config, name), name)
     Path(trials_path).write_text(json.dumps([t.model_dump(mode="json") for t in trials], indent=2))
     return _yaml(prepared.config)
@@ -125,9 +128,9 @@ def register_step(config_yaml: str, name: str, champion: dict[str, Any]) -> str:
     if stage is None:
         raise RuntimeError(f"the champion's outputs are gone from {champion['outputs']}")
     registered = model_name(config)
-    version = register_stage(
-        open_lineage(config, name), champion["retrain_run"], stage, registered, champion["source_trial"] or None
-    )
+    lineage = open_lineage(config, name)
+    version = register_stage(lineage, champion["retrain_run"], stage, registered, champion["source_trial"] or None)
+    lineage.finish()  # the last step: the pipeline's run is complete
     return f"models:/{registered}/{version.version}"
 
 
