@@ -76,6 +76,14 @@ def test_the_pipeline_runs_locally_and_registers_a_champion(tmp_path: Path, monk
     assert run.output == "models:/quick/1"
     lineage = walk_lineage(uri, "quick")
     assert lineage["pipeline"] == "kfp" and lineage["role"] == "champion" and lineage["search_run"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    assert client.get_run(lineage["pipeline_run"]).info.status == "FINISHED"  # the last step closed the run
+    search = client.get_run(lineage["search_run"])
+    assert (
+        search.data.params["search.seed"] == "1" and search.data.tags["mlflow.parentRunId"] == lineage["pipeline_run"]
+    )
     markdown = next((tmp_path / "kfp").rglob("summary"))
     assert "models:/quick/1" in markdown.read_text() and "DARTS_V2" in markdown.read_text()
     model_dir = next(p for p in (tmp_path / "kfp").rglob("champion") if p.is_dir())
