@@ -41,8 +41,8 @@ from components.trainer import (
     report_epoch,
     restore_latest,
     stage_main,
-    worker_log,
-    worker_setup,
+    start_worker,
+    watch,
 )
 from nas.eval_model import NetworkSpec
 from nas.genotypes import Genotype, parse_genotype
@@ -84,30 +84,14 @@ class RetrainStageResult(BaseModel):
 def _retrain_worker(loop_config: dict[str, Any]) -> None:
     import torch
 
-    from components.distributed import sum_tensors
     from nas.artifacts import write_json, write_text_atomic
-    from nas.loop import LoopContext
     from nas.plot import save_cells
     from nas.retrain import RetrainRun
 
-    config = PipelineConfig.model_validate(loop_config["config"])
-    callback: StageCallback = loop_config["callback"] or StageCallback()
-    rank, world, device, wrap = worker_setup(config)
-    callback.on_worker_start(rank, world)
-
-    def step_hook(step: int) -> None:
-        callback.on_step(rank, world, step, run.network)
-
-    context = LoopContext(
-        rank=rank,
-        world_size=world,
-        device=device,
-        sum_reducer=sum_tensors,
-        wrap_model=wrap,
-        log=worker_log,
-        step_hook=step_hook,
-    )
+    config, callback, context = start_worker(loop_config)
+    rank, world = context.rank, context.world_size
     run = RetrainRun(config, parse_genotype(config.retrain.genotype), context)
+    watch(context, callback, run.network)
     restore_latest(run, rank, world, "retrain")
 
     def on_epoch(report: RetrainEpoch, retrain_run: RetrainRun) -> None:

@@ -37,8 +37,8 @@ from components.trainer import (
     report_epoch,
     restore_latest,
     stage_main,
-    worker_log,
-    worker_setup,
+    start_worker,
+    watch,
 )
 from nas.genotypes import Genotype
 from nas.search import SearchEpoch
@@ -58,30 +58,13 @@ class SearchStageResult:
 
 # --- inside each worker ---------------------------------------------------------------------------------------------
 def _search_worker(loop_config: dict[str, Any]) -> None:
-    from components.distributed import average_tensors, sum_tensors
     from nas.artifacts import save_epoch_pictures, save_search_outputs, write_json
-    from nas.loop import LoopContext
     from nas.search import SearchRun
 
-    config = PipelineConfig.model_validate(loop_config["config"])
-    callback: StageCallback = loop_config["callback"] or StageCallback()
-    rank, world, device, wrap = worker_setup(config)
-    callback.on_worker_start(rank, world)
-
-    def step_hook(step: int) -> None:
-        callback.on_step(rank, world, step, run.network)
-
-    context = LoopContext(
-        rank=rank,
-        world_size=world,
-        device=device,
-        grad_reducer=average_tensors,
-        sum_reducer=sum_tensors,
-        wrap_model=wrap,
-        log=worker_log,
-        step_hook=step_hook,
-    )
+    config, callback, context = start_worker(loop_config, average_alpha_gradients=True)
+    rank, world = context.rank, context.world_size
     run = SearchRun(config, context)
+    watch(context, callback, run.network)
     restore_latest(run, rank, world, "search")
 
     def on_epoch(report: SearchEpoch, search_run: SearchRun) -> None:

@@ -18,6 +18,7 @@ import torch
 
 from components.config import PipelineConfig
 from components.driver import Prepared
+from nas.loop import LoopContext
 
 STATE_FILE = "state.pt"
 
@@ -107,17 +108,24 @@ def report_epoch(
         ray.train.report(metrics)
 
 
-def worker_setup(config: PipelineConfig) -> tuple[int, int, torch.device, Callable[[torch.nn.Module], torch.nn.Module]]:
-    """This worker's rank, world size, device and the model wrapper (global batch norm if asked, then DDP)."""
+def start_worker(
+    loop_config: dict[str, Any], *, average_alpha_gradients: bool = False
+) -> tuple[PipelineConfig, StageCallback, LoopContext]:
+    """What every stage's worker does first: its config (validated again), the caller's callback (told that the
+    worker started), and the LoopContext: rank, device, metric sums across ranks, the model wrapper (global batch
+    norm if asked, then DDP), the α-gradient average when asked. Call :func:`watch` once the run is built."""
     import ray.train
     import ray.train.torch
 
-    from components.distributed import convert_to_global_batchnorm, wrap_ddp
+    from components.distributed import average_tensors, convert_to_global_batchnorm, sum_tensors, wrap_ddp
 
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    config = PipelineConfig.model_validate(loop_config["config"])
+    callback: StageCallback = loop_config["callback"] or StageCallback()
+    train_context = ray.train.get_context()
+    rank, world = train_context.get_world_rank(), train_context.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(config.ray.cpus_per_worker)))
+    callback.on_worker_start(rank, world)
 
     def wrap(network: torch.nn.Module) -> torch.nn.Module:
         if config.ray.sync_bn and world > 1:
@@ -125,7 +133,17 @@ def worker_setup(config: PipelineConfig) -> tuple[int, int, torch.device, Callab
         ignore = network.alpha_names() if hasattr(network, "alpha_names") else ()
         return wrap_ddp(network, device, ignore=ignore)
 
-    return rank, world, device, wrap
+    context = LoopContext(
+        rank=rank, world_size=world, device=device, sum_reducer=sum_tensors, wrap_model=wrap, log=worker_log
+    )
+    if average_alpha_gradients:
+        context.grad_reducer = average_tensors
+    return config, callback, context
+
+
+def watch(context: LoopContext, callback: StageCallback, network: torch.nn.Module) -> None:
+    """Call ``callback`` before every step of the run on ``context``, with the run's ``network``."""
+    context.step_hook = lambda step: callback.on_step(context.rank, context.world_size, step, network)
 
 
 def fit(

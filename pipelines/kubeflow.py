@@ -22,8 +22,7 @@ image must hold this project (the repository's Dockerfile). The same steps run o
 ``kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False))`` (tests/test_kubeflow.py does).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: kfp reads the steps' annotations (Output[Dataset], ...) as objects.
 import argparse
 import json
 import sys

@@ -41,7 +41,8 @@ def test_the_pipeline_compiles_with_typed_steps(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     package = yaml.safe_load(out.read_text())
     tasks = package["root"]["dag"]["tasks"]
-    assert list(tasks) == ["sweep", "select", "retrain", "register"]
+    assert sorted(tasks) == ["register", "retrain", "select", "sweep"]
+    assert tasks["register"]["dependentTasks"] == ["retrain", "sweep"]
     assert tasks["retrain"]["dependentTasks"] == ["select", "sweep"]
     executors = package["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {"registry.example/raydarts:1"}
