@@ -197,7 +197,7 @@ def test_the_pipeline_tracks_to_an_mlflow_server_over_http(
     pictures = [a.path for a in client.list_artifacts(search_run, "cells")]
     assert pictures == ["cells/epoch_001.png", "cells/epoch_002.png"]
     genotype_file = Path(client.download_artifacts(search_run, "genotype.json", str(tmp_path / "down")))
-    assert genotype_file.read_text() == trial.outputs.read_text("genotype.json")
+    assert genotype_file.read_text() == trial.location.read_text("genotype.json")
 
     # the champion's retrain run: curves, pictures, the logged model; all of it stored by the server
     retrain_run = result.retrain_runs["quick-champion"]
