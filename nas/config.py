@@ -99,6 +99,12 @@ class SearchConfig(_Section):
         description="second-order Hessian-vector product: fd = the paper's finite difference, exact = double backward",
     )
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
+    partial_channels: int = Field(
+        1, ge=1, description="PC-DARTS K: 1/K of each edge's channels go through the mixed op, then a channel shuffle"
+    )
+    edge_normalization: bool = Field(
+        False, description="PC-DARTS: a β per edge, softmax over each node's inputs, also used to derive the genotype"
+    )
 
     @field_validator("primitives")
     @classmethod
@@ -121,6 +127,12 @@ class SearchConfig(_Section):
         if value < 3:
             raise ValueError("a search needs layers >= 3, so that both normal and reduction cells exist")
         return value
+
+    @model_validator(mode="after")
+    def _channels_divide_by_partial_channels(self) -> SearchConfig:
+        if self.channels % self.partial_channels:
+            raise ValueError(f"channels ({self.channels}) must be a multiple of partial_channels")
+        return self
 
     @model_validator(mode="after")
     def _exact_hessian_is_not_compiled(self) -> SearchConfig:

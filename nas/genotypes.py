@@ -420,6 +420,18 @@ def _as_weights(alpha: object, name: str, edges: int, primitives: Sequence[str])
     return torch.softmax(tensor, dim=-1).tolist()
 
 
+def edge_normalization_weights(beta: torch.Tensor | Sequence[float], nodes: int) -> list[float]:
+    """PC-DARTS edge normalization: softmax(β) over each intermediate node's incoming edges (node i has 2 + i)."""
+    tensor = torch.as_tensor(beta.detach().cpu() if isinstance(beta, torch.Tensor) else beta, dtype=torch.float64)
+    if tuple(tensor.shape) != (sum(node + 2 for node in range(nodes)),):
+        raise GenotypeError(f"β has shape {tuple(tensor.shape)}, expected one weight per edge of {nodes} nodes")
+    parts, start = [], 0
+    for node in range(nodes):
+        parts.append(torch.softmax(tensor[start : start + node + 2], dim=0))
+        start += node + 2
+    return torch.cat(parts).tolist()
+
+
 def _derive_cell(weights: list[list[float]], primitives: Sequence[str], nodes: int) -> tuple[Edge, ...]:
     candidates = [j for j, op in enumerate(primitives) if op != _NONE]
     cell: list[Edge] = []
@@ -443,6 +455,8 @@ def derive_genotype(
     alpha_reduce: torch.Tensor | Sequence[Sequence[float]],
     primitives: Sequence[str],
     nodes: int = 4,
+    beta_normal: torch.Tensor | Sequence[float] | None = None,
+    beta_reduce: torch.Tensor | Sequence[float] | None = None,
 ) -> Genotype:
     """Discretise architecture weights as DARTS does: per node, keep the two strongest edges and their best op.
 
@@ -450,6 +464,9 @@ def derive_genotype(
     Each row is softmaxed before ranking, because raw α of different edges are not comparable (a row with a huge
     'none' logit can have a large raw op logit yet a negligible weight). An edge's strength is the softmax weight
     of its best non-'none' op. All intermediate nodes are concatenated.
+
+    With PC-DARTS edge normalization (``beta_normal``/``beta_reduce``, one β per edge), each edge's softmax(α) row
+    is scaled by its softmax(β) weight among the node's inputs before ranking, as in the PC-DARTS authors' code.
     """
     if not _is_int(nodes) or nodes < 1:
         raise GenotypeError(f"nodes must be a positive integer, got {nodes!r}")
@@ -461,6 +478,10 @@ def derive_genotype(
     edges = sum(node + 2 for node in range(nodes))
     normal = _as_weights(alpha_normal, "alpha_normal", edges, primitives)
     reduce = _as_weights(alpha_reduce, "alpha_reduce", edges, primitives)
+    for rows, beta in ((normal, beta_normal), (reduce, beta_reduce)):
+        if beta is not None:
+            for row, scale in zip(rows, edge_normalization_weights(beta, nodes)):
+                row[:] = [w * scale for w in row]
     concat = tuple(range(2, nodes + 2))
     return Genotype(
         normal=_derive_cell(normal, primitives, nodes),

@@ -84,6 +84,8 @@ class Searcher:
             primitives=cfg.primitives,
             stem_multiplier=cfg.stem_multiplier,
             speed=cfg.speed,
+            partial_channels=cfg.partial_channels,
+            edge_normalization=cfg.edge_normalization,
         ).to(self.context.device)
         self.w_optimizer = torch.optim.SGD(
             self.network.weights(), lr=cfg.w_lr, momentum=cfg.w_momentum, weight_decay=cfg.w_weight_decay

@@ -52,6 +52,17 @@ class _CompiledOrEager:
         return self.fn(*args)
 
 
+def node_softmax(beta: torch.Tensor, nodes: int) -> torch.Tensor:
+    """PC-DARTS edge normalization: softmax(β) over each intermediate node's incoming edges (node i has 2 + i)."""
+    return torch.cat(list(map(lambda part: F.softmax(part, dim=0), beta.split([2 + i for i in range(nodes)]))))
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Interleave ``groups`` channel groups (ShuffleNet): channel g·(C/groups) + i moves to i·groups + g."""
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
 class MixedOp(nn.Module):
     """Eq. 1 of the paper: the softmax-weighted sum of all candidate operations on one edge.
 
@@ -60,8 +71,13 @@ class MixedOp(nn.Module):
     computes ReLU(x) once for every candidate that begins with it.
     """
 
-    def __init__(self, channels: int, stride: int, primitives: Sequence[str], speed: SpeedConfig = PLAIN):
+    def __init__(
+        self, channels: int, stride: int, primitives: Sequence[str], speed: SpeedConfig = PLAIN, partial: int = 1
+    ):
         super().__init__()
+        self.partial = partial
+        self.stride = stride
+        channels //= partial  # PC-DARTS: only the first 1/K of the channels go through the candidates
         ops = []
         for name in primitives:
             op = build_op(name, channels, stride, affine=False)
@@ -74,6 +90,17 @@ class MixedOp(nn.Module):
         self.fast = speed.skip_none or speed.shared_relu
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Eq. 1; with PC-DARTS partial channels (K > 1), eq. 1 on the first C/K channels, the rest passed by
+        (max-pooled at stride 2), then a channel shuffle of K groups."""
+        if self.partial == 1:
+            return self.mixture(x, weights)
+        k = x.shape[1] // self.partial
+        mixed, bypass = self.mixture(x[:, :k], weights), x[:, k:]
+        if self.stride == 2:
+            bypass = F.max_pool2d(bypass, 2, 2, ceil_mode=True)
+        return channel_shuffle(torch.cat([mixed, bypass], dim=1), self.partial)
+
+    def mixture(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Σ_o w_o · o(x) over the candidates (eq. 1)."""
         if not self.fast:
             return sum(w * op(x) for w, op in zip(weights, self.ops))
@@ -98,6 +125,7 @@ class SearchCell(nn.Module):
         reduction_prev: bool,
         primitives: Sequence[str],
         speed: SpeedConfig = PLAIN,
+        partial: int = 1,
     ):
         super().__init__()
         self.reduction = reduction
@@ -108,22 +136,31 @@ class SearchCell(nn.Module):
             self.preprocess0 = ReLUConvBN(c_prev_prev, channels, 1, 1, 0, affine=False)
         self.preprocess1 = ReLUConvBN(c_prev, channels, 1, 1, 0, affine=False)
         self.edges = nn.ModuleList(
-            MixedOp(channels, 2 if reduction and j < 2 else 1, primitives, speed)
+            MixedOp(channels, 2 if reduction and j < 2 else 1, primitives, speed, partial)
             for i in range(nodes)
             for j in range(2 + i)
         )
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor, edge_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``weights``: softmax(α), a row per edge; ``edge_weights``: PC-DARTS edge normalization, a weight per edge
+        (softmax(β) within each node), or None."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
         for _ in range(self.nodes):
-            states.append(sum(self.edges[offset + j](h, weights[offset + j]) for j, h in enumerate(states)))
+            terms = [self.edges[offset + j](h, weights[offset + j]) for j, h in enumerate(states)]
+            if edge_weights is not None:
+                terms = [edge_weights[offset + j] * t for j, t in enumerate(terms)]
+            states.append(sum(terms))
             offset += len(states) - 1
         return torch.cat(states[2:], dim=1)
 
 
-def checkpointed_cell(cell: SearchCell, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``cell(s0, s1, weights)`` with activation checkpointing: its activations are recomputed in the backward.
+def checkpointed_cell(
+    cell: SearchCell, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor, edge_weights: torch.Tensor | None
+) -> torch.Tensor:
+    """``cell(s0, s1, weights, edge_weights)`` with activation checkpointing: activations recomputed in the backward.
 
     The cell's parameters are passed as inputs (``functional_call`` in the recomputation), so the recomputation
     uses the tensors the forward used even when the architect ran it under ``functional_call`` with other weights;
@@ -133,15 +170,15 @@ def checkpointed_cell(cell: SearchCell, s0: torch.Tensor, s1: torch.Tensor, weig
     names = [n for n, _ in cell.named_parameters()]
     recomputing = [False]
 
-    def run(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def run(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, e: torch.Tensor | None, *params: torch.Tensor):  # noqa: ANN202
         if not recomputing[0]:
             recomputing[0] = True
-            return cell(a, b, w)
+            return cell(a, b, w, e)
         throwaway = {n: t.clone() for n, t in cell.named_buffers()}
-        return torch.func.functional_call(cell, {**dict(zip(names, params)), **throwaway}, (a, b, w))
+        return torch.func.functional_call(cell, {**dict(zip(names, params)), **throwaway}, (a, b, w, e))
 
     params = [p for _, p in cell.named_parameters()]
-    return torch.utils.checkpoint.checkpoint(run, s0, s1, weights, *params, use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(run, s0, s1, weights, edge_weights, *params, use_reentrant=False)
 
 
 class SearchNetwork(nn.Module):
@@ -157,6 +194,8 @@ class SearchNetwork(nn.Module):
         primitives: Sequence[str] = PRIMITIVES,
         stem_multiplier: int = 3,
         speed: SpeedConfig = PLAIN,
+        partial_channels: int = 1,
+        edge_normalization: bool = False,
     ):
         super().__init__()
         self.speed = speed
@@ -180,7 +219,17 @@ class SearchNetwork(nn.Module):
             if reduction:
                 c_curr *= 2
             cells.append(
-                SearchCell(nodes, c_prev_prev, c_prev, c_curr, reduction, reduction_prev, self.primitives, speed)
+                SearchCell(
+                    nodes,
+                    c_prev_prev,
+                    c_prev,
+                    c_curr,
+                    reduction,
+                    reduction_prev,
+                    self.primitives,
+                    speed,
+                    partial_channels,
+                )
             )
             reduction_prev = reduction
             c_prev_prev, c_prev = c_prev, nodes * c_curr
@@ -194,6 +243,10 @@ class SearchNetwork(nn.Module):
         self.alpha = nn.ParameterDict(
             {"normal": nn.Parameter(1e-3 * torch.randn(k, n_ops)), "reduce": nn.Parameter(1e-3 * torch.randn(k, n_ops))}
         )
+        self.edge_normalization = edge_normalization
+        if edge_normalization:  # PC-DARTS: a β per edge, softmax over each node's incoming edges
+            self.alpha["beta_normal"] = nn.Parameter(1e-3 * torch.randn(k))
+            self.alpha["beta_reduce"] = nn.Parameter(1e-3 * torch.randn(k))
         if speed.channels_last:
             self.to(memory_format=torch.channels_last)
         self._compiled: _CompiledOrEager | None = None
@@ -223,19 +276,22 @@ class SearchNetwork(nn.Module):
         if self.speed.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         s0 = s1 = self.stem(x)
+        e_normal = e_reduce = None
+        if self.edge_normalization:
+            e_normal = node_softmax(self.alpha["beta_normal"], self.nodes)
+            e_reduce = node_softmax(self.alpha["beta_reduce"], self.nodes)
         checkpointed = self.speed.checkpoint_cells and self.training and torch.is_grad_enabled()
         for cell in self.cells:
-            weights = w_reduce if cell.reduction else w_normal
-            s0, s1 = s1, checkpointed_cell(cell, s0, s1, weights) if checkpointed else cell(s0, s1, weights)
+            w, e = (w_reduce, e_reduce) if cell.reduction else (w_normal, e_normal)
+            s0, s1 = s1, checkpointed_cell(cell, s0, s1, w, e) if checkpointed else cell(s0, s1, w, e)
         return self.classifier(self.global_pooling(s1).flatten(1))
 
-    def alpha_names(self) -> tuple[str, str]:
-        return ("alpha.normal", "alpha.reduce")
+    def alpha_names(self) -> tuple[str, ...]:
+        return tuple(f"alpha.{name}" for name in self.alpha)
 
     def alphas(self) -> Iterator[nn.Parameter]:
-        """The architecture parameters α (normal cell, reduction cell)."""
-        yield self.alpha_normal
-        yield self.alpha_reduce
+        """The architecture parameters: α (normal cell, reduction cell), then PC-DARTS's β (same order) if any."""
+        yield from self.alpha.values()
 
     def named_weights(self) -> Iterator[tuple[str, nn.Parameter]]:
         alpha_names = set(self.alpha_names())
@@ -247,4 +303,5 @@ class SearchNetwork(nn.Module):
 
     def genotype(self) -> Genotype:
         """The discrete cell pair derived from the current α (top-2 edges per node by softmax weight)."""
-        return derive_genotype(self.alpha_normal, self.alpha_reduce, self.primitives, self.nodes)
+        betas = (self.alpha["beta_normal"], self.alpha["beta_reduce"]) if self.edge_normalization else (None, None)
+        return derive_genotype(self.alpha_normal, self.alpha_reduce, self.primitives, self.nodes, *betas)

@@ -189,3 +189,85 @@ def test_normalise_refuses_other_dtypes_and_shapes_in_one_line(images: object, m
 def test_bad_stem_is_rejected() -> None:
     with pytest.raises(ValueError, match="stem"):
         EvalNetwork(GENOTYPES["DARTS_V2"], stem="mobile")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------- PC-DARTS
+
+
+def test_channel_shuffle_interleaves_the_groups() -> None:
+    from nas.search_model import channel_shuffle
+
+    x = torch.arange(8.0).view(1, 8, 1, 1)
+    assert channel_shuffle(x, 4).flatten().tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
+    assert channel_shuffle(x, 1).flatten().tolist() == list(range(8))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_partial_channel_mixed_op_mixes_a_quarter_and_passes_the_rest(stride: int) -> None:
+    from nas.search_model import channel_shuffle
+
+    torch.manual_seed(0)
+    op = MixedOp(8, stride, PRIMITIVES, partial=4).eval()
+    full = MixedOp(2, stride, PRIMITIVES).eval()  # the same candidates on C/K = 2 channels
+    full.load_state_dict(op.state_dict())
+    x = torch.randn(2, 8, 6, 6)
+    w = torch.softmax(torch.randn(len(PRIMITIVES)), dim=0)
+    bypass = x[:, 2:] if stride == 1 else nn.functional.max_pool2d(x[:, 2:], 2, 2)
+    want = channel_shuffle(torch.cat([full(x[:, :2], w), bypass], dim=1), 4)
+    assert torch.allclose(op(x, w), want)
+    assert op(x, w).shape == (2, 8, 6 // stride, 6 // stride)
+    assert sum(p.numel() for p in op.parameters()) < sum(p.numel() for p in MixedOp(8, stride, PRIMITIVES).parameters())
+
+
+def test_edge_normalization_adds_beta_that_weighs_the_edges_and_the_derivation() -> None:
+    torch.manual_seed(0)
+    net = SearchNetwork(
+        in_channels=1, channels=8, num_classes=3, layers=3, nodes=2, partial_channels=4, edge_normalization=True
+    )
+    assert net.alpha_names() == ("alpha.normal", "alpha.reduce", "alpha.beta_normal", "alpha.beta_reduce")
+    assert [tuple(a.shape) for a in net.alphas()] == [(5, 8), (5, 8), (5,), (5,)]
+    assert {n for n, _ in net.named_weights()}.isdisjoint(net.alpha_names())
+    nn.functional.cross_entropy(net(torch.randn(4, 1, 8, 8)), torch.tensor([0, 1, 2, 0])).backward()
+    assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in net.alphas())
+    with torch.no_grad():  # node 0 (edges 0, 1): α prefers edge 0 a little, β prefers edge 1 a lot
+        for a in net.alphas():
+            a.zero_()
+        net.alpha["normal"][0, PRIMITIVES.index("sep_conv_3x3")] = 1.0
+        net.alpha["normal"][1, PRIMITIVES.index("dil_conv_3x3")] = 0.5
+        net.alpha["normal"][2, PRIMITIVES.index("max_pool_3x3")] = 5.0
+    assert net.genotype().normal[0] == ("sep_conv_3x3", 0)  # β uniform: α decides
+    with torch.no_grad():
+        net.alpha["beta_normal"][1] = 3.0
+    assert net.genotype().normal[0] == ("dil_conv_3x3", 1)
+
+
+def test_pc_darts_search_steps_and_its_speed_path_equals_the_plain_path() -> None:
+    from nas.config import SearchConfig, SpeedConfig
+    from nas.search import Searcher
+    from nas.search_model import PLAIN
+
+    def three_steps(speed: SpeedConfig) -> list[torch.Tensor]:
+        cfg = SearchConfig(layers=3, channels=8, nodes=2, partial_channels=4, edge_normalization=True, speed=speed)
+        torch.manual_seed(0)
+        searcher = Searcher(cfg, in_channels=1, num_classes=3)
+        gen = torch.Generator().manual_seed(1)
+        start = [a.detach().clone() for a in searcher.network.alphas()]
+        for _ in range(3):
+            x_w, x_a = (torch.randn(8, 1, 8, 8, generator=gen) for _ in range(2))
+            y_w, y_a = (torch.randint(0, 3, (8,), generator=gen) for _ in range(2))
+            searcher.step(x_w, y_w, x_a, y_a)
+        assert searcher.architect.second_order_steps == 3
+        assert all(not torch.equal(s, a) for s, a in zip(start, searcher.network.alphas()))  # β moves too
+        return [a.detach().clone() for a in searcher.network.alphas()] + [
+            p.detach() for p in searcher.network.weights()
+        ]
+
+    for got, want in zip(three_steps(SpeedConfig()), three_steps(PLAIN)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_partial_channels_must_divide_the_channels() -> None:
+    from nas.config import SearchConfig
+
+    with pytest.raises(ValueError, match="multiple of partial_channels"):
+        SearchConfig(channels=6, partial_channels=4)

@@ -1,0 +1,222 @@
+"""The search step's speed table: plain path (every ``search.speed`` switch off) against the default path, first and
+second order, the exact Hessian-vector product and the memory option, with the machine's fp32 matmul rate.
+
+Per row: ms per step (median over ``--iters`` timed steps after ``--warmup``), images/s (2 × batch per step),
+achieved FLOP/s as a fraction of the measured matmul rate, and peak memory. Every row runs in a fresh process.
+
+- FLOPs of a step are nominal: the supernet's forward FLOPs per image (``bench/flops.py``, convolutions and the
+  classifier, 2 per multiply-accumulate) × 3 per forward/backward pass × batch × passes, with 2 passes for a first-
+  order step (α, then weights) and 5 for a second-order one (virtual step, w', two finite-difference passes,
+  weights), whichever Hessian product computes it: the same work, so the rates compare. PC-DARTS rows count the
+  full supernet's FLOPs too (the work it replaces), so their rate is an equivalent rate.
+- Peak memory on CPU: the process's whole peak RSS (ru_maxrss) minus its RSS after the supernet, optimizers and
+  batches are built and before the first step: what the steps themselves (warmup included) added. On CUDA:
+  ``torch.cuda.max_memory_allocated`` over the steps, less what was allocated before them.
+- The matmul rate: the median of ``torch.mm`` on two 2048 × 2048 fp32 matrices, same threads.
+
+    python bench/speed.py --threads 2 --json bench/speed.json          # the issue's setting: batch 16, 8 cells, C=16
+    python bench/speed.py --batch 4 --layers 3 --channels 4 --input-size 8 --iters 2 --warmup 1   # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.flops import supernet_flops  # noqa: E402
+from bench.search_step import current_rss_bytes, peak_rss_bytes, synchronize  # noqa: E402
+from nas.config import SearchConfig, SpeedConfig  # noqa: E402
+from nas.loop import LoopContext  # noqa: E402
+from nas.search import Searcher  # noqa: E402
+from nas.search_model import PLAIN  # noqa: E402
+
+MB = 2**20
+PASSES = {"first": 2, "second": 5}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row: a path (speed switches), an order and a Hessian product."""
+
+    name: str
+    order: str  # first | second
+    speed: dict
+    hessian: str = "fd"
+    partial_channels: int = 1  # PC-DARTS K (with edge normalization when > 1)
+
+
+def cases() -> list[Case]:
+    default = SpeedConfig().model_dump()
+    plain = PLAIN.model_dump()
+    return [
+        Case("plain", "first", plain),
+        Case("default", "first", default),
+        Case("plain", "second", plain),
+        Case("default", "second", default),
+        Case("default+exact", "second", default, "exact"),
+        Case("default+channels_last", "second", {**default, "channels_last": True}),
+        Case("default+checkpoint", "second", {**default, "checkpoint_cells": True}),
+        Case("pc-darts K=4", "second", default, partial_channels=4),
+    ]
+
+
+@dataclass
+class Row:
+    name: str
+    order: str
+    hessian: str
+    ms_per_step: float
+    ms_all: list[float]
+    images_per_second: float
+    gflop_per_step: float
+    gflops: float
+    fraction_of_matmul: float
+    peak_mb: float
+    rss_after_build_mb: float | None
+
+
+def matmul_gflops(threads: int, device: str, repeats: int = 7, n: int = 2048) -> float:
+    """Median fp32 ``torch.mm`` rate of two n × n matrices, GFLOP/s."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def measure(case: Case, args: argparse.Namespace, matmul: float) -> Row:
+    """In a fresh process: build, then warm up and time the steps of one case."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device, cuda = args.device, args.device.startswith("cuda")
+    cfg = SearchConfig(
+        layers=args.layers,
+        channels=args.channels,
+        batch_size=args.batch,
+        xi=0.0 if case.order == "first" else args.xi,
+        hessian=case.hessian,
+        speed=SpeedConfig(**case.speed),
+        partial_channels=case.partial_channels,
+        edge_normalization=case.partial_channels > 1,
+    )
+    searcher = Searcher(cfg, args.in_channels, args.classes, LoopContext(device=torch.device(device)))
+    shape = (args.batch, args.in_channels, args.input_size, args.input_size)
+    x_w, x_a = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    y_w, y_a = (torch.randint(args.classes, (args.batch,), device=device) for _ in range(2))
+    synchronize(device)
+    rss_after_build = None if cuda else current_rss_bytes()
+    allocated = torch.cuda.memory_allocated(device) if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(args.warmup + args.iters):
+        start = time.perf_counter()
+        searcher.step(x_w, y_w, x_a, y_a)
+        synchronize(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated(device) - allocated) if cuda else peak_rss_bytes() - (rss_after_build or 0)
+    seconds = statistics.median(times)
+    flops = supernet_flops(args.in_channels, args.channels, args.classes, args.layers, input_size=args.input_size)
+    step_flops = 3 * flops * args.batch * PASSES[case.order]
+    return Row(
+        name=case.name,
+        order=case.order,
+        hessian=case.hessian,
+        ms_per_step=1000 * seconds,
+        ms_all=[1000 * t for t in times],
+        images_per_second=2 * args.batch / seconds,
+        gflop_per_step=step_flops / 1e9,
+        gflops=step_flops / seconds / 1e9,
+        fraction_of_matmul=step_flops / seconds / 1e9 / matmul,
+        peak_mb=peak / MB,
+        rss_after_build_mb=None if rss_after_build is None else rss_after_build / MB,
+    )
+
+
+def in_fresh_process(case: Case, args: argparse.Namespace, matmul: float) -> Row:
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(measure, case, args, matmul).result()
+
+
+def format_table(rows: list[Row], matmul: float) -> str:
+    plain = {r.order: r.ms_per_step for r in rows if r.name == "plain"}
+    lines = [
+        f"{'path':24} {'order':6} {'hessian':7} {'ms/step':>9} {'img/s':>7} {'GFLOP/s':>8} {'of mm':>6} "
+        f"{'peak MB':>8} {'plain/this':>10}"
+    ]
+    for r in rows:
+        speedup = plain.get(r.order, float("nan")) / r.ms_per_step
+        lines.append(
+            f"{r.name:24} {r.order:6} {r.hessian:7} {r.ms_per_step:9.0f} {r.images_per_second:7.1f} {r.gflops:8.1f} "
+            f"{r.fraction_of_matmul:6.1%} {r.peak_mb:8.0f} {speedup:10.2f}"
+        )
+    lines.append(f"fp32 matmul rate: {matmul:.1f} GFLOP/s")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--input-size", type=int, default=32)
+    parser.add_argument("--in-channels", type=int, default=3)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--xi", type=float, default=0.025)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", nargs="*", default=None, help="case names to run (default: all)")
+    parser.add_argument("--json", type=Path, default=None)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    matmul = matmul_gflops(args.threads, args.device)
+    selected = [c for c in cases() if args.only is None or c.name in args.only]
+    rows = []
+    for case in selected:
+        rows.append(in_fresh_process(case, args, matmul))
+        print(format_table(rows, matmul).splitlines()[-2], flush=True)
+    print(format_table(rows, matmul))
+    if args.json is not None:
+        report = {
+            "setting": {k: v for k, v in vars(args).items() if k not in ("json", "only")},
+            "machine": {
+                "platform": platform.platform(),
+                "cpus": multiprocessing.cpu_count(),
+                "torch": torch.__version__,
+            },
+            "matmul_gflops": matmul,
+            "flops_per_image_forward": supernet_flops(
+                args.in_channels, args.channels, args.classes, args.layers, input_size=args.input_size
+            ),
+            "rows": [asdict(r) for r in rows],
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
