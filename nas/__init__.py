@@ -8,7 +8,7 @@ No Ray and no MLflow here: a search runs in a notebook with this package alone::
 """
 
 from nas.architect import Architect
-from nas.config import Config, ConfigError, DataConfig, RetrainConfig, SearchConfig, load_config
+from nas.config import Config, ConfigError, DataConfig, RetrainConfig, SearchConfig, SpeedConfig, load_config
 from nas.eval_model import EvalNetwork, NetworkSpec, count_parameters
 from nas.genotypes import GENOTYPES, Genotype, GenotypeError, derive_genotype, parse_genotype
 from nas.loop import EpochRecord, GenotypeField, LoopContext
@@ -41,6 +41,7 @@ __all__ = [
     "SearchResult",
     "SearchRun",
     "Searcher",
+    "SpeedConfig",
     "build_op",
     "count_parameters",
     "derive_genotype",
