@@ -63,7 +63,9 @@ class SpeedConfig(_Section):
         True, description="skip computing 'none' (its output is zeros; its α stays in the softmax, so gradients agree)"
     )
     shared_relu: bool = Field(
-        True, description="one ReLU per edge input shared by the conv candidates that all begin with ReLU"
+        False,
+        description="one ReLU per edge input shared by the conv candidates that all begin with ReLU (off: no measured "
+        "gain on CPU, and with ray.sync_bn two workers no longer equal one worker on the global batch)",
     )
     channels_last: bool = Field(False, description="supernet weights and inputs in channels_last memory format")
     checkpoint_cells: bool = Field(

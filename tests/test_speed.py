@@ -107,7 +107,7 @@ def test_forward_after_relu_is_the_op_on_relu_x(stride: int) -> None:
 def test_skip_none_and_shared_relu_mixed_op_equals_eq_1_with_gradients() -> None:
     torch.manual_seed(0)
     plain = MixedOp(4, 2, PRIMITIVES)
-    fast = MixedOp(4, 2, PRIMITIVES, SpeedConfig())
+    fast = MixedOp(4, 2, PRIMITIVES, SpeedConfig(skip_none=True, shared_relu=True))
     fast.load_state_dict(plain.state_dict())
     assert PRIMITIVES.index("none") not in fast.active and sum(fast.after_relu) == 5
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
