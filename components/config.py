@@ -55,6 +55,9 @@ class SweepConfig(_Section):
     metric: str = "val_acc"
     mode: Literal["max", "min"] = "max"
     top_k: int = Field(1, ge=1)
+    max_skip_connects: int | None = Field(
+        None, ge=0, description="refuse cells whose normal cell has more skip_connect (P-DARTS: 2); null: keep all"
+    )
 
     @model_validator(mode="after")
     def _xi_non_negative(self) -> SweepConfig:
@@ -74,6 +77,10 @@ class ChampionConfig(_Section):
         2, gt=0, description="brief retrain of each selected genotype, judged on held-out data"
     )
     baselines: list[str] = Field(default_factory=list, description="zoo cells retrained with the champion's recipe")
+    random_baselines: int = Field(
+        0, ge=0, description="random cells trained at the candidates' budget to rank the searched ones (paper: 24)"
+    )
+    random_seed: int = Field(0, description="seed of the random cells")
     max_concurrent: int = Field(1, ge=1, description="retrains at once (Ray tasks); 1: one after another")
     trial_cpus: float = Field(0.05, gt=0, description="CPUs held by each concurrent retrain's own driver")
 
@@ -140,10 +147,15 @@ def check_champion_choice(config: PipelineConfig) -> None:
 
     Not a model validator: the champion's own final retrain is this same config with ``val_fraction = 0``.
     """
-    if config.sweep.top_k > 1 and config.retrain.val_fraction == 0:
-        raise ConfigError(
-            "choosing among sweep.top_k > 1 candidates needs retrain.val_fraction > 0 (never the test set)"
-        )
+    if config.retrain.val_fraction == 0:
+        if config.sweep.top_k > 1:
+            raise ConfigError(
+                "choosing among sweep.top_k > 1 candidates needs retrain.val_fraction > 0 (never the test set)"
+            )
+        if config.champion.random_baselines > 0:
+            raise ConfigError(
+                "ranking against champion.random_baselines needs retrain.val_fraction > 0 (never the test set)"
+            )
 
 
 def load_pipeline_config(preset: str, overrides: Sequence[str] = ()) -> PipelineConfig:

@@ -76,17 +76,21 @@ def retrain_stage(
     """Choose the champion among ``(search trial, cell)`` candidates, train it and the baselines in full, log each
     retrain: (the result, retrain run ids by retrain name)."""
     champion = choose_champion(prepared, candidates, name=name, log=log)
+    percentile = {row["retrain"]: row["random_percentile"] for row in champion.ranking if row["kind"] == "searched"}
     runs = {}
-    for job, stage in [*champion.candidates, champion.champion, *champion.baselines]:
-        runs[job.name] = log_retrain(lineage, job, stage)
+    for job, stage in [*champion.candidates, *champion.randoms, champion.champion, *champion.baselines]:
+        extra = {"random_percentile": percentile[job.name]} if job.name in percentile else {}
+        runs[job.name] = log_retrain(lineage, job, stage, extra)
+    if champion.ranking:
+        lineage.log_ranking(champion.ranking)
     return champion, runs
 
 
-def log_retrain(lineage: Lineage, job: RetrainJob, stage: RetrainStageResult) -> str:
+def log_retrain(lineage: Lineage, job: RetrainJob, stage: RetrainStageResult, extra: dict | None = None) -> str:
     """One retrain's MLflow run (found again when it exists), with its final numbers on its evaluation split."""
     split = stage.last.eval_split
     metrics = {f"final_{split}_acc": stage.last.eval_acc, f"final_{split}_loss": stage.last.eval_loss}
-    return lineage.log_retrain(job.name, job.role, job.config, stage.history, job.source, metrics)
+    return lineage.log_retrain(job.name, job.role, job.config, stage.history, job.source, metrics | (extra or {}))
 
 
 def register_stage(

@@ -45,14 +45,14 @@ from components.trainer import (
     watch,
 )
 from nas.eval_model import NetworkSpec
-from nas.genotypes import Genotype, parse_genotype
+from nas.genotypes import Genotype, count_ops, parse_genotype, random_genotypes
 from nas.retrain import RetrainEpoch
 
 RESULT_FILE = "result.json"
 WEIGHTS_FILE = "model.pt"
 SPEC_FILE = "spec.json"
 HISTORY_FILE = "history.json"
-ROLES = ("retrain", "candidate", "champion", "baseline")
+ROLES = ("retrain", "candidate", "random", "champion", "baseline")
 
 
 class RetrainStageResult(BaseModel):
@@ -167,11 +167,55 @@ class RetrainJob:
         return self.prepared.config
 
 
+Trained = tuple[RetrainJob, RetrainStageResult]
+
+
 @dataclass
 class ChampionResult:
-    candidates: list[tuple[RetrainJob, RetrainStageResult]]
-    champion: tuple[RetrainJob, RetrainStageResult]
-    baselines: list[tuple[RetrainJob, RetrainStageResult]] = field(default_factory=list)
+    """The brief retrains (searched candidates best first, random cells in draw order), the champion and the
+    baselines trained in full (zoo cells, then the best random cell), and where each searched cell ranks."""
+
+    candidates: list[Trained]
+    champion: Trained
+    baselines: list[Trained] = field(default_factory=list)
+    randoms: list[Trained] = field(default_factory=list)
+    ranking: list[dict[str, Any]] = field(default_factory=list)
+
+
+def random_percentile(value: float, random_values: list[float]) -> float:
+    """Where ``value`` sits among the random cells' values, in percent: 100 beats them all, 50 is the median
+    random cell (ties count half), as in the random-search comparisons of Li & Talwalkar and Yu et al."""
+    if not random_values:
+        return math.nan
+    below = sum(_score(v) < _score(value) for v in random_values)
+    ties = sum(_score(v) == _score(value) for v in random_values)
+    return 100.0 * (below + 0.5 * ties) / len(random_values)
+
+
+def ranking_table(searched: list[Trained], randoms: list[Trained]) -> list[dict[str, Any]]:
+    """One row per brief retrain, best validation accuracy first: searched cells with their percentile among the
+    random cells (trained with the same budget and split), then where every cell ranks overall."""
+    random_values = [stage.last.eval_acc for _, stage in randoms]
+    rows = []
+    for job, stage in [*searched, *randoms]:
+        genotype = stage.genotype
+        rows.append(
+            {
+                "retrain": job.name,
+                "kind": "random" if job.role == "random" else "searched",
+                "source": job.source,
+                "val_acc": stage.last.eval_acc,
+                "random_percentile": random_percentile(stage.last.eval_acc, random_values)
+                if job.role != "random"
+                else None,
+                "parameter_free_normal": count_ops(genotype, "normal"),
+                "genotype": str(genotype),
+            }
+        )
+    rows.sort(key=lambda row: -_score(row["val_acc"]))
+    for rank, row in enumerate(rows, start=1):
+        row["rank"] = rank
+    return rows
 
 
 def retrain_config(
@@ -213,24 +257,34 @@ def run_jobs(jobs: list[RetrainJob], max_concurrent: int, trial_cpus: float) -> 
 def choose_champion(
     prepared: Prepared, candidates: list[tuple[str, Genotype]], *, name: str, log: Callable[[str], None] = print
 ) -> ChampionResult:
-    """Brief retrains of the candidates (when there is a choice to make), the champion and baselines in full."""
+    """Brief retrains of the candidates (when there is a choice to make or random cells to rank them against),
+    then the champion, the zoo baselines and the best random cell trained in full and tested once."""
     config = prepared.config
     if not candidates:
         raise StageError("no candidate genotypes to retrain")
-    if len(candidates) > 1:
+    randoms = random_genotypes(
+        config.champion.random_baselines, config.champion.random_seed, config.search.primitives, config.search.nodes
+    )
+    if len(candidates) > 1 or randoms:
         check_champion_choice(config)
     brief = config.champion.candidate_epochs
+
+    def briefly(genotype: Genotype) -> Prepared:
+        return prepared.with_config(retrain_config(config, genotype, epochs=brief))
+
     jobs = [
-        RetrainJob(
-            f"{name}-candidate-{i}", "candidate", prepared.with_config(retrain_config(config, g, epochs=brief)), source
-        )
-        for i, (source, g) in enumerate(candidates, start=1)
+        RetrainJob(f"{name}-candidate-{i}", "candidate", briefly(g), source)
+        for i, (source, g) in enumerate(candidates, 1)
     ]
-    ranked: list[tuple[RetrainJob, RetrainStageResult]] = []
-    if len(jobs) > 1:
-        log(f"retraining {len(jobs)} candidates for {brief} epochs on held-out data")
-        results = run_jobs(jobs, config.champion.max_concurrent, config.champion.trial_cpus)
+    random_jobs = [RetrainJob(f"{name}-random-{i}", "random", briefly(g)) for i, g in enumerate(randoms, start=1)]
+    ranked: list[Trained] = []
+    random_pairs: list[Trained] = []
+    if len(jobs) > 1 or random_jobs:
+        extra = f" and {len(random_jobs)} random cells" if random_jobs else ""
+        log(f"retraining {len(jobs)} candidate(s){extra} for {brief} epochs on held-out data")
+        results = run_jobs(jobs + random_jobs, config.champion.max_concurrent, config.champion.trial_cpus)
         ranked = sorted(zip(jobs, results), key=lambda pair: -_score(pair[1].last.eval_acc))
+        random_pairs = list(zip(random_jobs, results[len(jobs) :]))
         best = ranked[0][0]
     else:
         log("one candidate: it is the champion")
@@ -244,10 +298,19 @@ def choose_champion(
     finals += [
         RetrainJob(f"{name}-baseline-{zoo}", "baseline", full(parse_genotype(zoo))) for zoo in config.champion.baselines
     ]
+    if random_pairs:  # the paper's random-search baseline: the best random cell on validation, in full
+        best_random = max(random_pairs, key=lambda pair: _score(pair[1].last.eval_acc))[1].genotype
+        finals.append(RetrainJob(f"{name}-baseline-random", "baseline", full(best_random)))
     log(f"training the champion{' and baselines' if len(finals) > 1 else ''} for {config.retrain.epochs} epochs")
     results = run_jobs(finals, config.champion.max_concurrent, config.champion.trial_cpus)
     pairs = list(zip(finals, results))
-    return ChampionResult(candidates=ranked, champion=pairs[0], baselines=pairs[1:])
+    return ChampionResult(
+        candidates=ranked,
+        champion=pairs[0],
+        baselines=pairs[1:],
+        randoms=random_pairs,
+        ranking=ranking_table(ranked, random_pairs) if random_pairs else [],
+    )
 
 
 def _score(value: float) -> float:

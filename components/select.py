@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from components.config import PipelineConfig
 from components.driver import Prepared
 from components.storage import Location
-from nas.genotypes import Genotype
+from nas.genotypes import Genotype, count_ops
 from nas.search import SearchEpoch
 
 Mode = Literal["max", "min"]
@@ -81,10 +81,21 @@ def _score(result: TrialResult, metric: str, mode: Mode) -> float:
     return float(value) if mode == "max" else -float(value)
 
 
+def collapsed(genotype: Genotype, max_skip_connects: int | None) -> bool:
+    """True when the normal cell has more than ``max_skip_connects`` skip connections (P-DARTS's guard against the
+    collapse of long searches into parameter-free cells); None: nothing is refused."""
+    return max_skip_connects is not None and count_ops(genotype, "normal", "skip_connect") > max_skip_connects
+
+
 def select_top(
-    results: Iterable[TrialResult], metric: str = "val_acc", mode: Mode = "max", k: int = 1
+    results: Iterable[TrialResult],
+    metric: str = "val_acc",
+    mode: Mode = "max",
+    k: int = 1,
+    max_skip_connects: int | None = None,
 ) -> list[Candidate]:
-    """The k best distinct genotypes of the complete trials; ties go to the earlier trial name (a stable choice)."""
+    """The k best distinct genotypes of the complete trials whose cells have not collapsed (see :func:`collapsed`);
+    ties go to the earlier trial name (a stable choice)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if mode not in ("max", "min"):
@@ -95,6 +106,12 @@ def select_top(
     complete = [r for r in results if r.complete]
     if not complete:
         raise ValueError("every trial was stopped early; none ran the whole search")
+    complete = [r for r in complete if not collapsed(r.genotype, max_skip_connects)]
+    if not complete:
+        raise ValueError(
+            f"every finished trial's normal cell has more than {max_skip_connects} skip_connect "
+            "(sweep.max_skip_connects): the searches collapsed"
+        )
     ordered = sorted(complete, key=lambda r: (-_score(r, metric, mode), r.trial))
     groups: dict[Genotype, list[TrialResult]] = {}
     for result in ordered:
@@ -114,9 +131,10 @@ def selection_table(
     candidates: Sequence[Candidate],
     metric: str = "val_acc",
     axes: Sequence[str] = ("search.seed", "search.xi"),
+    max_skip_connects: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per trial: its grid values (``axes``, named by their field), its numbers, its genotype, and whether
-    (and as what rank) it was selected."""
+    """One row per trial: its grid values (``axes``, named by their field), its numbers, its collapse signals, its
+    genotype, and whether (and as what rank) it was selected or why it was refused."""
     rank_of = {c.trial.trial: c.rank for c in candidates}
     same_as = {t: c.trial.trial for c in candidates for t in c.trials if t != c.trial.trial}
     rows = []
@@ -133,6 +151,11 @@ def selection_table(
                 "epochs": r.last.epoch,
                 "stopped_early": not r.complete,
                 metric: r.metrics.get(metric),
+                "skip_connects_normal": count_ops(r.genotype, "normal", "skip_connect"),
+                "parameter_free_normal": count_ops(r.genotype, "normal"),
+                "parameter_free_reduce": count_ops(r.genotype, "reduce"),
+                "skip_weight_normal": r.last.skip_weight_normal,
+                "collapsed": collapsed(r.genotype, max_skip_connects),
                 "selected_rank": rank_of.get(r.trial),
                 "same_genotype_as": same_as.get(r.trial),
                 "genotype": str(r.genotype),
@@ -148,10 +171,11 @@ def write_selection(
     candidates: Sequence[Candidate],
     metric: str = "val_acc",
     axes: Sequence[str] = ("search.seed", "search.xi"),
+    max_skip_connects: int | None = None,
 ) -> None:
     """``selection.csv`` and ``selection.json`` under ``where`` (a folder or a URI); the JSON also lists the chosen
     genotypes in rank order."""
-    rows = selection_table(results, candidates, metric, axes)
+    rows = selection_table(results, candidates, metric, axes, max_skip_connects)
     fieldnames: list[str] = []
     for row in rows:
         fieldnames += [key for key in row if key not in fieldnames]
@@ -179,7 +203,7 @@ def select_and_publish(
     """The top ``sweep.top_k`` distinct cells of a sweep's trials, by ``sweep.metric``, and where the table went
     (``<storage>/<sweep_name>/selection``). Raises ValueError when no trial can be selected."""
     sweep = prepared.config.sweep
-    selected = select_top(trials, metric=sweep.metric, mode=sweep.mode, k=sweep.top_k)
+    selected = select_top(trials, sweep.metric, sweep.mode, sweep.top_k, sweep.max_skip_connects)
     where = prepared.storage.join(sweep_name, "selection")
-    write_selection(where, trials, selected, sweep.metric, sweep.axes())
+    write_selection(where, trials, selected, sweep.metric, sweep.axes(), sweep.max_skip_connects)
     return selected, where

@@ -53,7 +53,7 @@ from nas.plot import save_cells
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SERVING_CODE = Path(__file__).with_name("serving.py")
 T = "raydarts."  # tag prefix
-ROLES = ("candidate", "champion", "baseline")
+ROLES = ("candidate", "random", "champion", "baseline")
 _PARAM_MAX, _PARAMS_PER_BATCH, _METRICS_PER_BATCH = 6000, 100, 1000
 SEARCH_FILES = ("genotype.json", "genotype.txt", "history.json", "config.json")
 
@@ -412,6 +412,23 @@ class Lineage:
                     tags={f"{T}pipeline_run": self._pipeline_id()},
                 )
         return info.model_uri, info.model_id
+
+    def log_ranking(self, rows: Sequence[dict[str, Any]]) -> None:
+        """The searched cells against the random ones on the pipeline run: the table (``ranking.json``, shown by
+        the UI's artifact view and ``mlflow.load_table``) and each searched cell's ``random_percentile``."""
+        run_id = self._pipeline_id()
+        logged = self.client.get_run(run_id).data.metrics
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(f"random_percentile.{row['retrain']}", float(row["random_percentile"]), now, 0)
+            for row in rows
+            if row["kind"] == "searched" and f"random_percentile.{row['retrain']}" not in logged
+        ]
+        if metrics:
+            self.client.log_batch(run_id, metrics=metrics)
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        table = {key: [row.get(key) for row in rows] for key in columns}
+        self.client.log_table(run_id, data=table, artifact_file="ranking.json")
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the pipeline run (a no-op when it already has that status)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import json
+import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from nas.ops import is_registered, registered_ops
+from nas.ops import PRIMITIVES, is_parameter_free, is_registered, registered_ops
 
 __all__ = [
     "GENOTYPES",
@@ -34,8 +35,11 @@ __all__ = [
     "NASNet",
     "PC_DARTS",
     "PDARTS",
+    "count_ops",
     "derive_genotype",
     "parse_genotype",
+    "random_genotype",
+    "random_genotypes",
 ]
 
 Edge = tuple[str, int]
@@ -448,6 +452,46 @@ def _derive_cell(weights: list[list[float]], primitives: Sequence[str], nodes: i
         for _, source, op in sorted(scored, key=lambda s: (-s[0], s[1]))[:2]:
             cell.append((op, source))
     return tuple(cell)
+
+
+def random_genotype(rng: random.Random, primitives: Sequence[str] = PRIMITIVES, nodes: int = 4) -> Genotype:
+    """A cell pair drawn uniformly from the search space, as the paper's random-search baseline draws them.
+
+    Each intermediate node takes two distinct earlier inputs (the cell inputs or earlier nodes), each through an
+    op drawn uniformly from ``primitives`` other than 'none'; every node is concatenated. Edges are in canonical
+    order, so a random cell compares equal to the same cell found by a search.
+    """
+    ops = [op for op in primitives if op != _NONE]
+    if not ops:
+        raise GenotypeError("random cells need at least one primitive other than 'none'")
+
+    def cell() -> list[Edge]:
+        edges: list[Edge] = []
+        for node in range(nodes):
+            for source in rng.sample(range(node + 2), 2):
+                edges.append((rng.choice(ops), source))
+        return edges
+
+    concat = tuple(range(2, nodes + 2))
+    return Genotype(cell(), concat, cell(), concat).canonical()
+
+
+def random_genotypes(count: int, seed: int, primitives: Sequence[str] = PRIMITIVES, nodes: int = 4) -> list[Genotype]:
+    """``count`` random cell pairs from one seeded stream: the same seed gives the same cells, and a longer list
+    starts with the shorter one."""
+    rng = random.Random(seed)
+    return [random_genotype(rng, primitives, nodes) for _ in range(count)]
+
+
+def count_ops(genotype: Genotype, cell: str, which: str = "parameter_free") -> int:
+    """How many of a cell's edges are parameter-free (``which='parameter_free'``) or one named op: the collapse
+    signal of DARTS, whose long searches fill the normal cell with skip_connect."""
+    edges = genotype.normal if cell == "normal" else genotype.reduce if cell == "reduce" else None
+    if edges is None:
+        raise ValueError(f"cell must be 'normal' or 'reduce', not {cell!r}")
+    if which == "parameter_free":
+        return sum(is_parameter_free(op) for op, _ in edges)
+    return sum(op == which for op, _ in edges)
 
 
 def derive_genotype(

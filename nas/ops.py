@@ -66,6 +66,12 @@ def is_registered(name: str) -> bool:
     return name in _REGISTRY
 
 
+def is_parameter_free(name: str) -> bool:
+    """True for an operation without weights at stride 1 (pools, skip_connect, 'none'): the ops a collapsing DARTS
+    search drifts to, since they fit fastest early in training."""
+    return not any(p.numel() for p in build_op(name, 4, 1, affine=True).parameters())
+
+
 def build_op(name: str, channels: int, stride: int, affine: bool = True) -> nn.Module:
     """Instantiate a registered operation."""
     if name not in _REGISTRY:

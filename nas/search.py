@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,17 +24,34 @@ from torch import Tensor, nn
 from nas.architect import Architect
 from nas.config import Config, SearchConfig
 from nas.data import epoch_batches, load_dataset, make_loader, split_indices
-from nas.genotypes import Genotype
+from nas.genotypes import Genotype, count_ops
 from nas.loop import EpochRecord, GenotypeField, LoopContext, Meter, Progress, rng_state, seed_everything, set_rng_state
 from nas.search_model import SearchNetwork
 
-__all__ = ["GenotypeField", "SearchEpoch", "SearchResult", "SearchRun", "Searcher", "alpha_entropy", "search"]
+__all__ = [
+    "GenotypeField",
+    "SearchEpoch",
+    "SearchResult",
+    "SearchRun",
+    "Searcher",
+    "alpha_entropy",
+    "largest_op_weight",
+    "search",
+]
 
 
 def alpha_entropy(alpha: torch.Tensor) -> float:
     """Mean entropy (nats) of softmax(α) over the edges: log(#ops) at the start, falling as edges commit."""
     p = F.softmax(alpha.detach().double(), dim=-1)
     return float(-(p * p.clamp_min(1e-30).log()).sum(dim=-1).mean())
+
+
+def largest_op_weight(alpha: torch.Tensor, primitives: Sequence[str], op: str = "skip_connect") -> float:
+    """The largest softmax(α) weight of ``op`` over a cell's edges (NaN when it is not a primitive): how close the
+    search is to making some edge that op, the collapse that parameter-free ops win in long DARTS searches."""
+    if op not in primitives:
+        return math.nan
+    return float(F.softmax(alpha.detach().double(), dim=-1)[:, list(primitives).index(op)].max())
 
 
 class SearchEpoch(EpochRecord):
@@ -51,6 +68,10 @@ class SearchEpoch(EpochRecord):
     epoch_seconds: float
     images_per_second: float
     second_order_steps: int  # α steps through the unrolled virtual step, in this run so far
+    parameter_free_normal: int  # collapse signals: parameter-free ops among the derived cell's edges
+    parameter_free_reduce: int
+    skip_weight_normal: float  # the largest softmax weight of skip_connect over the cell's edges
+    skip_weight_reduce: float
     genotype: GenotypeField
     alpha_normal: list[list[float]]
     alpha_reduce: list[list[float]]
@@ -257,6 +278,7 @@ class SearchRun:
         val_loss, val_acc = self.evaluate(index)
         seconds = time.perf_counter() - start
         self.epoch += 1
+        genotype, primitives = self.network.genotype(), self.network.primitives
         report = SearchEpoch(
             epoch=self.epoch,
             train_loss=train_loss,
@@ -270,7 +292,11 @@ class SearchRun:
             epoch_seconds=seconds,
             images_per_second=2 * seen / seconds if seconds > 0 else math.nan,
             second_order_steps=self.architect.second_order_steps,
-            genotype=self.network.genotype(),
+            parameter_free_normal=count_ops(genotype, "normal"),
+            parameter_free_reduce=count_ops(genotype, "reduce"),
+            skip_weight_normal=largest_op_weight(self.network.alpha_normal, primitives),
+            skip_weight_reduce=largest_op_weight(self.network.alpha_reduce, primitives),
+            genotype=genotype,
             alpha_normal=self.network.alpha_normal.detach().cpu().tolist(),
             alpha_reduce=self.network.alpha_reduce.detach().cpu().tolist(),
         )

@@ -59,14 +59,19 @@ def plan(config: PipelineConfig, name: str) -> list[str]:
         f"1. sweep {name}-sweep: {searches} searches ({axes}), {config.search.epochs} epochs, {where}",
         f"2. select the top {sweep.top_k} genotype(s) by {sweep.metric} ({sweep.mode})",
     ]
-    if sweep.top_k > 1:
+    champion = config.champion
+    if sweep.max_skip_connects is not None:
+        lines[-1] += f", refusing normal cells with more than {sweep.max_skip_connects} skip_connect"
+    randoms = f" and {champion.random_baselines} random cells" if champion.random_baselines else ""
+    if sweep.top_k > 1 or randoms:
         lines.append(
-            f"3. retrain each candidate for {config.champion.candidate_epochs} epochs, "
-            f"{config.retrain.val_fraction:.0%} of train held out; the best is the champion"
+            f"3. retrain each candidate{randoms} for {champion.candidate_epochs} epochs, "
+            f"{config.retrain.val_fraction:.0%} of train held out; the best candidate is the champion"
         )
     else:
         lines.append("3. the single candidate is the champion")
-    extra = f" and baselines {', '.join(config.champion.baselines)}" if config.champion.baselines else ""
+    baselines = [*champion.baselines, *(["the best random cell"] if randoms else [])]
+    extra = f" and baselines {', '.join(baselines)}" if baselines else ""
     lines += [
         f"4. train the champion{extra} for {config.retrain.epochs} epochs on all of train; test once",
         f"5. register the champion as {config.mlflow.model_name or config.name!r} with alias 'champion'",
@@ -124,9 +129,16 @@ def summary(result: PipelineResult) -> str:
         value = t.metrics.get(metric, float("nan"))
         rows.append(f"  {t.trial:<24} {t.seed:>4} {xi:>8} {value:>8.4f}  {t.genotype}")
     rows.append("retrains:")
-    stages = [*result.champion.candidates, result.champion.champion, *result.champion.baselines]
-    for job, stage in stages:
+    champion = result.champion
+    for job, stage in [*champion.candidates, *champion.randoms, champion.champion, *champion.baselines]:
         rows.append(f"  {job.name:<32} {job.role:<9} {stage.last.eval_split} acc {stage.last.eval_acc:.4f}")
+    for row in champion.ranking:
+        if row["kind"] == "searched":
+            randoms = len(champion.randoms)
+            rows.append(
+                f"  {row['retrain']} ranks {row['rank']} of {len(champion.ranking)} on validation: "
+                f"better than {row['random_percentile']:.0f}% of {randoms} random cells"
+            )
     rows += [
         f"registered model: models:/{result.model_name}@champion (version {result.model_version})",
         f"MLflow: mlflow ui --backend-store-uri {result.tracking_uri}  (experiment {result.experiment!r})",

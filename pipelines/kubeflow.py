@@ -112,6 +112,9 @@ def retrain_step(config_yaml: str, name: str, ray_address: str, selection_path: 
         "outputs": stage.outputs,
         "source_trial": job.source or "",
         "baselines": {j.name: s.last.eval_acc for j, s in champion.baselines},
+        "random_percentile": {
+            r["retrain"]: r["random_percentile"] for r in champion.ranking if r["kind"] == "searched"
+        },
     }
     return summary
 

@@ -23,10 +23,12 @@ from nas.genotypes import (
     Genotype,
     GenotypeError,
     NASNet,
+    count_ops,
     derive_genotype,
     parse_genotype,
+    random_genotypes,
 )
-from nas.ops import PRIMITIVES
+from nas.ops import PRIMITIVES, is_parameter_free
 
 # Lines as printed in the published genotypes.py files (quark0/darts; V1/V2 as also copied verbatim into
 # yuhuixu1993/PC-DARTS and chenxin061/pdarts; PC_DARTS_cifar from PC-DARTS; PDARTS from pdarts).
@@ -573,3 +575,54 @@ def test_canonical_distinguishes_different_cells() -> None:
     # DARTS_V1 writes node 0 as (input 1, input 0); the canonical form sorts it, the original does not equal it.
     assert DARTS_V1.canonical().normal[:2] == (("sep_conv_3x3", 0), ("sep_conv_3x3", 1))
     assert DARTS_V1.canonical() != DARTS_V1
+
+
+# --------------------------------------------------------------------------------------------------- random cells
+
+
+def test_random_cells_are_valid_reproducible_and_never_none() -> None:
+    cells = random_genotypes(200, seed=7)
+    assert cells == random_genotypes(200, seed=7) and cells[:50] == random_genotypes(50, seed=7)
+    assert cells != random_genotypes(200, seed=8)
+    for genotype in cells:
+        genotype.validate(PRIMITIVES)  # registered ops, inputs that exist, every node concatenated
+        assert genotype == genotype.canonical() and genotype.normal_concat == (2, 3, 4, 5)
+        for edges in (genotype.normal, genotype.reduce):
+            assert all(op != "none" for op, _ in edges)
+            for node in range(4):  # two distinct earlier inputs per node
+                (_, a), (_, b) = edges[2 * node : 2 * node + 2]
+                assert a != b and max(a, b) <= node + 1
+    three_nodes = random_genotypes(5, seed=1, primitives=("none", "skip_connect", "sep_conv_3x3"), nodes=3)
+    assert {op for g in three_nodes for op, _ in g.normal + g.reduce} <= {"skip_connect", "sep_conv_3x3"}
+    assert all(g.nodes == 3 for g in three_nodes)
+    with pytest.raises(GenotypeError, match="other than 'none'"):
+        random_genotypes(1, seed=0, primitives=("none",))
+
+
+def test_random_cells_are_uniform_over_ops_and_inputs() -> None:
+    """Chi-square against the uniform law: ops over the 7 non-'none' primitives, node 3's input pairs over the 10
+    pairs of its 5 possible inputs; a bias of a few percent fails at this sample size."""
+    from scipy.stats import chisquare
+
+    cells = random_genotypes(3000, seed=0)
+    ops = [op for g in cells for op, _ in g.normal + g.reduce]
+    counts = [ops.count(op) for op in PRIMITIVES if op != "none"]
+    assert chisquare(counts).pvalue > 1e-3
+    pairs = [tuple(sorted(i for _, i in g.normal[6:8])) for g in cells]
+    pair_counts = [pairs.count((a, b)) for a in range(5) for b in range(a + 1, 5)]
+    assert len(pair_counts) == 10 and chisquare(pair_counts).pvalue > 1e-3
+    first_node = [tuple(sorted(i for _, i in g.reduce[0:2])) for g in cells]
+    assert set(first_node) == {(0, 1)}  # node 0 has only the two cell inputs
+
+
+def test_count_ops_counts_parameter_free_edges_and_named_ops() -> None:
+    assert {op for op in PRIMITIVES if is_parameter_free(op)} == {
+        "none",
+        "max_pool_3x3",
+        "avg_pool_3x3",
+        "skip_connect",
+    }
+    assert count_ops(DARTS_V2, "normal") == 2 and count_ops(DARTS_V2, "normal", "skip_connect") == 2
+    assert count_ops(DARTS_V2, "reduce") == 8 and count_ops(DARTS_V2, "reduce", "max_pool_3x3") == 5
+    with pytest.raises(ValueError, match="'normal' or 'reduce'"):
+        count_ops(DARTS_V2, "both")

@@ -19,6 +19,7 @@ from components.config import load_pipeline_config
 from components.driver import prepare
 from components.tracking import dataset_digest, walk_lineage
 from nas.config import from_params
+from nas.genotypes import random_genotypes
 
 ROOT = Path(__file__).resolve().parents[1]
 SHRINK = [  # the quick preset, shorter: the same stages, fewer steps
@@ -48,6 +49,7 @@ def _count_runs(uri: str) -> int:
 
 def test_the_quick_pipeline_on_s3_registers_a_champion_with_its_lineage(tmp_path: Path, monkeypatch, s3) -> None:  # noqa: ANN001
     """Storage on a real S3 API (moto): sweep, retrain and registration, with every stage's artifacts in MLflow."""
+    import mlflow
     import ray
     from mlflow import MlflowClient
 
@@ -57,7 +59,7 @@ def test_the_quick_pipeline_on_s3_registers_a_champion_with_its_lineage(tmp_path
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     store = s3.uri("quick-store")
     overrides = [*SHRINK, f"mlflow.tracking_uri={uri}", f"ray.storage_path={store}", "sweep.top_k=2"]
-    overrides += ["champion.baselines=[DARTS_V2]", "champion.max_concurrent=2"]
+    overrides += ["champion.baselines=[DARTS_V2]", "champion.max_concurrent=2", "champion.random_baselines=2"]
     config = load_pipeline_config("quick", overrides)
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)  # inherits the S3 env
     try:
@@ -83,7 +85,7 @@ def test_the_quick_pipeline_on_s3_registers_a_champion_with_its_lineage(tmp_path
         assert run.data.params["derived.normal"] and run.data.params["derived.reduce"]
         config_params = {k: v for k, v in run.data.params.items() if not k.startswith(("derived.", "genotype"))}
         assert from_params(config_params, PipelineConfig) == trial.config  # params are exactly the trial's config
-        for metric in ("train_loss", "val_acc", "alpha_entropy_normal"):
+        for metric in ("train_loss", "val_acc", "alpha_entropy_normal", "parameter_free_normal", "skip_weight_normal"):
             assert [m.step for m in client.get_metric_history(run_id, metric)] == [1, 2], metric
         files = {a.path for a in client.list_artifacts(run_id)}
         assert {"genotype.json", "history.json", "config.json", "cells", "alpha"} <= files
@@ -105,6 +107,36 @@ def test_the_quick_pipeline_on_s3_registers_a_champion_with_its_lineage(tmp_path
     assert lineage["dataset_digest"] == dataset_digest(config)[0]
     assert champion.last.eval_split == "test" and {job.role for job, _ in result.champion.baselines} == {"baseline"}
     assert len(result.champion.candidates) == len(result.selected) >= 1
+    # two random cells, drawn as the config says, trained at the candidates' budget and split; the best in full
+    randoms = random_genotypes(2, config.champion.random_seed, config.search.primitives, config.search.nodes)
+    assert [stage.genotype for _, stage in result.champion.randoms] == randoms
+    for job, stage in [*result.champion.randoms, *result.champion.candidates]:
+        assert job.config.retrain.epochs == config.champion.candidate_epochs == len(stage.history)
+        assert job.config.retrain.val_fraction == config.retrain.val_fraction and stage.last.eval_split == "val"
+    best_random = max(result.champion.randoms, key=lambda pair: pair[1].last.eval_acc)[1].genotype
+    baselines = {job.name: stage for job, stage in result.champion.baselines}
+    assert baselines["quick-baseline-random"].genotype == best_random
+    assert baselines["quick-baseline-random"].last.eval_split == "test"
+    # where each searched cell ranks among them: in the result, on its retrain run and on the pipeline run
+    ranking = result.champion.ranking
+    brief = [job.name for job, _ in [*result.champion.candidates, *result.champion.randoms]]
+    assert sorted(row["retrain"] for row in ranking) == sorted(brief) and [row["rank"] for row in ranking] == [
+        1,
+        2,
+        3,
+        4,
+    ]
+    pipeline_metrics = client.get_run(result.pipeline_run).data.metrics
+    for job, stage in result.champion.candidates:
+        beaten = sum(s.last.eval_acc < stage.last.eval_acc for _, s in result.champion.randoms)
+        tied = sum(s.last.eval_acc == stage.last.eval_acc for _, s in result.champion.randoms)
+        expected = 100 * (beaten + tied / 2) / 2
+        assert pipeline_metrics[f"random_percentile.{job.name}"] == expected
+        assert client.get_run(result.retrain_runs[job.name]).data.metrics["random_percentile"] == expected
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    table = mlflow.load_table("ranking.json", run_ids=[result.pipeline_run])
+    assert sorted(table["retrain"]) == sorted(row["retrain"] for row in ranking)
+    assert "better than" in summary(result)
     champion_params = client.get_run(lineage["retrain_run"]).data.params
     assert champion_params["retrain.genotype"] == champion.genotype.to_json()  # what it trained, not the preset's
     # the registered model predicts class probabilities, as the retrained network does, from raw pixels too

@@ -253,6 +253,10 @@ def _report(epoch: int) -> SearchEpoch:
         epoch=epoch,
         **numbers,
         second_order_steps=0,
+        parameter_free_normal=2,
+        parameter_free_reduce=4,
+        skip_weight_normal=0.2,
+        skip_weight_reduce=float("nan"),
         genotype=GENOTYPES["DARTS_V2"],
         alpha_normal=alpha,
         alpha_reduce=alpha,
@@ -267,7 +271,7 @@ def test_search_outputs_hold_the_records_as_dumped(tmp_path: Path) -> None:
     rows = json.loads((tmp_path / "history.json").read_text())
     assert [row["epoch"] for row in rows] == [1, 2] and rows[0]["genotype"] == GENOTYPES["DARTS_V2"].to_dict()
     back = [SearchEpoch.model_validate(row) for row in rows]
-    nan = {"images_per_second"}
+    nan = {"images_per_second", "skip_weight_reduce"}
     assert [r.model_dump(exclude=nan) for r in back] == [r.model_dump(exclude=nan) for r in history]
     assert all(math.isnan(r.images_per_second) for r in back)  # NaN survives the file
 

@@ -10,11 +10,23 @@ import pytest
 import torch
 from stage_callbacks import KillOnce
 
-from components.config import PipelineConfig
+from components.config import PipelineConfig, load_pipeline_config
 from components.driver import Prepared, prepare
-from components.retrain import choose_champion, retrain_config, run_retrain_stage
-from nas.config import load_config
-from nas.genotypes import GENOTYPES, Genotype, parse_genotype
+from components.retrain import (
+    RetrainJob,
+    RetrainStageResult,
+    choose_champion,
+    random_percentile,
+    ranking_table,
+    retrain_config,
+    run_retrain_stage,
+)
+from nas.config import ConfigError, load_config
+from nas.eval_model import NetworkSpec
+from nas.genotypes import GENOTYPES, PC_DARTS, Genotype, parse_genotype, random_genotypes
+from nas.retrain import RetrainEpoch
+
+RANDOM = random_genotypes(3, seed=0)
 
 TINY = [
     "retrain.epochs=2",
@@ -87,3 +99,40 @@ def test_a_finished_name_refuses_another_genotype(local_ray, tmp_path: Path) -> 
     run_retrain_stage(training(cfg, GENOTYPES["DARTS_V2"]), name="once")
     with pytest.raises(StageError, match="another genotype"):
         run_retrain_stage(training(cfg, GENOTYPES["PC_DARTS"]), name="once")
+
+
+def test_random_percentile_and_the_ranking_table() -> None:
+    assert random_percentile(0.9, [0.5, 0.6, 0.7, 0.95]) == 75.0
+    assert random_percentile(0.6, [0.5, 0.6, 0.7, 0.95]) == 37.5  # a tie counts half
+    assert random_percentile(0.1, [0.5, 0.6]) == 0.0 and random_percentile(0.7, [0.5, 0.6]) == 100.0
+    assert random_percentile(math.nan, [0.5]) == 0.0 and math.isnan(random_percentile(0.5, []))
+
+    def trained(name: str, role: str, acc: float, genotype: Genotype) -> tuple[RetrainJob, RetrainStageResult]:
+        sizes = dict(in_channels=1, num_classes=10, channels=4, layers=3, image_size=8)
+        spec = NetworkSpec(genotype=genotype, **sizes, mean=[0.5], std=[0.2], dataset="digits")
+        numbers = dict(lr=0.1, drop_path=0.0, epoch_seconds=1.0, images_per_second=1.0)
+        epoch = RetrainEpoch(
+            epoch=1, train_loss=1.0, train_acc=0.5, eval_loss=1.0, eval_acc=acc, eval_split="val", **numbers
+        )
+        job = RetrainJob(name, role, None, "trial-a" if role == "candidate" else None)  # type: ignore[arg-type]
+        return job, RetrainStageResult(name=name, role=role, spec=spec, history=[epoch], outputs="x")
+
+    searched = [trained("c1", "candidate", 0.8, GENOTYPES["DARTS_V2"]), trained("c2", "candidate", 0.4, PC_DARTS)]
+    randoms = [trained(f"r{i}", "random", acc, g) for i, (acc, g) in enumerate(zip([0.3, 0.9, 0.5], RANDOM), 1)]
+    rows = ranking_table(searched, randoms)
+    assert [(row["retrain"], row["rank"]) for row in rows] == [("r2", 1), ("c1", 2), ("r3", 3), ("c2", 4), ("r1", 5)]
+    by_name = {row["retrain"]: row for row in rows}
+    assert by_name["c1"]["random_percentile"] == pytest.approx(200 / 3) and by_name["c1"]["source"] == "trial-a"
+    assert by_name["c2"]["random_percentile"] == pytest.approx(100 / 3) and by_name["r1"]["random_percentile"] is None
+    assert by_name["c1"]["kind"] == "searched" and by_name["r3"]["kind"] == "random"
+    assert by_name["c1"]["parameter_free_normal"] == 2 and by_name["r3"]["genotype"] == str(RANDOM[2])
+
+
+def test_random_baselines_need_held_out_data() -> None:
+    with pytest.raises(ConfigError, match="random_baselines needs retrain.val_fraction > 0"):
+        load_pipeline_config("quick", ["champion.random_baselines=2", "retrain.val_fraction=0"])
+    assert load_pipeline_config("quick", ["champion.random_baselines=2"]).champion.random_baselines == 2
+    paper = load_pipeline_config("cifar10")  # four searches, 100-epoch candidates, 24 random cells, DARTS_V2
+    assert (paper.sweep.seeds, paper.sweep.xi, paper.sweep.top_k) == ([1, 2, 3, 4], [None], 4)
+    champion = paper.champion
+    assert (champion.candidate_epochs, champion.random_baselines, champion.baselines) == (100, 24, ["DARTS_V2"])

@@ -25,7 +25,10 @@ from nas import (
     load_config,
     parse_genotype,
 )
+from nas.genotypes import count_ops
 from nas.loop import Meter
+from nas.ops import PRIMITIVES
+from nas.search import largest_op_weight
 
 TINY_SEARCH = [
     "search.epochs=2",
@@ -79,7 +82,13 @@ def test_search_epoch_dumps_to_plain_values_and_reads_back_from_checkpoint_and_j
     report = run.run_epoch()
     assert report.epoch == 1
     numbers = "train_loss train_acc val_loss val_acc alpha_entropy_normal alpha_entropy_reduce lr xi epoch_seconds"
-    assert list(report.metrics()) == [*numbers.split(), "images_per_second", "second_order_steps"]
+    collapse = ["parameter_free_normal", "parameter_free_reduce", "skip_weight_normal", "skip_weight_reduce"]
+    assert list(report.metrics()) == [*numbers.split(), "images_per_second", "second_order_steps", *collapse]
+    # the collapse signals match the derived cells and the α they came from
+    assert report.parameter_free_normal == count_ops(report.genotype, "normal")
+    skip = run.config.search.primitives.index("skip_connect")
+    softmax = torch.tensor(report.alpha_reduce, dtype=torch.float64).softmax(-1)
+    assert report.skip_weight_reduce == pytest.approx(max(softmax[:, skip].tolist()), rel=1e-6)
     assert report.metrics()["epoch_seconds"] == report.epoch_seconds > 0
     dumped = report.model_dump(mode="json")
     assert list(dumped) == ["epoch", *report.metrics(), "genotype", "alpha_normal", "alpha_reduce"]
@@ -89,6 +98,16 @@ def test_search_epoch_dumps_to_plain_values_and_reads_back_from_checkpoint_and_j
     assert SearchEpoch.model_validate({**dumped, "genotype": str(report.genotype)}) == report  # text form too
     with pytest.raises(ValueError, match="epoch"):
         SearchEpoch.model_validate({**dumped, "epoch": 0})
+
+
+def test_largest_op_weight_reads_the_softmax_not_raw_alpha() -> None:
+    alpha = torch.zeros(3, 8)
+    alpha[1, 3] = 5.0  # skip_connect strongest on edge 1
+    alpha[2, :] = 10.0  # a large raw logit on every op of edge 2 is still 1/8 after the softmax
+    expected = math.exp(5) / (math.exp(5) + 7)
+    assert largest_op_weight(alpha, PRIMITIVES) == pytest.approx(expected)
+    assert largest_op_weight(alpha, PRIMITIVES, "none") == pytest.approx(1 / 8)
+    assert math.isnan(largest_op_weight(alpha[:, :3], PRIMITIVES[:3]))  # no skip_connect in this space
 
 
 def test_same_seed_same_alpha_bit_for_bit_and_other_seed_differs() -> None:

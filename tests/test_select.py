@@ -12,7 +12,7 @@ import pytest
 from components.config import PipelineConfig
 from components.select import TrialResult, select_top, write_selection
 from components.storage import Location
-from nas.genotypes import GENOTYPES, Genotype, parse_genotype
+from nas.genotypes import GENOTYPES, Genotype, count_ops, parse_genotype
 from nas.search import SearchEpoch
 
 V1, V2, PC = GENOTYPES["DARTS_V1"], GENOTYPES["DARTS_V2"], GENOTYPES["PC_DARTS"]
@@ -44,6 +44,8 @@ def trial(
         setattr(config.search, field, value)
     numbers = dict.fromkeys(("train_loss", "train_acc", "alpha_entropy_normal", "alpha_entropy_reduce"), 0.5)
     numbers |= {"lr": 0.025, "xi": xi or 0.0, "epoch_seconds": 1.0, "images_per_second": 1.0}
+    numbers |= {f"parameter_free_{c}": count_ops(g, c) for c in ("normal", "reduce")}
+    numbers |= {"skip_weight_normal": 0.2, "skip_weight_reduce": 0.2}
     last = SearchEpoch(
         epoch=epoch,
         val_acc=acc,
@@ -135,3 +137,30 @@ def _normal_mode(folder: Path) -> int:
     probe = folder / "probe"
     probe.write_text("")
     return probe.stat().st_mode & 0o777
+
+
+def collapsed_cell(skips: int) -> Genotype:
+    """DARTS_V2's wiring with ``skips`` skip connections in the normal cell, sep_conv_3x3 elsewhere."""
+    normal = [("skip_connect" if k < skips else "sep_conv_3x3", i) for k, (_, i) in enumerate(V2.normal)]
+    return Genotype(normal, V2.normal_concat, V2.reduce, V2.reduce_concat)
+
+
+def test_collapsed_cells_are_refused_when_asked(tmp_path: Path) -> None:
+    """P-DARTS's guard: a normal cell with more than M skip connections is never a candidate, but is listed."""
+    results = [
+        trial("best", 0.95, collapsed_cell(5)),
+        trial("fine", 0.90, collapsed_cell(2)),
+        trial("plain", 0.8, collapsed_cell(0)),
+    ]
+    assert count_ops(collapsed_cell(5), "normal", "skip_connect") == 5
+    assert [c.trial.trial for c in select_top(results, k=3)] == ["best", "fine", "plain"]  # off by default
+    assert [c.trial.trial for c in select_top(results, k=3, max_skip_connects=2)] == ["fine", "plain"]
+    assert [c.trial.trial for c in select_top(results, k=3, max_skip_connects=0)] == ["plain"]
+    with pytest.raises(ValueError, match="more than 1 skip_connect .*collapsed"):
+        select_top(results[:2], max_skip_connects=1)
+    candidates = select_top(results, k=1, max_skip_connects=2)
+    write_selection(Location(str(tmp_path)), results, candidates, max_skip_connects=2)
+    rows = {row["trial"]: row for row in json.loads((tmp_path / "selection.json").read_text())["trials"]}
+    assert rows["best"]["collapsed"] and rows["best"]["skip_connects_normal"] == 5 and not rows["best"]["selected_rank"]
+    assert not rows["fine"]["collapsed"] and rows["fine"]["selected_rank"] == 1
+    assert rows["fine"]["parameter_free_normal"] == 2 and rows["plain"]["parameter_free_reduce"] == 8
