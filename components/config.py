@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from components.storage import absolute
 from nas.config import Config, ConfigError, _Section, format_validation_error, load_config
 from nas.genotypes import GENOTYPES
+from nas.search import SearchEpoch
 
 
 class RayConfig(_Section):
@@ -27,7 +28,7 @@ class RayConfig(_Section):
     gpus_per_worker: float = Field(1.0, ge=0)
     sync_bn: bool = Field(False, description="batch-norm statistics over the global batch (exact equivalence)")
     storage_path: str = Field("runs/ray", description="local folder, shared path or URI (s3://, gs://)")
-    max_failures: int = Field(2, ge=-1, description="restarts from the last checkpoint after a lost worker")
+    max_failures: int = Field(2, ge=0, le=20, description="restarts from the last checkpoint after a lost worker")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
     checkpoints_to_keep: int = Field(2, ge=1)
     allow_oversubscribe: bool = Field(False, description="allow more worker CPUs than the cluster has")
@@ -58,6 +59,14 @@ class SweepConfig(_Section):
     max_skip_connects: int | None = Field(
         None, ge=0, description="refuse cells whose normal cell has more skip_connect (P-DARTS: 2); null: keep all"
     )
+
+    @field_validator("metric")
+    @classmethod
+    def _reported_metric(cls, value: str) -> str:
+        known = ["epoch", *SearchEpoch.metric_names()]
+        if value not in known:
+            raise ValueError(f"unknown metric {value!r}; a search reports {', '.join(known)}")
+        return value
 
     @model_validator(mode="after")
     def _xi_non_negative(self) -> SweepConfig:
@@ -96,7 +105,9 @@ class ChampionConfig(_Section):
 class MlflowConfig(_Section):
     tracking_uri: str | None = Field(None, description="null: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     experiment: str | None = Field(None, description="null: the pipeline name (--name, else the config name)")
-    model_name: str | None = Field(None, description="registered model name; null: the config's name")
+    model_name: str | None = Field(
+        None, description="registered model name; null: the pipeline's name (--name, else the config's name)"
+    )
 
 
 class PipelineConfig(Config):

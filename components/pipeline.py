@@ -41,9 +41,10 @@ def open_lineage(config: PipelineConfig, name: str) -> Lineage:
     return lineage
 
 
-def model_name(config: PipelineConfig) -> str:
-    """The registered model's name: ``mlflow.model_name``, else the config's name."""
-    return config.mlflow.model_name or config.name
+def model_name(config: PipelineConfig, pipeline: str) -> str:
+    """The registered model's name: ``mlflow.model_name``, else the pipeline's name, so two pipelines of one config
+    under different names never move each other's ``champion`` alias."""
+    return config.mlflow.model_name or pipeline
 
 
 def sweep_stage(prepared: Prepared, lineage: Lineage, name: str) -> tuple[list[TrialResult], dict[str, str]]:

@@ -200,13 +200,15 @@ def stage_main(
     from components.config import load_pipeline_config
     from components.driver import prepare
     from components.storage import StorageError
-    from nas.config import ConfigError, config_parser
+    from nas.config import ConfigError, check_name, config_parser
     from nas.data import DataError
 
     parser = config_parser(prog, doc.splitlines()[0], "digits")
     parser.add_argument("--name", default=None, help=f"run name (default: <config name>-{stage}); reuse to resume")
     args = parser.parse_args(argv)
     try:
+        if args.name is not None:
+            check_name(args.name, "--name")
         config = load_pipeline_config(args.config, args.overrides)
         prepared = prepare(config, sweep=stage == "sweep")
         result = run(prepared, name=args.name)

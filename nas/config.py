@@ -18,7 +18,7 @@ from types import UnionType
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from nas.genotypes import GenotypeError, parse_genotype
 from nas.ops import PRIMITIVES, registered_ops
@@ -30,8 +30,47 @@ class ConfigError(ValueError):
     """A configuration problem, described in one line naming the field."""
 
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+NAME_MAX_LENGTH = 100
+
+
+def _numeric(annotation: Any) -> bool:
+    """True for ``int``, ``float``, lists of them and their optional forms: where YAML's true/false is a typo."""
+    if annotation in (int, float):
+        return True
+    if get_origin(annotation) is list:
+        return all(_numeric(a) for a in get_args(annotation))
+    if get_origin(annotation) in (Union, UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return bool(args) and all(_numeric(a) for a in args)
+    return False
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Strict where a typo would otherwise run: unknown fields, true/false for a number, inf and NaN are refused."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, bool) for v in values) and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number, not true/false")
+        return value
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """A run or pipeline name: letters, digits, ``_.-``, at most 100 characters, so it is never a path (storage
+    folders, MLflow keys and model names are made from it). Raises ConfigError in one line."""
+    import re
+
+    if not (isinstance(name, str) and re.fullmatch(NAME_PATTERN, name) and len(name) <= NAME_MAX_LENGTH):
+        raise ConfigError(
+            f"{what} {_short(name)} must be 1-{NAME_MAX_LENGTH} characters of letters, digits, '_', '.', '-', "
+            "starting with a letter or digit"
+        )
+    return name
 
 
 class DataConfig(_Section):
@@ -107,6 +146,13 @@ class SearchConfig(_Section):
     edge_normalization: bool = Field(
         False, description="PC-DARTS: a β per edge, softmax over each node's inputs, also used to derive the genotype"
     )
+
+    @field_validator("alpha_betas")
+    @classmethod
+    def _betas_below_one(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in value):
+            raise ValueError("Adam betas must each be in [0, 1)")
+        return value
 
     @field_validator("primitives")
     @classmethod
@@ -193,7 +239,7 @@ class RetrainConfig(_Section):
 
 
 class Config(_Section):
-    name: str = Field("raydarts", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field("raydarts", pattern=NAME_PATTERN, max_length=NAME_MAX_LENGTH)
     output_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)

@@ -51,13 +51,14 @@ class EpochRecord(BaseModel):
 
     epoch: int = Field(ge=1)
 
+    @classmethod
+    def metric_names(cls) -> list[str]:
+        """The numeric scalar fields except ``epoch``: the names :meth:`metrics` reports (a sweep ranks by one)."""
+        return [name for name, info in cls.model_fields.items() if name != "epoch" and info.annotation in (float, int)]
+
     def metrics(self) -> dict[str, float]:
         """The numeric scalar fields except ``epoch`` (what is reported per epoch, with step = epoch; NaN allowed)."""
-        return {
-            name: getattr(self, name)
-            for name, info in type(self).model_fields.items()
-            if name != "epoch" and info.annotation in (float, int)
-        }
+        return {name: getattr(self, name) for name in self.metric_names()}
 
 
 def _identity_model(model: nn.Module) -> nn.Module:

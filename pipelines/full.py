@@ -29,7 +29,7 @@ from components.retrain import ChampionResult
 from components.select import Candidate, TrialResult
 from components.storage import StorageError
 from components.trainer import StageError
-from nas.config import ConfigError, config_parser
+from nas.config import ConfigError, check_name, config_parser
 from nas.data import DataError
 
 
@@ -74,7 +74,7 @@ def plan(config: PipelineConfig, name: str) -> list[str]:
     extra = f" and baselines {', '.join(baselines)}" if baselines else ""
     lines += [
         f"4. train the champion{extra} for {config.retrain.epochs} epochs on all of train; test once",
-        f"5. register the champion as {config.mlflow.model_name or config.name!r} with alias 'champion'",
+        f"5. register the champion as {model_name(config, name)!r} with alias 'champion'",
     ]
     return lines
 
@@ -99,7 +99,7 @@ def run_pipeline(prepared: Prepared, *, name: str | None = None, log: Any = prin
         )
         log("[pipeline] 4/4 register")
         job, stage = champion.champion
-        version = register_stage(lineage, retrain_runs[job.name], stage, model_name(config), job.source)
+        version = register_stage(lineage, retrain_runs[job.name], stage, model_name(config, name), job.source)
     except BaseException:
         lineage.finish("FAILED")
         raise
@@ -112,7 +112,7 @@ def run_pipeline(prepared: Prepared, *, name: str | None = None, log: Any = prin
         trials=trials,
         selected=selected,
         champion=champion,
-        model_name=model_name(config),
+        model_name=model_name(config, name),
         model_version=str(version.version),
         metric=config.sweep.metric,
         search_runs=search_runs,
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         from components.tracking import resolve_tracking_uri
 
         config = load_pipeline_config(args.config, args.overrides)
-        name = args.name or config.name
+        name = check_name(args.name, "--name") if args.name is not None else config.name
         tracking_uri = resolve_tracking_uri(config.mlflow.tracking_uri)
         if args.dry_run:
             import yaml

@@ -65,7 +65,9 @@ def sweep_step(preset: str, overrides: list[str], name: str, ray_address: str, t
     from components.config import load_pipeline_config
     from components.driver import prepare
     from components.pipeline import open_lineage, sweep_stage
+    from nas.config import check_name
 
+    check_name(name, "name")
     prepared = prepare(_on(load_pipeline_config(preset, overrides), ray_address), sweep=True)
     trials, _ = sweep_stage(prepared, open_lineage(prepared.config, name), name)
     Path(trials_path).write_text(json.dumps([t.model_dump(mode="json") for t in trials], indent=2))
@@ -129,7 +131,7 @@ def register_step(config_yaml: str, name: str, champion: dict[str, Any]) -> str:
     stage = read_result(Location(champion["outputs"]))
     if stage is None:
         raise RuntimeError(f"the champion's outputs are gone from {champion['outputs']}")
-    registered = model_name(config)
+    registered = model_name(config, name)
     lineage = open_lineage(config, name)
     version = register_stage(lineage, champion["retrain_run"], stage, registered, champion["source_trial"] or None)
     lineage.finish()  # the last step: the pipeline's run is complete

@@ -74,8 +74,8 @@ def test_the_pipeline_runs_locally_and_registers_a_champion(tmp_path: Path, monk
     monkeypatch.chdir(tmp_path)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
     run = build_pipeline()(preset="quick", overrides=overrides, name="kfp", ray_address="")
-    assert run.output == "models:/quick/1"
-    lineage = walk_lineage(uri, "quick")
+    assert run.output == "models:/kfp/1"
+    lineage = walk_lineage(uri, "kfp")  # the model is named after the pipeline
     assert lineage["pipeline"] == "kfp" and lineage["role"] == "champion" and lineage["search_run"]
     from mlflow import MlflowClient
 
@@ -86,6 +86,6 @@ def test_the_pipeline_runs_locally_and_registers_a_champion(tmp_path: Path, monk
         search.data.params["search.seed"] == "1" and search.data.tags["mlflow.parentRunId"] == lineage["pipeline_run"]
     )
     markdown = next((tmp_path / "kfp").rglob("summary"))
-    assert "models:/quick/1" in markdown.read_text() and "DARTS_V2" in markdown.read_text()
+    assert "models:/kfp/1" in markdown.read_text() and "DARTS_V2" in markdown.read_text()
     model_dir = next(p for p in (tmp_path / "kfp").rglob("champion") if p.is_dir())
     assert {p.name for p in model_dir.iterdir()} == {"model.pt", "spec.json"}

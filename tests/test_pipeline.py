@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from processes import end_processes_with
 
 from components.config import load_pipeline_config
 from components.driver import prepare
@@ -251,11 +252,11 @@ def test_ray_job_submit_runs_the_pipeline_on_a_head_node(tmp_path: Path) -> None
         )
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
         assert "succeeded" in submit.stdout.lower()
-        assert "models:/quick@champion" in submit.stdout
+        assert "models:/job@champion" in submit.stdout  # the model is named after the pipeline
     finally:
-        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        end_processes_with(temp_dir)  # the Ray this test started, not every Ray on the machine
         shutil.rmtree(temp_dir, ignore_errors=True)
-    lineage = walk_lineage(uri, "quick")
+    lineage = walk_lineage(uri, "job")
     assert lineage["pipeline"] == "job" and lineage["search_run"] and lineage["dataset_digest"]
     assert json.loads(lineage["genotype"])
 
