@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from components.config import PipelineConfig, trial_configs, with_absolute_paths
 from components.storage import Location
 from nas.config import ConfigError
-from nas.data import load_dataset
+from nas.data import DataSummary, load_dataset, summarize_data
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,32 @@ class Prepared:
         return dataclasses.replace(self, config=config)
 
 
-def check_data(config: PipelineConfig) -> None:
-    """Fail early and clearly on missing or unreadable data (the workers would fail the same way, later)."""
+def check_data(config: PipelineConfig) -> DataSummary:
+    """Fail early and clearly on missing or bad data and on batches larger than the split they are drawn from (the
+    workers would fail the same way, later); what the data holds."""
     data = config.data
     load_dataset(data.source, "train", root=data.root, download=data.download, limit=1, image_size=data.image_size)
+    summary = summarize_data(
+        data.source, root=data.root, download=data.download, limit=data.limit, test_limit=data.test_limit
+    )
+    workers, n = config.ray.num_workers, summary.train_rows
+    search, retrain = config.search, config.retrain
+    weight_half = round(n * search.train_portion)
+    smallest_half = min(weight_half, n - weight_half)
+    if search.batch_size * workers > smallest_half:
+        raise ConfigError(
+            f"search.batch_size {search.batch_size} x {workers} worker(s) needs {search.batch_size * workers} images "
+            f"in each half of the training split, but the smaller half has {smallest_half} (of {n} rows used)"
+        )
+    train_part = n - round(n * retrain.val_fraction)
+    if retrain.batch_size * workers > train_part:
+        raise ConfigError(
+            f"retrain.batch_size {retrain.batch_size} x {workers} worker(s) needs {retrain.batch_size * workers} "
+            f"training images, but {train_part} of the {n} rows used are left for training"
+        )
+    if retrain.val_fraction > 0 and train_part == n:
+        raise ConfigError(f"retrain.val_fraction {retrain.val_fraction:g} of {n} rows holds out no image")
+    return summary
 
 
 def check_resources(config: PipelineConfig, available_cpus: float, available_gpus: float, sweep: bool) -> None:
@@ -58,11 +80,41 @@ def check_resources(config: PipelineConfig, available_cpus: float, available_gpu
         )
 
 
+def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
+    """A ``host:port`` or ``ray://host:port`` address accepts a connection within seconds (ConfigError, one line,
+    otherwise): ``ray.init`` would wait minutes on a dead one. ``auto``, ``local`` and none are not checked."""
+    import socket
+    from urllib.parse import urlparse
+
+    if not address or address in ("auto", "local"):
+        return
+    parsed = urlparse(address)
+    host: str | None
+    port: int | None
+    try:
+        if parsed.netloc:  # ray://host:port
+            host, port = parsed.hostname, parsed.port
+        else:  # host:port
+            host, _, port_text = address.rpartition(":")
+            port = int(port_text) if port_text.isdigit() else None
+    except ValueError:
+        host = port = None
+    if not host or not port:
+        raise ConfigError(f"Ray address {address!r} is not host:port or ray://host:port")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        raise ConfigError(f"Ray at {address} does not answer within {timeout:g}s: {err.strerror or err}") from None
+
+
 def ensure_ray(config: PipelineConfig) -> tuple[float, float]:
     """Connect to ``ray.address``, RAY_ADDRESS, or start a local Ray; the cluster's (CPUs, GPUs)."""
+    import os
+
     import ray
 
     if not ray.is_initialized():
+        check_ray_address(config.ray.address or os.environ.get("RAY_ADDRESS"))
         ray.init(address=config.ray.address, log_to_driver=True, configure_logging=False)
     resources = ray.cluster_resources()
     return float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))

@@ -40,6 +40,7 @@ from components.trainer import (
     fit,
     report_epoch,
     restore_latest,
+    root_cause,
     stage_main,
     start_worker,
     watch,
@@ -250,7 +251,7 @@ def run_jobs(jobs: list[RetrainJob], max_concurrent: int, trial_cpus: float) -> 
         try:
             results[index] = ray.get(ready[0])
         except ray.exceptions.RayTaskError as err:
-            raise StageError(str(err.cause) if err.cause else str(err).splitlines()[0]) from None
+            raise StageError(root_cause(err)) from None
     return [results[i] for i in range(len(jobs))]
 
 

@@ -11,17 +11,27 @@ second order. When every trial has finished, ``python -m components.sweep`` rank
         --set ray.cpus_per_worker=0.5
 
 Resumable: if the driver dies, the same command restores the experiment; finished trials are not rerun and
-unfinished ones continue from their search checkpoints. ``sweep.scheduler=asha`` stops searches whose
-validation accuracy trails early (useful when many trials run long searches; with few, short trials it only adds
-noise, since DARTS's supernet accuracy early in the search predicts the final cell poorly).
+unfinished ones continue from their search checkpoints. Tune's state files are pickles, so a sweep is restored only
+from state this pipeline wrote: the driver signs the digest of every state file it writes (HMAC, with a key kept
+outside the storage path: ``RAYDARTS_STATE_KEY`` or ``~/.config/raydarts/state.key``) into
+``raydarts-manifest.json``, and a state file whose digest the manifest lacks is refused in one line.
+
+``sweep.scheduler=asha`` stops searches whose validation accuracy trails early (useful when many trials run long
+searches; with few, short trials it only adds noise, since DARTS's supernet accuracy early in the search predicts
+the final cell poorly).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import math
+import os
+import secrets
 import sys
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from components.config import PipelineConfig
@@ -29,7 +39,7 @@ from components.driver import Prepared
 from components.search import publish_from_checkpoint, read_history, run_search_stage, search_outputs
 from components.select import Candidate, TrialResult, select_and_publish
 from components.storage import Location
-from components.trainer import StageCallback, StageError, stage_main
+from components.trainer import StageCallback, StageError, root_cause, stage_main
 from nas.search import SearchEpoch
 
 
@@ -76,6 +86,129 @@ def concurrent_trials(config: PipelineConfig, cluster_cpus: float) -> int:
     return max(1, int(math.floor(cluster_cpus / per_trial + 1e-9)))
 
 
+# --- trusted state: Tune restores by unpickling, so only state this driver wrote is restored ------------------------
+MANIFEST = "raydarts-manifest.json"
+KEY_ENV = "RAYDARTS_STATE_KEY"
+_IGNORED = {MANIFEST, ".validate_storage_marker"}
+_DIGESTS_KEPT = 64  # versions per file: the storage copy may lag the driver's latest by an upload or two
+
+
+def state_key() -> bytes:
+    """The signing key: ``RAYDARTS_STATE_KEY``, else ``~/.config/raydarts/state.key`` (made once, mode 0600).
+
+    It must live outside the storage path, or whoever can write there could sign their own state."""
+    if os.environ.get(KEY_ENV):
+        return os.environ[KEY_ENV].encode()
+    path = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "raydarts" / "state.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as file:
+                file.write(secrets.token_hex(32))
+    return path.read_bytes().strip()
+
+
+def _signature(files: dict[str, list[str]], key: bytes) -> str:
+    return hmac.new(key, json.dumps(files, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
+def read_manifest(experiment: Location, key: bytes) -> dict[str, list[str]] | None:
+    """The signed digests of the state files (name -> digests of the versions written), or None when there is no
+    manifest; StageError when it is not signed with ``key``."""
+    manifest = experiment.read_json(MANIFEST)
+    if manifest is None:
+        return None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    mac = manifest.get("hmac") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not isinstance(mac, str) or not hmac.compare_digest(mac, _signature(files, key)):
+        raise StageError(f"sweep state manifest {experiment.join(MANIFEST)} is not signed with this pipeline's key")
+    return files
+
+
+def sign_state(experiment: Location, written: dict[str, bytes], key: bytes) -> None:
+    """Add the digests of state files this driver wrote (name -> content) to the experiment's signed manifest."""
+    files = read_manifest(experiment, key) or {}
+    changed = False
+    for name, data in written.items():
+        digest = hashlib.sha256(data).hexdigest()
+        known = files.setdefault(name, [])
+        if digest not in known:
+            files[name] = [*known, digest][-_DIGESTS_KEPT:]
+            changed = True
+    if changed:
+        experiment.write_json(MANIFEST, {"files": files, "hmac": _signature(files, key)})
+
+
+def check_state(experiment: Location, key: bytes) -> None:
+    """Refuse (StageError, one line) to restore an experiment with a state file this pipeline did not write."""
+    files = read_manifest(experiment, key)
+    if files is None:
+        raise StageError(
+            f"sweep state at {experiment} has no manifest signed by this pipeline; refusing to restore it "
+            "(pick another --name, or remove that folder if you wrote it)"
+        )
+    for name in experiment.list():
+        if "/" in name or name in _IGNORED:
+            continue  # trial folders hold results (JSON/CSV) that restoring does not unpickle
+        digest = hashlib.sha256(experiment.read_bytes(name) or b"").hexdigest()
+        if digest not in files.get(name, []):
+            raise StageError(
+                f"sweep state file {experiment.join(name)} was not written by this pipeline; refusing to restore"
+            )
+
+
+class _SignState:
+    """A Tune callback on the driver: after each step (Tune saves its state just before), sign the state files in
+    the driver's own staging folder, which only this driver writes, before the upload to storage lands."""
+
+    def __init__(self, experiment: str) -> None:
+        self.experiment = experiment
+        self.staging: str | None = None
+        self._seen: dict[str, tuple[int, int]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled into tuner.pkl: never the key, never stale bookkeeping
+        return {"experiment": self.experiment, "staging": None, "_seen": {}}
+
+    def sign(self) -> None:
+        if self.staging is None or not Path(self.staging).is_dir():
+            return
+        written = {}
+        for path in Path(self.staging).iterdir():
+            if path.is_file() and path.name not in _IGNORED:
+                stat = path.stat()
+                if self._seen.get(path.name) != (stat.st_mtime_ns, stat.st_size):
+                    self._seen[path.name] = (stat.st_mtime_ns, stat.st_size)
+                    written[path.name] = path.read_bytes()
+        if written:
+            sign_state(Location(self.experiment), written, state_key())
+
+
+def _sign_callback(experiment: str) -> Any:
+    from ray import tune
+
+    class SignState(_SignState, tune.Callback):
+        def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+            if self.staging is None and trials:
+                self.staging = trials[0].local_experiment_path
+            self.sign()
+
+        def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+            self.sign()
+
+    return SignState(experiment)
+
+
+def _sign_tuner(experiment: Location) -> None:
+    """Sign ``tuner.pkl``, which Tune writes straight to storage when a Tuner is made or restored."""
+    data = experiment.read_bytes("tuner.pkl")
+    if data is not None:
+        sign_state(experiment, {"tuner.pkl": data}, state_key())
+
+
 def run_sweep(prepared: Prepared, *, name: str | None = None, callback: StageCallback | None = None) -> SweepResult:
     """Run or restore the sweep, then select the top genotypes."""
     import ray
@@ -89,6 +222,7 @@ def run_sweep(prepared: Prepared, *, name: str | None = None, callback: StageCal
         tune.with_parameters(_trial, sweep_name=name, callback=callback), {"CPU": config.sweep.trial_cpus}
     )
     if tune.Tuner.can_restore(experiment.uri):
+        check_state(experiment, state_key())  # before anything is unpickled
         print(f"restoring sweep {name!r} from {experiment}", flush=True)
         tuner = tune.Tuner.restore(experiment.uri, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -109,15 +243,18 @@ def run_sweep(prepared: Prepared, *, name: str | None = None, callback: StageCal
                 scheduler=scheduler,
                 max_concurrent_trials=concurrent_trials(config, ray.cluster_resources().get("CPU", 1.0)),
             ),
-            run_config=tune.RunConfig(name=name, storage_path=prepared.storage.uri),
+            run_config=tune.RunConfig(
+                name=name, storage_path=prepared.storage.uri, callbacks=[_sign_callback(experiment.uri)]
+            ),
         )
+    _sign_tuner(experiment)
     grid = tuner.fit()
     trials, errors = [], []
     for result in grid:
         metrics = result.metrics or {}
         trial_id = str(metrics.get("trial_id") or (PurePosixPath(result.path).name if result.path else "?"))
         if result.error is not None or "genotype" not in metrics:
-            errors.append(f"{trial_id}: {str(result.error).strip().splitlines()[0] if result.error else 'no result'}")
+            errors.append(f"{trial_id}: {root_cause(result.error) if result.error else 'no result'}")
             continue
         trial_config = PipelineConfig.model_validate(result.config)
         last = SearchEpoch.model_validate({key: metrics[key] for key in SearchEpoch.model_fields})

@@ -66,9 +66,38 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
             f"tracking URI {uri!r} is a file store, which MLflow 3.17 no longer supports; "
             "use sqlite:///path/mlflow.db (or an http(s):// tracking server)"
         )
-    if path := _sqlite_path(uri):
-        path.parent.mkdir(parents=True, exist_ok=True)
     return uri
+
+
+def check_tracking(uri: str, timeout: float = 5.0) -> None:
+    """The tracking store answers and can be written, within seconds (ConfigError, one line, otherwise): a server's
+    health check for http(s), a writable folder for sqlite. MLflow itself would retry for minutes."""
+    import urllib.error
+    import urllib.request
+
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+                status = response.status
+        except urllib.error.HTTPError as err:
+            status = err.code
+        except Exception as err:
+            reason = getattr(err, "reason", err)
+            raise ConfigError(f"MLflow tracking server {uri} does not answer within {timeout:g}s: {reason}") from None
+        if status != 200:
+            raise ConfigError(f"{uri} is not an MLflow tracking server: its /health answers HTTP {status}")
+    elif path := _sqlite_path(uri):
+        path = path.expanduser().resolve()
+        folder = path.parent if path.exists() else next(p for p in path.parents if p.exists())
+        try:  # a probe file, gone at once: permission bits alone say nothing for root or read-only mounts
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+            writable = not path.exists() or os.access(path, os.W_OK)
+        except OSError:
+            writable = False
+        if not writable:
+            raise ConfigError(f"MLflow database {path} cannot be written there ({folder} is not writable)")
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -158,6 +187,8 @@ class Lineage:
         """``artifact_location`` applies to a new experiment; for sqlite it defaults to ``mlartifacts/`` beside
         the database (MLflow's default, ``./mlruns``, would follow the current directory)."""
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        if path := _sqlite_path(self.tracking_uri):
+            path.parent.mkdir(parents=True, exist_ok=True)
         self.client = _client(self.tracking_uri)
         self.pipeline = pipeline
         self.experiment = experiment

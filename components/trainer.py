@@ -59,14 +59,13 @@ def restore_latest(run: Any, rank: int, world: int, label: str) -> bool:
     """Load the latest checkpoint of this Train run into ``run`` (and this rank's RNGs); False when there is none."""
     import ray.train
 
-    from nas.loop import set_rng_state
+    from nas.loop import restore_checkpoint, set_rng_state
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return False
     with checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-    run.load_state_dict(state)
+        state = restore_checkpoint(run, Path(directory) / STATE_FILE)
     per_rank = state.get("rng_per_rank") or []
     if len(per_rank) == world:
         set_rng_state(per_rank[rank])
@@ -146,6 +145,30 @@ def watch(context: LoopContext, callback: StageCallback, network: torch.nn.Modul
     context.step_hook = lambda step: callback.on_step(context.rank, context.world_size, step, network)
 
 
+def root_cause(err: BaseException) -> str:
+    """One line naming what really failed: the innermost error under Ray's wrappers (a Train worker's own exception,
+    a task's or Tune trial's cause), as ``Type: message``; a StageError's message as it is."""
+    seen: set[int] = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        failures = getattr(err, "worker_failures", None)
+        inner = (
+            failures[min(failures)]
+            if failures
+            else getattr(err, "controller_failure", None) or getattr(err, "cause", None) or err.__cause__
+        )
+        if not isinstance(inner, BaseException):
+            break
+        err = inner
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        return lines[-1]  # a traceback as text (an error from another process): its last line names the error
+    message = lines[0] if lines else ""
+    if isinstance(err, StageError) or message.startswith(f"{type(err).__name__}:"):
+        return message
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+
+
 def fit(
     worker: Callable[[dict[str, Any]], None],
     loop_config: dict[str, Any],
@@ -180,8 +203,8 @@ def fit(
     )
     try:
         result = trainer.fit()
-    except Exception as err:  # Ray wraps worker errors; keep the first line of the cause
-        raise StageError(f"{label} {name!r} failed: {str(err).strip().splitlines()[0]}") from err
+    except Exception as err:  # Ray wraps worker errors: name the worker's own
+        raise StageError(f"{label} {name!r} failed: {root_cause(err)}") from err
     if result.checkpoint is None:
         raise StageError(f"{label} {name!r} finished without a checkpoint")
     return result

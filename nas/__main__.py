@@ -16,13 +16,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 from pydantic import ValidationError
 
 from nas.artifacts import save_epoch_pictures, save_search_outputs, save_torch_atomic, write_json, write_text_atomic
 from nas.config import Config, ConfigError, config_parser, format_validation_error, load_config
 from nas.data import DataError
 from nas.genotypes import GenotypeError, parse_genotype
+from nas.loop import restore_checkpoint
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,18 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_checkpoint(path: Path) -> dict | None:
-    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
-
-
 def run_search(config: Config, out: Path, resume: bool) -> None:
     from nas.search import SearchRun
 
     run = SearchRun(config)
     checkpoint = out / "checkpoint.pt"
-    state = _load_checkpoint(checkpoint) if resume else None
-    if state is not None:
-        run.load_state_dict(state)
+    if resume and checkpoint.is_file():
+        restore_checkpoint(run, checkpoint)
         print(f"resumed from {checkpoint} at epoch {run.epoch}")
 
     def on_epoch(report, run_) -> None:  # noqa: ANN001
@@ -63,9 +58,8 @@ def run_retrain(config: Config, out: Path, resume: bool) -> None:
 
     run = RetrainRun(config, parse_genotype(config.retrain.genotype))
     checkpoint = out / "checkpoint.pt"
-    state = _load_checkpoint(checkpoint) if resume else None
-    if state is not None:
-        run.load_state_dict(state)
+    if resume and checkpoint.is_file():
+        restore_checkpoint(run, checkpoint)
         print(f"resumed from {checkpoint} at epoch {run.epoch}")
     result = run.run(lambda report, run_: save_torch_atomic(run_.state_dict(), checkpoint))
     save_torch_atomic(run.network.state_dict(), out / "model.pt")

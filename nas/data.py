@@ -537,6 +537,93 @@ def load_dataset(
     return ImageDataset(images, labels, prepared(mean, std, True)), info
 
 
+@dataclass(frozen=True)
+class DataSummary:
+    """How much data each split has and how many classes: what a preflight compares batch sizes with."""
+
+    train_rows: int
+    test_rows: int
+    num_classes: int
+
+
+_IMAGE_SIGNATURES = (
+    b"\xff\xd8\xff",
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"RIFF",
+    b"II*\x00",
+    b"MM\x00*",
+)
+
+
+def _check_parquet_rows(arg: str, split: str, limit: int | None, num_classes: int | None) -> tuple[int, torch.Tensor]:
+    """(rows used, their labels) of a parquet split: every used row has a label in range and image bytes of a
+    known format (read, not decoded)."""
+    filesystem, path = _parquet_file(arg, split)
+    with _open_input(filesystem, path) as handle:
+        reader = _open_parquet(handle, path, ("image", "label"))
+        rows = reader.metadata.num_rows if limit is None else min(limit, reader.metadata.num_rows)
+        batches, row = [], 0
+        for batch in _parquet_batches(reader, path, ("image", "label"), rows):
+            for blob in batch.column("image").to_pylist():
+                if blob is None or not blob.startswith(_IMAGE_SIGNATURES):
+                    what = "no image (null)" if blob is None else "bytes that are no image format torchvision reads"
+                    raise DataError(f"row {row} of {path} has {what}")
+                row += 1
+            batches.append(batch.select(["label"]))
+    labels = _parquet_labels(batches, path)
+    if num_classes is not None and int(labels.max()) >= num_classes:
+        bad = int(torch.argmax(labels))
+        raise DataError(
+            f"row {bad} of {path} has label {int(labels[bad])}, outside the training split's classes "
+            f"0..{num_classes - 1}"
+        )
+    return rows, labels
+
+
+def summarize_data(
+    source: str,
+    *,
+    root: str | Path = "data",
+    download: bool = True,
+    limit: int | None = None,
+    test_limit: int | None = None,
+) -> DataSummary:
+    """Check the rows a run will use, cheaply (labels of every row, parquet image bytes present and of an image
+    format, at least two classes) and count them: a preflight, so a bad row fails before any worker starts."""
+    kind, arg = parse_source(source)
+    if kind == "parquet":
+        assert arg is not None
+        filesystem, train_path = _parquet_file(arg, "train")
+        num_classes = int(_read_labels(filesystem, train_path).max()) + 1
+        train_rows, train_labels = _check_parquet_rows(arg, "train", limit, None)
+        test_rows = _check_parquet_rows(arg, "test", test_limit, num_classes)[0] if _has_test(arg) else 0  # search only
+        distinct = len(set(train_labels.tolist()))
+    elif kind == "imagefolder":
+        assert arg is not None
+        train, _, num_classes = _imagefolder(arg, "train")
+        train_rows = len(train) if limit is None else min(limit, len(train))
+        test_rows = len(_imagefolder(arg, "test")[0])
+        distinct = num_classes
+    else:
+        train_set, info = load_dataset(source, "train", root=root, download=download, limit=limit)
+        train_rows, num_classes, distinct = len(train_set), info.num_classes, len(set(train_set.labels.tolist()))
+        test_rows = len(load_dataset(source, "test", root=root, download=download, limit=test_limit)[0])
+    if distinct < 2:
+        raise DataError(f"data source {source} has {distinct} class in the rows used; classifying needs at least two")
+    return DataSummary(train_rows, test_rows, num_classes)
+
+
+def _has_test(arg: str) -> bool:
+    try:
+        _parquet_file(arg, "test")
+    except DataError:
+        return False
+    return True
+
+
 def split_indices(n: int, seed: int, fraction: float = 0.5) -> tuple[list[int], list[int]]:
     """Seeded disjoint split of range(n), first part of round(n * fraction) items.
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
@@ -89,6 +90,29 @@ class LoopContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that does not fit the run; the message is one line naming the file."""
+
+
+def restore_checkpoint(run: Any, path: Path | str) -> dict[str, Any]:
+    """Load ``path`` (tensors and plain values only: ``weights_only=True``) into ``run``; the state it held.
+
+    A corrupt file, a pickle with code in it, or the state of another network raise CheckpointError, one line."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError (code refused), RuntimeError (not a zip), EOFError (truncated)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {first}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not the state of a run")
+    try:
+        run.load_state_dict(state)
+    except (KeyError, RuntimeError, TypeError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"checkpoint {path} does not fit this run: {first}") from None
+    return state
 
 
 def seed_everything(seed: int) -> None:

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, run nothing")
     args = parser.parse_args(argv)
     try:
-        from components.tracking import resolve_tracking_uri
+        from components.tracking import check_tracking, resolve_tracking_uri
 
         config = load_pipeline_config(args.config, args.overrides)
         name = check_name(args.name, "--name") if args.name is not None else config.name
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(plan(config, name)))
             return 0
         start = time.perf_counter()
+        check_tracking(tracking_uri)
         result = run_pipeline(prepare(config, sweep=True), name=name)
     except (ConfigError, DataError, StageError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)

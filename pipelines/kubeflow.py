@@ -65,10 +65,13 @@ def sweep_step(preset: str, overrides: list[str], name: str, ray_address: str, t
     from components.config import load_pipeline_config
     from components.driver import prepare
     from components.pipeline import open_lineage, sweep_stage
+    from components.tracking import check_tracking, resolve_tracking_uri
     from nas.config import check_name
 
     check_name(name, "name")
-    prepared = prepare(_on(load_pipeline_config(preset, overrides), ray_address), sweep=True)
+    config = _on(load_pipeline_config(preset, overrides), ray_address)
+    check_tracking(resolve_tracking_uri(config.mlflow.tracking_uri))
+    prepared = prepare(config, sweep=True)
     trials, _ = sweep_stage(prepared, open_lineage(prepared.config, name), name)
     Path(trials_path).write_text(json.dumps([t.model_dump(mode="json") for t in trials], indent=2))
     return _yaml(prepared.config)

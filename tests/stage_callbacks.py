@@ -83,3 +83,13 @@ class StartLog(StageCallback):
     def on_trial_start(self, trial_id: str) -> None:
         with open(self.path, "a") as f:
             f.write(f"{trial_id}\n")
+
+
+class FailOnStart(StageCallback):
+    """Every worker fails as it starts, with ``message``: an error only the workers see."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def on_worker_start(self, rank: int, world_size: int) -> None:
+        raise RuntimeError(self.message)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -186,6 +187,38 @@ def test_resume_continues_a_finished_run_from_its_last_epoch(searched, tmp_path,
     assert history[0] == before[0]  # the first epoch came from the checkpoint, not from a rerun
     assert (out / "cells" / "epoch_002.png").is_file() and (out / "alpha" / "epoch_002.png").is_file()
     assert torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["epoch"] == 2
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_bad_checkpoint_is_one_line_naming_the_file(searched, tmp_path, capsys):
+    """Corrupt, malicious (code in a pickle) or another run's checkpoint: one line, exit 2, the payload never runs."""
+    runs, _, _ = searched
+    marker = tmp_path / "payload-ran"
+    other = {"network": {"no_such_weight": torch.zeros(1)}}
+    for content, expected in [
+        (b"PK\x03\x04 truncated", "cannot be loaded"),
+        (pickle.dumps(_Payload(str(marker))), "cannot be loaded"),
+        (other, "does not fit this run"),
+    ]:
+        copy = tmp_path / "runs"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(runs, copy)
+        checkpoint = copy / "digits" / "search" / "checkpoint.pt"
+        if isinstance(content, bytes):
+            checkpoint.write_bytes(content)
+        else:
+            torch.save(content, checkpoint)
+        args = ["search", "--config", "digits", "--resume", *_sets([*TINY_SEARCH, f"output_dir={copy}"])]
+        assert main(args) == 2
+        _assert_one_line_error(capsys.readouterr().err, f"checkpoint {checkpoint} {expected}")
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------------------------------- retrain

@@ -18,11 +18,13 @@ from nas.data import (
     CIFAR10_STD,
     DataError,
     DatasetInfo,
+    DataSummary,
     epoch_batches,
     load_dataset,
     make_loader,
     parse_source,
     split_indices,
+    summarize_data,
 )
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; the fixtures still use them
@@ -467,3 +469,33 @@ def test_augmentation_crops_and_flips_only_when_labels_allow(parquet_dir) -> Non
     for seed in range(40):  # digits never flip: a mirrored 2 is not a 2
         torch.manual_seed(seed)
         assert _crop_offset(digits[seed][0], digits_info, digits.images[seed]) is not None
+
+
+# --------------------------------------------------------------------------------------------------- preflight
+
+
+def test_summarize_data_checks_every_row_used_without_decoding(tmp_path: Path) -> None:
+    """The preflight's data check: counts, and bad rows anywhere in what a run uses (far past the first ones)."""
+    images = [_png(im) for im in _random_images(30, size=8)]
+    labels = [i % 3 for i in range(30)]
+    _write_parquet(tmp_path / "train.parquet", images, labels)
+    _write_parquet(tmp_path / "test.parquet", images[:10], labels[:10])
+    assert summarize_data(f"parquet:{tmp_path}") == DataSummary(30, 10, 3)
+    assert summarize_data(f"parquet:{tmp_path}", limit=12, test_limit=4) == DataSummary(12, 4, 3)
+    _write_parquet(tmp_path / "test.parquet", images[:10], [*labels[:9], 3])  # a class train never has
+    with pytest.raises(DataError, match=r"row 9 of .*test.parquet has label 3, outside the training split's classes"):
+        summarize_data(f"parquet:{tmp_path}")
+    assert summarize_data(f"parquet:{tmp_path}", test_limit=9).test_rows == 9  # the bad row is not used
+    _write_parquet(tmp_path / "test.parquet", images[:10], labels[:10])
+    _write_parquet(tmp_path / "train.parquet", [*images[:27], b"not an image", *images[28:]], labels)
+    with pytest.raises(DataError, match=r"row 27 of .*train.parquet has bytes that are no image format"):
+        summarize_data(f"parquet:{tmp_path}")
+    _write_parquet(tmp_path / "train.parquet", images, [2] * 30)
+    with pytest.raises(DataError, match="has 1 class in the rows used; classifying needs at least two"):
+        summarize_data(f"parquet:{tmp_path}")
+    folder = tmp_path / "folder"
+    _write_folder(folder, "train", [(8, 8)] * 3, classes=("cat",))
+    _write_folder(folder, "test", [(8, 8)], classes=("cat",))
+    with pytest.raises(DataError, match="has 1 class"):
+        summarize_data(f"imagefolder:{folder}")
+    assert summarize_data("digits", limit=100) == DataSummary(100, 359, 10)

@@ -158,12 +158,14 @@ def test_the_pipeline_tracks_to_an_mlflow_server_over_http(
     from mlflow import MlflowClient
     from sklearn.datasets import load_digits
 
+    from components.tracking import check_tracking
     from pipelines.full import run_pipeline
 
     uri = mlflow_server.uri
     monkeypatch.chdir(tmp_path)  # nothing may land in the current directory: no mlflow.db, no mlartifacts/
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    check_tracking(uri)  # the preflight's health check passes on a live server (a dead one: tests/test_pipeline.py)
     overrides = [*SHRINK, "sweep.seeds=[1]", "sweep.xi=[0]", f"mlflow.tracking_uri={uri}"]
     config = load_pipeline_config("quick", [*overrides, f"ray.storage_path={tmp_path / 'store'}"])
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)

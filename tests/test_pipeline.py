@@ -177,13 +177,23 @@ def test_dry_run_and_bad_input_touch_nothing(tmp_path: Path) -> None:
     )
     assert dry.returncode == 0, dry.stderr
     assert "seeds:\n  - 1\n  - 2\n  - 3" in dry.stdout and "1. sweep quick-sweep: 6 searches" in dry.stdout
-    for overrides, message in [
-        (["mlflow.tracking_uri=/tmp/mlruns"], "sqlite"),
-        (["champion.baselines=[NOPE]"], "unknown baseline 'NOPE'"),
-        (["sweep.top_k=2", "retrain.val_fraction=0"], "never the test set"),
-        (["data.source=parquet:/nonexistent"], "/nonexistent"),
+    for args, message in [
+        (_sets(["mlflow.tracking_uri=/tmp/mlruns"]), "sqlite"),
+        (_sets(["champion.baselines=[NOPE]"]), "unknown baseline 'NOPE'"),
+        (_sets(["sweep.top_k=2", "retrain.val_fraction=0"]), "never the test set"),
+        (_sets(["data.source=parquet:/nonexistent"]), "/nonexistent"),
+        (_sets(["search.batch_size=1000"]), "needs 1000 images in each half of the training split"),
+        (
+            _sets(["search.epochs=true", "search.w_lr=.inf"]),
+            "not true/false (got True); search.w_lr: Input should be a finite",
+        ),
+        (_sets(["sweep.metric=bogus"]), "unknown metric 'bogus'"),
+        (["--name", "../../escaped"], "--name '../../escaped' must be 1-100 characters"),
+        (_sets([f"mlflow.tracking_uri=http://127.0.0.1:{_free_port()}"]), "does not answer within 5s"),
+        (_sets(["mlflow.tracking_uri=sqlite:////proc/raydarts/mlflow.db"]), "(/proc is not writable)"),
+        (_sets([f"ray.address=127.0.0.1:{_free_port()}"]), "does not answer within 5s: Connection refused"),
     ]:
-        args = _sets([*overrides, f"ray.storage_path={tmp_path / 'store'}"])
+        args = [*args, *_sets([f"ray.storage_path={tmp_path / 'store'}"])]
         bad = subprocess.run(
             [sys.executable, str(ROOT / "pipelines" / "full.py"), *args],
             cwd=tmp_path,

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from stage_callbacks import KillOnce, RankSync
+from stage_callbacks import FailOnStart, KillOnce, RankSync
 
 from components.config import PipelineConfig
 from components.driver import Prepared, prepare
 from components.search import run_search_stage
+from components.trainer import StageError, root_cause
 from nas.config import load_config
 
 TINY = [
@@ -102,3 +103,28 @@ def test_bad_config_fails_before_any_worker_with_one_line(tmp_path: Path, overri
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "store").exists()
+
+
+def test_a_worker_error_surfaces_as_one_line_with_its_own_cause(local_ray, tmp_path: Path) -> None:  # noqa: ANN001
+    prepared = tiny(tmp_path, "search.epochs=1", "ray.max_failures=0")
+    with pytest.raises(StageError) as caught:
+        run_search_stage(prepared, name="failing", callback=FailOnStart("the data on this node is unreadable"))
+    message = str(caught.value)
+    assert message == "search 'failing' failed: RuntimeError: the data on this node is unreadable", message
+
+
+def test_root_cause_unwraps_train_and_task_errors() -> None:
+    from ray.train import ControllerError, WorkerGroupError
+
+    worker = WorkerGroupError("rank 1 failed", {1: ValueError("betas out of range"), 0: KeyError("label 12")})
+    assert root_cause(worker) == "KeyError: 'label 12'"  # the lowest rank's own error
+    assert root_cause(ControllerError(worker)) == "KeyError: 'label 12'"
+    try:
+        try:
+            raise StageError("search 'x' failed: ValueError: no data")
+        except StageError as inner:
+            raise RuntimeError("trial wrapper") from inner
+    except RuntimeError as outer:
+        assert root_cause(outer) == "search 'x' failed: ValueError: no data"
+    remote = RuntimeError("ray::train() (pid=1)\nTraceback (most recent call last):\n  File x\nOSError: disk full")
+    assert root_cause(remote) == "OSError: disk full"  # a traceback as text: its last line

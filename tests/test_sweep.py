@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -15,10 +16,12 @@ import pytest
 from stage_callbacks import StartLog
 
 from components.config import PipelineConfig
-from components.driver import prepare
+from components.driver import Prepared, prepare
 from components.search import read_history
 from components.select import TrialResult
-from components.sweep import sweep_and_select
+from components.storage import Location
+from components.sweep import KEY_ENV, check_state, read_manifest, run_sweep, state_key, sweep_and_select
+from components.trainer import StageError
 from nas.config import load_config
 
 TINY = [
@@ -38,9 +41,10 @@ TINY = [
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_two_seeds_by_two_xi_on_two_cpus(tmp_path: Path) -> None:
+def test_two_seeds_by_two_xi_on_two_cpus(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     import ray
 
+    monkeypatch.setenv(KEY_ENV, "the key of this test's pipeline")
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         cfg = load_config("digits", [*TINY, f"ray.storage_path={tmp_path}", "sweep.top_k=2"], model=PipelineConfig)
@@ -67,6 +71,32 @@ def test_two_seeds_by_two_xi_on_two_cpus(tmp_path: Path) -> None:
     best = max(t.metrics["val_acc"] for t in result.trials)
     assert selected[0].metric == best
     assert where.exists("selection.csv") and where.exists("selection.json")
+    # what this pipeline wrote is signed; a pickle planted in its storage is refused before anything unpickles it
+    experiment = Location(str(tmp_path / "grid"))
+    check_state(experiment, state_key())
+    assert {"tuner.pkl"} < set(read_manifest(experiment, state_key()))
+    marker = tmp_path / "payload-ran"
+    (tmp_path / "grid" / "tuner.pkl").write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(StageError, match=r"sweep state file .*tuner.pkl was not written by this pipeline"):
+        run_sweep(Prepared.trusted(cfg), name="grid")  # no Ray needed: refused before it starts
+    assert not marker.exists()
+    (tmp_path / "grid" / "evil-state.json").write_text("{}")  # a file the manifest never listed
+    monkeypatch.setenv(KEY_ENV, "someone else's key")  # ... and a manifest signed with another key
+    with pytest.raises(StageError, match="manifest .* is not signed with this pipeline's key"):
+        run_sweep(Prepared.trusted(cfg), name="grid")  # no Ray needed: refused before it starts
+    (tmp_path / "grid" / "raydarts-manifest.json").unlink()
+    with pytest.raises(StageError, match="has no manifest signed by this pipeline"):
+        run_sweep(Prepared.trusted(cfg), name="grid")  # no Ray needed: refused before it starts
+
+
+class _Payload:
+    """A pickle that runs a command when loaded: what a writer of a shared bucket could plant."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
 
 
 def _alpha_history(trial: TrialResult) -> list[list]:
