@@ -170,7 +170,8 @@ def check_champion_choice(config: PipelineConfig) -> None:
 
 
 def load_pipeline_config(preset: str, overrides: Sequence[str] = ()) -> PipelineConfig:
-    """A preset (nas/presets: quick, cifar10, cifar10-cpu, digits) or a YAML path, with overrides, checked whole."""
+    """A preset (nas/presets: quick, cifar10, cifar10-cpu, cifar10-proxy, digits) or a YAML path, with overrides,
+    checked whole."""
     config = load_config(preset, overrides, model=PipelineConfig)
     check_champion_choice(config)
     trial_configs(config)

@@ -5,7 +5,7 @@
     python pipelines/full.py --config cifar10 --dry-run         # the resolved config and the plan, nothing run
     ray job submit --address http://<head>:8265 --working-dir . -- python pipelines/full.py --config cifar10
 
-Presets live in nas/presets/ (quick, cifar10, cifar10-cpu, digits); any YAML path works too, and ``--set
+Presets live in nas/presets/ (quick, cifar10, cifar10-cpu, cifar10-proxy, digits); any YAML path works too, and ``--set
 section.field=value`` overrides are validated with the rest before anything starts. Rerunning with the same
 ``--name`` resumes: the sweep is restored, finished retrains are read back, and MLflow gains no new runs nor
 model versions. Afterwards: ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.

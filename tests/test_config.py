@@ -35,7 +35,7 @@ def _one_line_error(preset: str | None, overrides: list[str]) -> str:
 
 
 def test_the_shipped_presets_are_listed():
-    assert set(list_presets()) >= {"cifar10", "cifar10-cpu", "digits", "quick"}
+    assert set(list_presets()) >= {"cifar10", "cifar10-cpu", "cifar10-proxy", "digits", "quick"}
 
 
 @pytest.mark.parametrize("preset", list_presets())
