@@ -119,9 +119,13 @@ def _signature(files: dict[str, list[str]], key: bytes) -> str:
 def read_manifest(experiment: Location, key: bytes) -> dict[str, list[str]] | None:
     """The signed digests of the state files (name -> digests of the versions written), or None when there is no
     manifest; StageError when it is not signed with ``key``."""
-    manifest = experiment.read_json(MANIFEST)
-    if manifest is None:
+    text = experiment.read_text(MANIFEST)
+    if text is None:
         return None
+    try:
+        manifest = json.loads(text)
+    except ValueError:
+        manifest = None
     files = manifest.get("files") if isinstance(manifest, dict) else None
     mac = manifest.get("hmac") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not isinstance(mac, str) or not hmac.compare_digest(mac, _signature(files, key)):
