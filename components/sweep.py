@@ -30,9 +30,12 @@ import math
 import os
 import secrets
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from ray.tune import Callback
 
 from components.config import PipelineConfig
 from components.driver import Prepared
@@ -91,6 +94,7 @@ MANIFEST = "raydarts-manifest.json"
 KEY_ENV = "RAYDARTS_STATE_KEY"
 _IGNORED = {MANIFEST, ".validate_storage_marker"}
 _DIGESTS_KEPT = 64  # versions per file: the storage copy may lag the driver's latest by an upload or two
+_STORAGE_READ_SECONDS = 1.0  # how often a restored run reads its storage copies to sign them
 
 
 def state_key() -> bytes:
@@ -167,43 +171,50 @@ def check_state(experiment: Location, key: bytes) -> None:
 
 class _SignState:
     """A Tune callback on the driver: after each step (Tune saves its state just before), sign the state files in
-    the driver's own staging folder, which only this driver writes, before the upload to storage lands."""
+    the driver's own staging folder, which only this driver writes, before the upload to storage lands. A restored
+    experiment's trials may name a staging folder of the earlier driver; then the storage copies are signed as
+    they land (see the README's trust boundary for what that leaves open)."""
 
     def __init__(self, experiment: str) -> None:
         self.experiment = experiment
-        self.staging: str | None = None
-        self._seen: dict[str, tuple[int, int]] = {}
+        self._seen: dict[str, tuple[int, int] | str] = {}
+        self._last_read = 0.0
 
     def __getstate__(self) -> dict[str, Any]:  # pickled into tuner.pkl: never the key, never stale bookkeeping
-        return {"experiment": self.experiment, "staging": None, "_seen": {}}
+        return {"experiment": self.experiment, "_seen": {}, "_last_read": 0.0}
 
-    def sign(self) -> None:
-        if self.staging is None or not Path(self.staging).is_dir():
-            return
-        written = {}
-        for path in Path(self.staging).iterdir():
-            if path.is_file() and path.name not in _IGNORED:
-                stat = path.stat()
-                if self._seen.get(path.name) != (stat.st_mtime_ns, stat.st_size):
-                    self._seen[path.name] = (stat.st_mtime_ns, stat.st_size)
-                    written[path.name] = path.read_bytes()
+    def sign(self, staging_folders: list[str]) -> None:
+        staging = next((Path(f) for f in staging_folders if f and Path(f).is_dir()), None)
+        written: dict[str, bytes] = {}
+        if staging is not None:
+            for path in staging.iterdir():
+                if path.is_file() and path.name not in _IGNORED:
+                    stat = path.stat()
+                    if self._seen.get(path.name) != (stat.st_mtime_ns, stat.st_size):
+                        self._seen[path.name] = (stat.st_mtime_ns, stat.st_size)
+                        written[path.name] = path.read_bytes()
+        elif time.monotonic() - self._last_read > _STORAGE_READ_SECONDS:
+            self._last_read = time.monotonic()
+            experiment = Location(self.experiment)
+            for name in experiment.list():
+                if "/" not in name and name not in _IGNORED:
+                    data = experiment.read_bytes(name) or b""
+                    digest = hashlib.sha256(data).hexdigest()
+                    if self._seen.get(name) != digest:
+                        self._seen[name] = digest
+                        written[name] = data
         if written:
             sign_state(Location(self.experiment), written, state_key())
 
 
-def _sign_callback(experiment: str) -> Any:
-    from ray import tune
+class SignState(_SignState, Callback):
+    """:class:`_SignState` as a Tune callback (module level, so tuner.pkl refers to it rather than copying it)."""
 
-    class SignState(_SignState, tune.Callback):
-        def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
-            if self.staging is None and trials:
-                self.staging = trials[0].local_experiment_path
-            self.sign()
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        self.sign([trial.local_experiment_path for trial in trials[:1]])
 
-        def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-            self.sign()
-
-    return SignState(experiment)
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        self.sign([trial.local_experiment_path for trial in trials[:1]])
 
 
 def _sign_tuner(experiment: Location) -> None:
@@ -248,7 +259,7 @@ def run_sweep(prepared: Prepared, *, name: str | None = None, callback: StageCal
                 max_concurrent_trials=concurrent_trials(config, ray.cluster_resources().get("CPU", 1.0)),
             ),
             run_config=tune.RunConfig(
-                name=name, storage_path=prepared.storage.uri, callbacks=[_sign_callback(experiment.uri)]
+                name=name, storage_path=prepared.storage.uri, callbacks=[SignState(experiment.uri)]
             ),
         )
     _sign_tuner(experiment)
