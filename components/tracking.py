@@ -457,6 +457,8 @@ class Lineage:
         ]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
+        if any(a.path == "ranking.json" for a in self.client.list_artifacts(run_id)):
+            return  # logged by an earlier attempt (log_table would append the rows again)
         columns = list(dict.fromkeys(key for row in rows for key in row))
         table = {key: [row.get(key) for row in rows] for key in columns}
         self.client.log_table(run_id, data=table, artifact_file="ranking.json")
