@@ -66,6 +66,8 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
             f"tracking URI {uri!r} is a file store, which MLflow 3.17 no longer supports; "
             "use sqlite:///path/mlflow.db (or an http(s):// tracking server)"
         )
+    if path := _sqlite_path(uri):
+        path.parent.mkdir(parents=True, exist_ok=True)
     return uri
 
 

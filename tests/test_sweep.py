@@ -163,7 +163,7 @@ def test_an_interrupted_sweep_restores_without_rerunning_finished_trials(tmp_pat
         f"r = run_sweep(cfg, name='restore', callback=StartLog({str(starts)!r})); "
         "print('TRIALS', len(r.trials), len(r.errors))"
     )
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "RAY_ADDRESS": ""}
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "RAY_ADDRESS": "", KEY_ENV: "the restore test's key"}
     proc = subprocess.Popen(
         [sys.executable, "-c", script],
         cwd=ROOT,
@@ -187,7 +187,8 @@ def test_an_interrupted_sweep_restores_without_rerunning_finished_trials(tmp_pat
         [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
     )
     assert "TRIALS 4 0" in rerun.stdout, rerun.stderr[-3000:]
-    check_state(Location(str(tmp_path / "restore")), state_key())  # the restored run signed what it wrote too
+    key = env[KEY_ENV].encode()
+    check_state(Location(str(tmp_path / "restore")), key)  # the restored run signed what it wrote too
     all_starts = starts.read_text().split()
     finished_first = first_run[0]
     assert all_starts.count(finished_first) == 1  # not rerun
