@@ -13,6 +13,7 @@ Lineage of the registered champion: version -> retrain run -> source search run 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -67,7 +68,8 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
             "use sqlite:///path/mlflow.db (or an http(s):// tracking server)"
         )
     if path := _sqlite_path(uri):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # an unwritable place: check_tracking says so in one line
+            path.parent.mkdir(parents=True, exist_ok=True)
     return uri
 
 
