@@ -79,7 +79,7 @@ def retrain_stage(
     champion = choose_champion(prepared, candidates, name=name, log=log)
     percentile = {row["retrain"]: row["random_percentile"] for row in champion.ranking if row["kind"] == "searched"}
     runs = {}
-    for job, stage in [*champion.candidates, *champion.randoms, champion.champion, *champion.baselines]:
+    for job, stage in champion.trained:
         extra = {"random_percentile": percentile[job.name]} if job.name in percentile else {}
         runs[job.name] = log_retrain(lineage, job, stage, extra)
     if champion.ranking:

@@ -182,6 +182,11 @@ class ChampionResult:
     randoms: list[Trained] = field(default_factory=list)
     ranking: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def trained(self) -> list[Trained]:
+        """Every retrain: the brief ones (candidates, random cells), the champion, the baselines."""
+        return [*self.candidates, *self.randoms, self.champion, *self.baselines]
+
 
 def random_percentile(value: float, random_values: list[float]) -> float:
     """Where ``value`` sits among the random cells' values, in percent: 100 beats them all, 50 is the median

@@ -14,7 +14,9 @@ Resumable: if the driver dies, the same command restores the experiment; finishe
 unfinished ones continue from their search checkpoints. Tune's state files are pickles, so a sweep is restored only
 from state this pipeline wrote: the driver signs the digest of every state file it writes (HMAC, with a key kept
 outside the storage path: ``RAYDARTS_STATE_KEY`` or ``~/.config/raydarts/state.key``) into
-``raydarts-manifest.json``, and a state file whose digest the manifest lacks is refused in one line.
+``<storage>/<name>.manifest.json``, beside the experiment folder (Tune copies every JSON file of that folder to
+the driver and back when it restores, which would put back a stale manifest), and a state file whose digest the
+manifest lacks is refused in one line.
 
 ``sweep.scheduler=asha`` stops searches whose validation accuracy trails early (useful when many trials run long
 searches; with few, short trials it only adds noise, since DARTS's supernet accuracy early in the search predicts
@@ -90,9 +92,9 @@ def concurrent_trials(config: PipelineConfig, cluster_cpus: float) -> int:
 
 
 # --- trusted state: Tune restores by unpickling, so only state this driver wrote is restored ------------------------
-MANIFEST = "raydarts-manifest.json"
+MANIFEST_SUFFIX = ".manifest.json"  # <storage>/<experiment name>.manifest.json, outside the folder Tune syncs
 KEY_ENV = "RAYDARTS_STATE_KEY"
-_IGNORED = {MANIFEST, ".validate_storage_marker"}
+_IGNORED = {".validate_storage_marker"}
 _DIGESTS_KEPT = 64  # versions per file: the storage copy may lag the driver's latest by an upload or two
 _STORAGE_READ_SECONDS = 1.0  # how often a restored run reads its storage copies to sign them
 
@@ -104,15 +106,18 @@ def state_key() -> bytes:
     if os.environ.get(KEY_ENV):
         return os.environ[KEY_ENV].encode()
     path = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "raydarts" / "state.key"
-    if not path.exists():
+    if not path.exists():  # written whole, then linked into place: no reader ever sees an empty key
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        draft = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(secrets.token_hex(32))
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.link(draft, path)  # fails if another process made the key first: theirs is kept
         except FileExistsError:
             pass
-        else:
-            with os.fdopen(fd, "w") as file:
-                file.write(secrets.token_hex(32))
+        finally:
+            draft.unlink()
     return path.read_bytes().strip()
 
 
@@ -120,10 +125,10 @@ def _signature(files: dict[str, list[str]], key: bytes) -> str:
     return hmac.new(key, json.dumps(files, sort_keys=True).encode(), hashlib.sha256).hexdigest()
 
 
-def read_manifest(experiment: Location, key: bytes) -> dict[str, list[str]] | None:
-    """The signed digests of the state files (name -> digests of the versions written), or None when there is no
-    manifest; StageError when it is not signed with ``key``."""
-    text = experiment.read_text(MANIFEST)
+def read_manifest(storage: Location, name: str, key: bytes) -> dict[str, list[str]] | None:
+    """The signed digests of the experiment ``name``'s state files (file -> digests of the versions written), or
+    None when there is no manifest; StageError when it is not signed with ``key``."""
+    text = storage.read_text(name + MANIFEST_SUFFIX)
     if text is None:
         return None
     try:
@@ -133,39 +138,43 @@ def read_manifest(experiment: Location, key: bytes) -> dict[str, list[str]] | No
     files = manifest.get("files") if isinstance(manifest, dict) else None
     mac = manifest.get("hmac") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not isinstance(mac, str) or not hmac.compare_digest(mac, _signature(files, key)):
-        raise StageError(f"sweep state manifest {experiment.join(MANIFEST)} is not signed with this pipeline's key")
+        raise StageError(
+            f"sweep state manifest {storage.join(name + MANIFEST_SUFFIX)} is not signed with this pipeline's key"
+        )
     return files
 
 
-def sign_state(experiment: Location, written: dict[str, bytes], key: bytes) -> None:
-    """Add the digests of state files this driver wrote (name -> content) to the experiment's signed manifest."""
-    files = read_manifest(experiment, key) or {}
+def sign_state(storage: Location, name: str, written: dict[str, bytes], key: bytes) -> None:
+    """Add the digests of state files this driver wrote (file -> content) to the experiment's signed manifest."""
+    files = read_manifest(storage, name, key) or {}
     changed = False
-    for name, data in written.items():
+    for file, data in written.items():
         digest = hashlib.sha256(data).hexdigest()
-        known = files.setdefault(name, [])
+        known = files.setdefault(file, [])
         if digest not in known:
-            files[name] = [*known, digest][-_DIGESTS_KEPT:]
+            files[file] = [*known, digest][-_DIGESTS_KEPT:]
             changed = True
     if changed:
-        experiment.write_json(MANIFEST, {"files": files, "hmac": _signature(files, key)})
+        storage.write_json(name + MANIFEST_SUFFIX, {"files": files, "hmac": _signature(files, key)})
 
 
-def check_state(experiment: Location, key: bytes) -> None:
-    """Refuse (StageError, one line) to restore an experiment with a state file this pipeline did not write."""
-    files = read_manifest(experiment, key)
+def check_state(storage: Location, name: str, key: bytes) -> None:
+    """Refuse (StageError, one line) to restore the experiment ``name`` with a state file this pipeline did not
+    write."""
+    experiment = storage.join(name)
+    files = read_manifest(storage, name, key)
     if files is None:
         raise StageError(
             f"sweep state at {experiment} has no manifest signed by this pipeline; refusing to restore it "
             "(pick another --name, or remove that folder if you wrote it)"
         )
-    for name in experiment.list():
-        if "/" in name or name in _IGNORED:
+    for file in experiment.list():
+        if "/" in file or file in _IGNORED:
             continue  # trial folders hold results (JSON/CSV) that restoring does not unpickle
-        digest = hashlib.sha256(experiment.read_bytes(name) or b"").hexdigest()
-        if digest not in files.get(name, []):
+        digest = hashlib.sha256(experiment.read_bytes(file) or b"").hexdigest()
+        if digest not in files.get(file, []):
             raise StageError(
-                f"sweep state file {experiment.join(name)} was not written by this pipeline; refusing to restore"
+                f"sweep state file {experiment.join(file)} was not written by this pipeline; refusing to restore"
             )
 
 
@@ -175,13 +184,13 @@ class _SignState:
     experiment's trials may name a staging folder of the earlier driver; then the storage copies are signed as
     they land (see the README's trust boundary for what that leaves open)."""
 
-    def __init__(self, experiment: str) -> None:
-        self.experiment = experiment
+    def __init__(self, storage: str, name: str) -> None:
+        self.storage, self.name = storage, name
         self._seen: dict[str, tuple[int, int] | str] = {}
         self._last_read = 0.0
 
     def __getstate__(self) -> dict[str, Any]:  # pickled into tuner.pkl: never the key, never stale bookkeeping
-        return {"experiment": self.experiment, "_seen": {}, "_last_read": 0.0}
+        return {"storage": self.storage, "name": self.name, "_seen": {}, "_last_read": 0.0}
 
     def sign(self, staging_folders: list[str]) -> None:
         staging = next((Path(f) for f in staging_folders if f and Path(f).is_dir()), None)
@@ -195,16 +204,16 @@ class _SignState:
                         written[path.name] = path.read_bytes()
         elif time.monotonic() - self._last_read > _STORAGE_READ_SECONDS:
             self._last_read = time.monotonic()
-            experiment = Location(self.experiment)
-            for name in experiment.list():
-                if "/" not in name and name not in _IGNORED:
-                    data = experiment.read_bytes(name) or b""
+            experiment = Location(self.storage).join(self.name)
+            for file in experiment.list():
+                if "/" not in file and file not in _IGNORED:
+                    data = experiment.read_bytes(file) or b""
                     digest = hashlib.sha256(data).hexdigest()
-                    if self._seen.get(name) != digest:
-                        self._seen[name] = digest
-                        written[name] = data
+                    if self._seen.get(file) != digest:
+                        self._seen[file] = digest
+                        written[file] = data
         if written:
-            sign_state(Location(self.experiment), written, state_key())
+            sign_state(Location(self.storage), self.name, written, state_key())
 
 
 class SignState(_SignState, Callback):
@@ -217,11 +226,11 @@ class SignState(_SignState, Callback):
         self.sign([trial.local_experiment_path for trial in trials[:1]])
 
 
-def _sign_tuner(experiment: Location) -> None:
+def _sign_tuner(storage: Location, name: str) -> None:
     """Sign ``tuner.pkl``, which Tune writes straight to storage when a Tuner is made or restored."""
-    data = experiment.read_bytes("tuner.pkl")
+    data = storage.join(name).read_bytes("tuner.pkl")
     if data is not None:
-        sign_state(experiment, {"tuner.pkl": data}, state_key())
+        sign_state(storage, name, {"tuner.pkl": data}, state_key())
 
 
 def run_sweep(prepared: Prepared, *, name: str | None = None, callback: StageCallback | None = None) -> SweepResult:
@@ -237,7 +246,7 @@ def run_sweep(prepared: Prepared, *, name: str | None = None, callback: StageCal
         tune.with_parameters(_trial, sweep_name=name, callback=callback), {"CPU": config.sweep.trial_cpus}
     )
     if tune.Tuner.can_restore(experiment.uri):
-        check_state(experiment, state_key())  # before anything is unpickled
+        check_state(prepared.storage, name, state_key())  # before anything is unpickled
         print(f"restoring sweep {name!r} from {experiment}", flush=True)
         tuner = tune.Tuner.restore(experiment.uri, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -259,10 +268,10 @@ def run_sweep(prepared: Prepared, *, name: str | None = None, callback: StageCal
                 max_concurrent_trials=concurrent_trials(config, ray.cluster_resources().get("CPU", 1.0)),
             ),
             run_config=tune.RunConfig(
-                name=name, storage_path=prepared.storage.uri, callbacks=[SignState(experiment.uri)]
+                name=name, storage_path=prepared.storage.uri, callbacks=[SignState(prepared.storage.uri, name)]
             ),
         )
-    _sign_tuner(experiment)
+    _sign_tuner(prepared.storage, name)
     grid = tuner.fit()
     trials, errors = [], []
     for result in grid:

@@ -191,8 +191,6 @@ class Lineage:
         """``artifact_location`` applies to a new experiment; for sqlite it defaults to ``mlartifacts/`` beside
         the database (MLflow's default, ``./mlruns``, would follow the current directory)."""
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
-        if path := _sqlite_path(self.tracking_uri):
-            path.parent.mkdir(parents=True, exist_ok=True)
         self.client = _client(self.tracking_uri)
         self.pipeline = pipeline
         self.experiment = experiment

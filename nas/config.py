@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from types import UnionType
@@ -63,8 +64,6 @@ class _Section(BaseModel):
 def check_name(name: str, what: str = "name") -> str:
     """A run or pipeline name: letters, digits, ``_.-``, at most 100 characters, so it is never a path (storage
     folders, MLflow keys and model names are made from it). Raises ConfigError in one line."""
-    import re
-
     if not (isinstance(name, str) and re.fullmatch(NAME_PATTERN, name) and len(name) <= NAME_MAX_LENGTH):
         raise ConfigError(
             f"{what} {_short(name)} must be 1-{NAME_MAX_LENGTH} characters of letters, digits, '_', '.', '-', "

@@ -15,6 +15,7 @@ Add an operation by name and it can be listed in a search's primitives or used i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -69,7 +70,15 @@ def is_registered(name: str) -> bool:
 def is_parameter_free(name: str) -> bool:
     """True for an operation without weights at stride 1 (pools, skip_connect, 'none'): the ops a collapsing DARTS
     search drifts to, since they fit fastest early in training."""
-    return not any(p.numel() for p in build_op(name, 4, 1, affine=True).parameters())
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown operation {name!r} (registered: {', '.join(_REGISTRY)})")
+    return _weightless(_REGISTRY[name])
+
+
+@functools.cache
+def _weightless(factory: OpFactory) -> bool:
+    """Per factory, so an op registered again under the same name (``replace=True``) is looked at anew."""
+    return not any(p.numel() for p in factory(4, 1, True).parameters())
 
 
 def build_op(name: str, channels: int, stride: int, affine: bool = True) -> nn.Module:

@@ -130,7 +130,7 @@ def summary(result: PipelineResult) -> str:
         rows.append(f"  {t.trial:<24} {t.seed:>4} {xi:>8} {value:>8.4f}  {t.genotype}")
     rows.append("retrains:")
     champion = result.champion
-    for job, stage in [*champion.candidates, *champion.randoms, champion.champion, *champion.baselines]:
+    for job, stage in champion.trained:
         rows.append(f"  {job.name:<32} {job.role:<9} {stage.last.eval_split} acc {stage.last.eval_acc:.4f}")
     for row in champion.ranking:
         if row["kind"] == "searched":

@@ -72,9 +72,9 @@ def test_two_seeds_by_two_xi_on_two_cpus(tmp_path: Path, monkeypatch) -> None:  
     assert selected[0].metric == best
     assert where.exists("selection.csv") and where.exists("selection.json")
     # what this pipeline wrote is signed; a pickle planted in its storage is refused before anything unpickles it
-    experiment = Location(str(tmp_path / "grid"))
-    check_state(experiment, state_key())
-    assert {"tuner.pkl"} < set(read_manifest(experiment, state_key()))
+    storage = Location(str(tmp_path))
+    check_state(storage, "grid", state_key())
+    assert {"tuner.pkl"} < set(read_manifest(storage, "grid", state_key()))
     marker = tmp_path / "payload-ran"
     (tmp_path / "grid" / "tuner.pkl").write_bytes(pickle.dumps(_Payload(str(marker))))
     with pytest.raises(StageError, match=r"sweep state file .*tuner.pkl was not written by this pipeline"):
@@ -84,7 +84,7 @@ def test_two_seeds_by_two_xi_on_two_cpus(tmp_path: Path, monkeypatch) -> None:  
     monkeypatch.setenv(KEY_ENV, "someone else's key")  # ... and a manifest signed with another key
     with pytest.raises(StageError, match="manifest .* is not signed with this pipeline's key"):
         run_sweep(Prepared.trusted(cfg), name="grid")  # no Ray needed: refused before it starts
-    (tmp_path / "grid" / "raydarts-manifest.json").unlink()
+    (tmp_path / "grid.manifest.json").unlink()
     with pytest.raises(StageError, match="has no manifest signed by this pipeline"):
         run_sweep(Prepared.trusted(cfg), name="grid")  # no Ray needed: refused before it starts
 
@@ -163,7 +163,7 @@ def test_an_interrupted_sweep_restores_without_rerunning_finished_trials(tmp_pat
         f"r = run_sweep(cfg, name='restore', callback=StartLog({str(starts)!r})); "
         "print('TRIALS', len(r.trials), len(r.errors))"
     )
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "RAY_ADDRESS": "", KEY_ENV: "the restore test's key"}
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "RAY_ADDRESS": ""}
     proc = subprocess.Popen(
         [sys.executable, "-c", script],
         cwd=ROOT,
@@ -187,8 +187,7 @@ def test_an_interrupted_sweep_restores_without_rerunning_finished_trials(tmp_pat
         [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
     )
     assert "TRIALS 4 0" in rerun.stdout, rerun.stderr[-3000:]
-    key = env[KEY_ENV].encode()
-    check_state(Location(str(tmp_path / "restore")), key)  # the restored run signed what it wrote too
+    check_state(Location(str(tmp_path)), "restore", state_key())  # the restored run signed what it wrote too
     all_starts = starts.read_text().split()
     finished_first = first_run[0]
     assert all_starts.count(finished_first) == 1  # not rerun
