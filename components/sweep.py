@@ -92,7 +92,7 @@ def concurrent_trials(config: PipelineConfig, cluster_cpus: float) -> int:
 
 
 # --- trusted state: Tune restores by unpickling, so only state this driver wrote is restored ------------------------
-MANIFEST_SUFFIX = ".manifest.json"  # <storage>/<experiment name>.manifest.json, outside the folder Tune syncs
+MANIFEST_SUFFIX = ".manifest.json"
 KEY_ENV = "RAYDARTS_STATE_KEY"
 _IGNORED = {".validate_storage_marker"}
 _DIGESTS_KEPT = 64  # versions per file: the storage copy may lag the driver's latest by an upload or two
@@ -121,6 +121,11 @@ def state_key() -> bytes:
     return path.read_bytes().strip()
 
 
+def _manifest_file(name: str) -> str:
+    """``<name>.manifest.json``, in the storage root beside the experiment folder (outside the folder Tune syncs)."""
+    return name + MANIFEST_SUFFIX
+
+
 def _signature(files: dict[str, list[str]], key: bytes) -> str:
     return hmac.new(key, json.dumps(files, sort_keys=True).encode(), hashlib.sha256).hexdigest()
 
@@ -128,7 +133,7 @@ def _signature(files: dict[str, list[str]], key: bytes) -> str:
 def read_manifest(storage: Location, name: str, key: bytes) -> dict[str, list[str]] | None:
     """The signed digests of the experiment ``name``'s state files (file -> digests of the versions written), or
     None when there is no manifest; StageError when it is not signed with ``key``."""
-    text = storage.read_text(name + MANIFEST_SUFFIX)
+    text = storage.read_text(_manifest_file(name))
     if text is None:
         return None
     try:
@@ -139,7 +144,7 @@ def read_manifest(storage: Location, name: str, key: bytes) -> dict[str, list[st
     mac = manifest.get("hmac") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not isinstance(mac, str) or not hmac.compare_digest(mac, _signature(files, key)):
         raise StageError(
-            f"sweep state manifest {storage.join(name + MANIFEST_SUFFIX)} is not signed with this pipeline's key"
+            f"sweep state manifest {storage.join(_manifest_file(name))} is not signed with this pipeline's key"
         )
     return files
 
@@ -155,7 +160,7 @@ def sign_state(storage: Location, name: str, written: dict[str, bytes], key: byt
             files[file] = [*known, digest][-_DIGESTS_KEPT:]
             changed = True
     if changed:
-        storage.write_json(name + MANIFEST_SUFFIX, {"files": files, "hmac": _signature(files, key)})
+        storage.write_json(_manifest_file(name), {"files": files, "hmac": _signature(files, key)})
 
 
 def check_state(storage: Location, name: str, key: bytes) -> None:

@@ -70,9 +70,7 @@ def is_registered(name: str) -> bool:
 def is_parameter_free(name: str) -> bool:
     """True for an operation without weights at stride 1 (pools, skip_connect, 'none'): the ops a collapsing DARTS
     search drifts to, since they fit fastest early in training."""
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown operation {name!r} (registered: {', '.join(_REGISTRY)})")
-    return _weightless(_REGISTRY[name])
+    return _weightless(_factory(name))
 
 
 @functools.cache
@@ -81,13 +79,18 @@ def _weightless(factory: OpFactory) -> bool:
     return not any(p.numel() for p in factory(4, 1, True).parameters())
 
 
-def build_op(name: str, channels: int, stride: int, affine: bool = True) -> nn.Module:
-    """Instantiate a registered operation."""
+def _factory(name: str) -> OpFactory:
     if name not in _REGISTRY:
         raise KeyError(f"unknown operation {name!r} (registered: {', '.join(_REGISTRY)})")
+    return _REGISTRY[name]
+
+
+def build_op(name: str, channels: int, stride: int, affine: bool = True) -> nn.Module:
+    """Instantiate a registered operation."""
+    factory = _factory(name)
     if stride not in (1, 2):
         raise ValueError(f"stride must be 1 or 2, got {stride}")
-    return _REGISTRY[name](channels, stride, affine)
+    return factory(channels, stride, affine)
 
 
 class ReLUConvBN(nn.Sequential):
