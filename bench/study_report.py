@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from components.tracking import T, resolve_tracking_uri
-from nas.genotypes import parse_genotype
+from nas.genotypes import node_formulas, parse_genotype
 
 ROLE_ORDER = {"candidate": 0, "random": 1, "champion": 2, "baseline": 3}
 
@@ -38,10 +38,7 @@ def _number(value: Any, digits: int = 4) -> str:
 def _cell(genotype_json: str | None, cell: str) -> str:
     if not genotype_json:
         return ""
-    genotype = parse_genotype(genotype_json)
-    edges = genotype.normal if cell == "normal" else genotype.reduce
-    nodes = [edges[k : k + 2] for k in range(0, len(edges), 2)]
-    return "; ".join(" + ".join(f"{op}({i})" for op, i in node) for node in nodes)
+    return "; ".join(node_formulas(parse_genotype(genotype_json), cell))
 
 
 def report(tracking_uri: str, name: str, experiment: str | None = None) -> str:
@@ -62,11 +59,11 @@ def report(tracking_uri: str, name: str, experiment: str | None = None) -> str:
         xi = {"0.0": "0 (1st order)", "null": "lr (2nd order)"}.get(
             params.get("search.xi", ""), params.get("search.xi")
         )
-        free = f"{int(metrics.get('parameter_free_normal', -1))}/{int(metrics.get('parameter_free_reduce', -1))}"
-        normal = _cell(parse_genotype(params["genotype"]).to_json() if "genotype" in params else None, "normal")
+        free = "/".join(str(int(metrics.get(f"search/parameter_free_{cell}", -1))) for cell in ("normal", "reduce"))
+        normal = _cell(run.data.tags.get(f"{T}genotype"), "normal")
         lines.append(
             f"| {run.data.tags[f'{T}key']} | {params.get('search.seed')} | {xi} | "
-            f"{_number(metrics.get('val_acc'))} | {free} | {normal} |"
+            f"{_number(metrics.get('search/val_acc'))} | {free} | {normal} |"
         )
     lines += ["", "| retrain | role | epochs | val acc | test acc | percentile among random cells | normal cell |"]
     lines += ["| --- | --- | --- | --- | --- | --- | --- |"]
@@ -76,7 +73,7 @@ def report(tracking_uri: str, name: str, experiment: str | None = None) -> str:
         metrics, tags = run.data.metrics, run.data.tags
         lines.append(
             f"| {tags[f'{T}key']} | {tags.get(f'{T}role')} | {run.data.params.get('retrain.epochs')} | "
-            f"{_number(metrics.get('final_val_acc'))} | {_number(metrics.get('final_test_acc'))} | "
+            f"{_number(metrics.get('retrain/val_acc'))} | {_number(metrics.get('retrain/test_acc'))} | "
             f"{_number(metrics.get('random_percentile'), 0)} | {_cell(tags.get(f'{T}genotype'), 'normal')} |"
         )
     return "\n".join(lines)

@@ -117,6 +117,20 @@ class PipelineConfig(Config):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
 
+def search_label(config: PipelineConfig) -> str:
+    """A search trial as people tell them apart: ``search s2 ξ=lr 2nd`` (seed, virtual-step lr, order) and any
+    extra grid axis, e.g. ``α_lr=0.001``. ξ = 0 is first order; ξ = lr (null) uses the weight lr."""
+    search, sweep = config.search, config.sweep
+    parts = [f"search s{search.seed}"]
+    if search.xi == 0:
+        parts.append("1st")
+    else:
+        parts.append(f"ξ={'lr' if search.xi is None else f'{search.xi:g}'} 2nd")
+    names = {"alpha_lr": "α_lr", "alpha_weight_decay": "α_wd", "w_lr": "w_lr"}
+    parts += [f"{label}={getattr(search, axis):g}" for axis, label in names.items() if getattr(sweep, axis)]
+    return " ".join(parts)
+
+
 def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
     """The config with its local paths made absolute, as the driver sees them.
 

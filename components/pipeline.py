@@ -8,20 +8,22 @@ version, and a later stage needs only names and small records from the earlier o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from mlflow.entities.model_registry import ModelVersion
 
-from components.config import PipelineConfig
+from components.config import PipelineConfig, search_label
 from components.driver import Prepared
 from components.retrain import ChampionResult, RetrainJob, RetrainStageResult, choose_champion
 from components.search import read_history
 from components.select import Candidate, TrialResult, select_and_publish
 from components.sweep import run_sweep
-from components.tracking import Lineage, resolve_tracking_uri
+from components.tracking import Lineage, LiveSearchLog, resolve_tracking_uri, retrain_label
 from components.trainer import StageError
-from nas.genotypes import Genotype
+from nas.eval_model import EvalNetwork, count_parameters, forward_flops
+from nas.genotypes import Genotype, node_formulas
 
 
 @dataclass
@@ -48,8 +50,10 @@ def model_name(config: PipelineConfig, pipeline: str) -> str:
 
 
 def sweep_stage(prepared: Prepared, lineage: Lineage, name: str) -> tuple[list[TrialResult], dict[str, str]]:
-    """Run (or restore) the sweep ``<name>-sweep`` and log every trial: (trials, their search run ids)."""
-    sweep = run_sweep(prepared, name=f"{name}-sweep")
+    """Run (or restore) the sweep ``<name>-sweep``, logging every trial to MLflow as it runs and completing its run
+    afterwards: (trials, their search run ids)."""
+    live = LiveSearchLog(lineage.tracking_uri, lineage.experiment, lineage.pipeline)
+    sweep = run_sweep(prepared, name=f"{name}-sweep", tune_callbacks=[live])
     runs = {}
     for trial in sweep.trials:
         history = (read_history(trial.location) if trial.location is not None else None) or []
@@ -73,9 +77,11 @@ def retrain_stage(
     candidates: list[tuple[str, Genotype]],
     name: str,
     log: Callable[[str], None] = print,
+    trials: Sequence[TrialResult] = (),
 ) -> tuple[ChampionResult, dict[str, str]]:
     """Choose the champion among ``(search trial, cell)`` candidates, train it and the baselines in full, log each
-    retrain: (the result, retrain run ids by retrain name)."""
+    retrain and the comparison of every cell (``trials``: the sweep's, for the search side of that table):
+    (the result, retrain run ids by retrain name)."""
     champion = choose_champion(prepared, candidates, name=name, log=log)
     percentile = {row["retrain"]: row["random_percentile"] for row in champion.ranking if row["kind"] == "searched"}
     runs = {}
@@ -84,14 +90,63 @@ def retrain_stage(
         runs[job.name] = log_retrain(lineage, job, stage, extra)
     if champion.ranking:
         lineage.log_ranking(champion.ranking)
+    lineage.log_comparison(comparison_rows(champion, trials, name))
     return champion, runs
 
 
 def log_retrain(lineage: Lineage, job: RetrainJob, stage: RetrainStageResult, extra: dict | None = None) -> str:
-    """One retrain's MLflow run (found again when it exists), with its final numbers on its evaluation split."""
-    split = stage.last.eval_split
-    metrics = {f"final_{split}_acc": stage.last.eval_acc, f"final_{split}_loss": stage.last.eval_loss}
-    return lineage.log_retrain(job.name, job.role, job.config, stage.history, job.source, metrics | (extra or {}))
+    """One retrain's MLflow run (found again when it exists): its epochs, when it ran, and ``extra`` numbers."""
+    return lineage.log_retrain(
+        job.name, job.role, job.config, stage.history, job.source, extra or {}, stage.started, stage.ended
+    )
+
+
+def comparison_rows(
+    champion: ChampionResult, trials: Sequence[TrialResult] = (), pipeline: str = ""
+) -> list[dict[str, Any]]:
+    """One row per trained cell (and per search trial whose cell was not retrained): where it came from (trial,
+    seed, ξ, supernet accuracy), its cell node by node, its retrained accuracy, parameters and FLOPs."""
+    by_trial = {trial.trial: trial for trial in trials}
+    costs: dict[str, tuple[int, int]] = {}
+    rows: list[dict[str, Any]] = []
+
+    def source(trial: TrialResult | None) -> dict[str, Any]:
+        if trial is None:
+            return {"trial": None, "seed": None, "xi": None, "supernet_val_acc": None}
+        xi = trial.xi
+        return {
+            "trial": search_label(trial.config),
+            "seed": trial.seed,
+            "xi": "lr" if xi is None else xi,
+            "supernet_val_acc": trial.last.val_acc,
+        }
+
+    def cells(genotype: Genotype) -> dict[str, str]:
+        return {cell: "; ".join(node_formulas(genotype, cell)) for cell in ("normal", "reduce")}
+
+    for job, stage in champion.trained:
+        key = stage.spec.model_dump_json()
+        if key not in costs:
+            network = EvalNetwork.from_spec(stage.spec)
+            costs[key] = (count_parameters(network), forward_flops(network, stage.spec))
+        rows.append(
+            {
+                "retrain": retrain_label(job.name, pipeline),
+                "role": job.role,
+                **source(by_trial.get(job.source or "")),
+                "eval_split": stage.last.eval_split,
+                "retrained_acc": stage.last.eval_acc,
+                "epochs": stage.last.epoch,
+                "params": costs[key][0],
+                "flops": costs[key][1],
+                **cells(stage.genotype),
+            }
+        )
+    retrained = {job.source for job, _ in champion.trained if job.source}
+    for trial in sorted(trials, key=lambda t: t.trial):
+        if trial.trial not in retrained:
+            rows.append({"retrain": None, "role": "search", **source(trial), **cells(trial.genotype)})
+    return rows
 
 
 def register_stage(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,8 @@ class RetrainStageResult(BaseModel):
     history: list[RetrainEpoch]
     outputs: str  # folder or URI of the published files
     resumed: bool = False  # True when the finished result was read back rather than trained now
+    started: float | None = None  # wall-clock seconds since the epoch, when the training started and ended
+    ended: float | None = None
 
     @property
     def genotype(self) -> Genotype:
@@ -135,6 +138,7 @@ def run_retrain_stage(
             raise StageError(f"retrain {name!r} already holds another genotype; pick another name")
         return done
     loop_config = {"config": config.model_dump(mode="json"), "callback": callback, "role": role}
+    started = time.time()
     result = fit(_retrain_worker, loop_config, prepared, name=name, label="retrain")
     with result.checkpoint.as_directory() as directory, tempfile.TemporaryDirectory() as tmp:
         checkpoint = Location(directory)
@@ -144,6 +148,8 @@ def run_retrain_stage(
             spec=NetworkSpec.model_validate_json(checkpoint.read_text(SPEC_FILE)),
             history=[RetrainEpoch.model_validate(row) for row in checkpoint.read_json(HISTORY_FILE)],
             outputs=outputs.uri,
+            started=started,
+            ended=time.time(),
         )
         for file in (HISTORY_FILE, "genotype.json", SPEC_FILE, WEIGHTS_FILE, "cells.png"):
             (Path(tmp) / file).write_bytes((Path(directory) / file).read_bytes())

@@ -39,6 +39,8 @@ class TrialResult(BaseModel):
     last: SearchEpoch
     outputs: str | None = None  # folder or URI of the published search outputs
     complete: bool = True  # False when a scheduler stopped the search before its last epoch
+    started: float | None = None  # wall-clock seconds since the epoch, when the search started and last reported
+    ended: float | None = None
 
     @property
     def location(self) -> Location | None:

@@ -33,6 +33,7 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -238,8 +239,15 @@ def _sign_tuner(storage: Location, name: str) -> None:
         sign_state(storage, name, {"tuner.pkl": data}, state_key())
 
 
-def run_sweep(prepared: Prepared, *, name: str | None = None, callback: StageCallback | None = None) -> SweepResult:
-    """Run or restore the sweep, then select the top genotypes."""
+def run_sweep(
+    prepared: Prepared,
+    *,
+    name: str | None = None,
+    callback: StageCallback | None = None,
+    tune_callbacks: Sequence[Callback] = (),
+) -> SweepResult:
+    """Run or restore the sweep (``tune_callbacks`` watch it from the driver, e.g. live MLflow logging; a restored
+    sweep keeps the ones it started with)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -273,7 +281,9 @@ def run_sweep(prepared: Prepared, *, name: str | None = None, callback: StageCal
                 max_concurrent_trials=concurrent_trials(config, ray.cluster_resources().get("CPU", 1.0)),
             ),
             run_config=tune.RunConfig(
-                name=name, storage_path=prepared.storage.uri, callbacks=[SignState(prepared.storage.uri, name)]
+                name=name,
+                storage_path=prepared.storage.uri,
+                callbacks=[SignState(prepared.storage.uri, name), *tune_callbacks],
             ),
         )
     _sign_tuner(prepared.storage, name)
@@ -298,11 +308,18 @@ def run_sweep(prepared: Prepared, *, name: str | None = None, callback: StageCal
                 last=last,
                 outputs=None if outputs is None else outputs.uri,
                 complete=last.epoch >= trial_config.search.epochs,
+                started=_number(metrics.get("timestamp")) - _number(metrics.get("time_total_s")),
+                ended=_number(metrics.get("timestamp")),
             )
         )
     if not trials:
         raise StageError(f"sweep {name!r}: no trial finished ({'; '.join(errors) or 'no trials'})")
     return SweepResult(name, trials, errors)
+
+
+def _number(value: Any) -> float:
+    """A Tune bookkeeping number (NaN when missing, so that a start computed from it is NaN too)."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
 
 
 def _publish_stopped(search: Location, outputs: Location, metrics: dict[str, Any], config: PipelineConfig) -> bool:

@@ -249,3 +249,19 @@ class EvalNetwork(nn.Module):
 def count_parameters(module: nn.Module, exclude: tuple[str, ...] = ("auxiliary", "alpha")) -> int:
     """Parameter count as the DARTS authors log it: auxiliary head and α left out."""
     return sum(p.numel() for n, p in module.named_parameters() if not any(e in n for e in exclude))
+
+
+def forward_flops(network: nn.Module, spec: NetworkSpec) -> int:
+    """FLOPs of one inference forward pass on one image, as ``torch.utils.flop_counter`` counts them (2 per
+    multiply-accumulate of convolutions and the classifier), so cells can be compared by cost as well as accuracy."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    image = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            network(image)
+    finally:
+        network.train(was_training)
+    return int(counter.get_total_flops())

@@ -35,8 +35,11 @@ __all__ = [
     "NASNet",
     "PC_DARTS",
     "PDARTS",
+    "cell_markdown",
     "count_ops",
     "derive_genotype",
+    "input_name",
+    "node_formulas",
     "parse_genotype",
     "random_genotype",
     "random_genotypes",
@@ -448,9 +451,9 @@ def _derive_cell(weights: list[list[float]], primitives: Sequence[str], nodes: i
             best = min(candidates, key=lambda j, w=w: (-w[j], j))
             scored.append((w[best], source, primitives[best]))
         row += node + 2
-        # Strongest two edges, strongest first; ties go to the lower input index.
-        for _, source, op in sorted(scored, key=lambda s: (-s[0], s[1]))[:2]:
-            cell.append((op, source))
+        # The strongest two edges (ties go to the lower input index), then listed in canonical order: by input.
+        strongest = sorted(scored, key=lambda s: (-s[0], s[1]))[:2]
+        cell += [(op, source) for _, source, op in sorted(strongest, key=lambda s: (s[1], s[2]))]
     return tuple(cell)
 
 
@@ -494,6 +497,31 @@ def count_ops(genotype: Genotype, cell: str, which: str = "parameter_free") -> i
     return sum(op == which for op, _ in edges)
 
 
+def input_name(index: int) -> str:
+    """A cell input as the paper names it: ``c_{k-2}``, ``c_{k-1}``, then intermediate nodes ``n0``, ``n1``..."""
+    return ("c_{k-2}", "c_{k-1}")[index] if index < 2 else f"n{index - 2}"
+
+
+def node_formulas(genotype: Genotype, cell: str) -> list[str]:
+    """Each intermediate node of a cell as one line, edges in canonical order: ``sep_conv_3x3(c_{k-2}) +
+    dil_conv_3x3(n0)``. One cell reads the same wherever it is shown (MLflow params, run notes, summaries)."""
+    canonical = genotype.canonical()
+    edges = canonical.normal if cell == "normal" else canonical.reduce if cell == "reduce" else None
+    if edges is None:
+        raise ValueError(f"cell must be 'normal' or 'reduce', not {cell!r}")
+    return [" + ".join(f"{op}({input_name(index)})" for op, index in edges[k : k + 2]) for k in range(0, len(edges), 2)]
+
+
+def cell_markdown(genotype: Genotype) -> str:
+    """Both cells as a small Markdown table, one row per node, plus what each cell concatenates."""
+    normal, reduce = node_formulas(genotype, "normal"), node_formulas(genotype, "reduce")
+    rows = ["| node | normal cell | reduction cell |", "| --- | --- | --- |"]
+    rows += [f"| n{i} | {a} | {b} |" for i, (a, b) in enumerate(zip(normal, reduce))]
+    concat = [", ".join(input_name(i) for i in sorted(c)) for c in (genotype.normal_concat, genotype.reduce_concat)]
+    rows.append(f"| output | concat({concat[0]}) | concat({concat[1]}) |")
+    return "\n".join(rows)
+
+
 def derive_genotype(
     alpha_normal: torch.Tensor | Sequence[Sequence[float]],
     alpha_reduce: torch.Tensor | Sequence[Sequence[float]],
@@ -507,7 +535,8 @@ def derive_genotype(
     α rows are edges in node order (node 0: inputs 0, 1; node 1: inputs 0, 1, 2; ...), columns are ``primitives``.
     Each row is softmaxed before ranking, because raw α of different edges are not comparable (a row with a huge
     'none' logit can have a large raw op logit yet a negligible weight). An edge's strength is the softmax weight
-    of its best non-'none' op. All intermediate nodes are concatenated.
+    of its best non-'none' op. All intermediate nodes are concatenated. Each node's two edges are listed in
+    canonical order (by input, as :meth:`Genotype.canonical`), so one cell has one text wherever it is shown.
 
     With PC-DARTS edge normalization (``beta_normal``/``beta_reduce``, one β per edge), each edge's softmax(α) row
     is scaled by its softmax(β) weight among the node's inputs before ranking, as in the PC-DARTS authors' code.

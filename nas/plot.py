@@ -11,6 +11,7 @@ node, where inputs 0 and 1 are ``c_{k-2}``, ``c_{k-1}`` and ``2 + i`` is interme
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import secrets
@@ -22,18 +23,22 @@ from typing import Any, Literal
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Circle, FancyArrowPatch
+from PIL import Image
 
 __all__ = [
     "alpha_figure",
     "alpha_row_labels",
     "cell_figure",
     "cells_figure",
+    "figure_image",
     "save_alpha_heatmap",
     "save_cell",
     "save_cells",
+    "save_cells_animation",
 ]
 
 CellKind = Literal["normal", "reduce"]
@@ -280,21 +285,33 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _panels_figure(plans: list[_CellDrawing], titles: list[str | None], suptitle: str | None) -> Figure:
-    """Cells side by side at one inch per data unit, with a legend of node colours underneath."""
+def _panels_figure(
+    plans: list[_CellDrawing], titles: list[str | None], suptitle: str | None, stacked: bool = False
+) -> Figure:
+    """Cells side by side (or stacked, one above the other) at one inch per data unit, with a legend of node colours
+    underneath. Stacked halves the width, so a preview scaled to a browser column keeps its labels readable."""
     gap = 0.3
-    width = sum(p.size[0] for p in plans) + gap * (len(plans) - 1)
-    height = max(p.size[1] for p in plans)
-    top = _TITLE_SPACE + (0.4 if suptitle else 0.0)
+    if stacked:
+        width = max(p.size[0] for p in plans)
+        heights = [p.size[1] + _TITLE_SPACE for p in plans]
+        height = sum(heights) + gap * (len(plans) - 1)
+    else:
+        width = sum(p.size[0] for p in plans) + gap * (len(plans) - 1)
+        height = max(p.size[1] for p in plans)
+    top = (0.0 if stacked else _TITLE_SPACE) + (0.4 if suptitle else 0.0)
     total = _LEGEND_SPACE + height + top
     fig = _new_figure(width, total)
-    left = 0.0
+    left, bottom = 0.0, _LEGEND_SPACE + height
     for plan, title in zip(plans, titles):
-        w = plan.size[0]
-        # The shorter cell is centred vertically in a full-height panel so both titles line up.
-        ax = fig.add_axes((left / width, _LEGEND_SPACE / total, w / width, height / total))
-        _draw_cell(ax, plan, title, height)
-        left += w + gap
+        w, h = plan.size
+        if stacked:  # from the top down, each cell centred horizontally under its own title
+            bottom -= h + _TITLE_SPACE
+            box = ((width - w) / 2 / width, bottom / total, w / width, h / total)
+            bottom -= gap
+        else:  # the shorter cell is centred vertically in a full-height panel so both titles line up
+            box = (left / width, _LEGEND_SPACE / total, w / width, height / total)
+            left += w + gap
+        _draw_cell(fig.add_axes(box), plan, title, None if stacked else height)
     kinds = [("input", _INPUT_COLOUR), ("intermediate", _NODE_COLOUR), ("output", _OUTPUT_COLOUR)]
     if any(set(range(2, p.n + 2)) - set(p.concat) for p in plans):
         kinds.insert(2, ("intermediate, not in output", _UNUSED_COLOUR))
@@ -321,9 +338,11 @@ def cell_figure(genotype: Any, cell: CellKind, title: str | None = None) -> Figu
     return _panels_figure([_plan_cell(genotype, cell)], [title], None)
 
 
-def cells_figure(genotype: Any, title: str | None = None) -> Figure:
-    """Draw the normal and reduction cells side by side: one picture per searched architecture."""
-    return _panels_figure([_plan_cell(genotype, "normal"), _plan_cell(genotype, "reduce")], [None, None], title)
+def cells_figure(genotype: Any, title: str | None = None, stacked: bool = True) -> Figure:
+    """Draw the normal cell above the reduction cell (``stacked=False``: side by side): one picture per searched
+    architecture, about 10 inches wide, so it reads without zooming wherever it is previewed."""
+    plans = [_plan_cell(genotype, "normal"), _plan_cell(genotype, "reduce")]
+    return _panels_figure(plans, [None, None], title, stacked)
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -347,9 +366,46 @@ def save_cell(genotype: Any, cell: CellKind, path: str | Path, title: str | None
     return _save(cell_figure(genotype, cell, title), path)
 
 
-def save_cells(genotype: Any, path: str | Path, title: str | None = None) -> Path:
-    """Save normal and reduction cells side by side as one PNG, e.g. once per search epoch; returns the path."""
-    return _save(cells_figure(genotype, title), path)
+def save_cells(genotype: Any, path: str | Path, title: str | None = None, stacked: bool = True) -> Path:
+    """Save normal and reduction cells as one PNG, e.g. once per search epoch; returns the path."""
+    return _save(cells_figure(genotype, title, stacked), path)
+
+
+def figure_image(fig: Figure) -> Image.Image:
+    """A figure as an RGB PIL image, cropped as the saved PNG is (for MLflow's ``log_image`` and animations)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.1, facecolor="white")
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        return image.convert("RGB")
+
+
+def save_cells_animation(
+    genotypes: Sequence[Any], path: str | Path, titles: Sequence[str] | None = None, seconds_per_frame: float = 0.8
+) -> Path:
+    """An animated GIF of cells over a search's epochs (one frame per genotype, the last one held longer), so how
+    the cell settled can be watched. Frames of different sizes are centred on one white canvas."""
+    if not genotypes:
+        raise ValueError("an animation needs at least one genotype")
+    titles = list(titles) if titles is not None else [None] * len(genotypes)
+    frames = [figure_image(cells_figure(g, t)) for g, t in zip(genotypes, titles, strict=True)]
+    width, height = max(f.width for f in frames), max(f.height for f in frames)
+    canvas = []
+    for frame in frames:
+        page = Image.new("RGB", (width, height), "white")
+        page.paste(frame, ((width - frame.width) // 2, (height - frame.height) // 2))
+        canvas.append(page.quantize(colors=64))
+    durations = [int(seconds_per_frame * 1000)] * (len(canvas) - 1) + [int(seconds_per_frame * 3000)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        canvas[0].save(tmp, format="GIF", save_all=True, append_images=canvas[1:], duration=durations, loop=0)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------- α heatmaps
@@ -392,9 +448,14 @@ def alpha_figure(alpha_normal: Any, alpha_reduce: Any, primitives: Sequence[str]
         ("reduction cell", *_as_matrix(alpha_reduce, primitives, "alpha_reduce")),
     ]
     probs = [_softmax_rows(a) for _, a, _ in cells]
-    # A diverged search can produce NaN α; the picture should still be drawn rather than crash the epoch.
-    finite = [p[np.isfinite(p)] for p in probs]
-    vmax = max((float(f.max()) for f in finite if f.size), default=1.0)
+    # Colour shows each weight relative to uniform (1/|ops|): early in a search every weight is close to uniform,
+    # and a scale from 0 would paint the whole map one colour. A diverged search can give NaN: drawn, not fatal.
+    uniform = 1.0 / len(primitives)
+    ratios = [p / uniform for p in probs]
+    finite = np.concatenate([r[np.isfinite(r)] for r in ratios])
+    spread = float(np.abs(np.log(finite)).max()) if finite.size and (finite > 0).all() else 1.0
+    spread = max(spread, math.log(1.05))  # a perfectly uniform α still gets a readable scale
+    norm = LogNorm(vmin=math.exp(-spread), vmax=math.exp(spread), clip=True)
     rows = max(a.shape[0] for _, a, _ in cells)
     width = 2 * (0.62 * len(primitives) + 1.2) + 1.2
     height = 0.32 * rows + 1.9 + (0.35 if title else 0.0)
@@ -402,23 +463,26 @@ def alpha_figure(alpha_normal: Any, alpha_reduce: Any, primitives: Sequence[str]
     fig.set_layout_engine("constrained")
     axes = fig.subplots(1, 2)
     image = None
-    for ax, (name, _, n), p in zip(axes, cells, probs):
-        image = ax.imshow(p, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
+    for ax, (name, _, n), p, ratio in zip(axes, cells, probs, ratios):
+        image = ax.imshow(ratio, cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest")
         ax.set_xticks(range(len(primitives)), primitives, rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
         ax.set_yticks(range(p.shape[0]), alpha_row_labels(n), fontsize=8)
         ax.set_title(name, fontsize=11)
         for i in range(p.shape[0]):
             for j in range(p.shape[1]):
-                dark = p[i, j] < 0.6 * vmax
+                strong = np.isfinite(ratio[i, j]) and abs(math.log(max(ratio[i, j], 1e-12))) > 0.6 * spread
                 ax.text(
-                    j, i, f"{p[i, j]:.2f}", ha="center", va="center", fontsize=7, color="white" if dark else "black"
+                    j, i, f"{p[i, j]:.2f}", ha="center", va="center", fontsize=7, color="white" if strong else "black"
                 )
         # Thin lines between nodes' groups of rows make the per-node structure visible.
         start = 0
         for i in range(n - 1):
             start += 2 + i
             ax.axhline(start - 0.5, color="white", linewidth=1.5)
-    fig.colorbar(image, ax=list(axes), shrink=0.9, label="softmax(α)")
+    bar = fig.colorbar(image, ax=list(axes), shrink=0.9, label=f"softmax(α) ÷ uniform (1/{len(primitives)})")
+    ticks = [math.exp(spread * t) for t in (-1.0, -0.5, 0.0, 0.5, 1.0)]
+    bar.set_ticks(ticks, labels=[f"{t:.3g}x" for t in ticks])
+    bar.minorticks_off()
     if title:
         fig.suptitle(title, fontsize=12)
     return fig

@@ -95,7 +95,7 @@ def run_pipeline(prepared: Prepared, *, name: str | None = None, log: Any = prin
         log("[pipeline] 3/4 retrain")
         candidates = [(c.trial.trial, c.genotype) for c in selected]
         champion, retrain_runs = retrain_stage(
-            prepared, lineage, candidates, name, log=lambda line: log(f"[pipeline] {line}")
+            prepared, lineage, candidates, name, log=lambda line: log(f"[pipeline] {line}"), trials=trials
         )
         log("[pipeline] 4/4 register")
         job, stage = champion.champion

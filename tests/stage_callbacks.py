@@ -93,3 +93,30 @@ class FailOnStart(StageCallback):
 
     def on_worker_start(self, rank: int, world_size: int) -> None:
         raise RuntimeError(self.message)
+
+
+class StallOffNode(StageCallback):
+    """Each worker records its node in ``folder/rank_<rank>``. At the end of ``epoch``, the worker that is not on
+    ``head`` writes ``folder/stalled`` and waits for its node to be removed (once: ``folder/removed`` marks it)."""
+
+    def __init__(self, folder: Path, head: str, epoch: int) -> None:
+        self.folder, self.head, self.epoch = str(folder), head, epoch
+
+    def _node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def on_worker_start(self, rank: int, world_size: int) -> None:
+        with open(Path(self.folder, f"rank_{rank}"), "a") as f:
+            f.write(self._node() + "\n")
+
+    def on_epoch_end(self, rank: int, world_size: int, epoch: int, network: torch.nn.Module) -> None:
+        import time
+
+        removed = Path(self.folder, "removed")
+        if epoch == self.epoch and self._node() != self.head and not removed.exists():
+            Path(self.folder, "stalled").write_text(f"rank {rank} at the end of epoch {epoch}\n")
+            deadline = time.monotonic() + 300
+            while not removed.exists() and time.monotonic() < deadline:
+                time.sleep(0.2)

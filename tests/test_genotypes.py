@@ -23,8 +23,10 @@ from nas.genotypes import (
     Genotype,
     GenotypeError,
     NASNet,
+    cell_markdown,
     count_ops,
     derive_genotype,
+    node_formulas,
     parse_genotype,
     random_genotypes,
 )
@@ -152,14 +154,16 @@ def test_derive_ranks_edges_by_softmax_not_raw_alpha() -> None:
     assert 0 in raw_best
 
 
-def test_derive_best_op_excludes_none_and_orders_by_strength() -> None:
+def test_derive_best_op_excludes_none_and_lists_edges_by_input() -> None:
     alpha = _alpha()
     alpha[0, _col("none")] = 9.0
     alpha[0, _col("dil_conv_5x5")] = 1.0
     alpha[1, _col("avg_pool_3x3")] = 3.0
     g = derive_genotype(alpha, _alpha(), PRIMITIVES)
-    # Input 1 is stronger, so it is written first, as the authors do.
-    assert g.normal[:2] == (("avg_pool_3x3", 1), ("dil_conv_5x5", 0))
+    # Input 1 is stronger (the authors' code writes it first); edges are listed by input, the canonical order, so
+    # one cell has one text in every record.
+    assert g.normal[:2] == (("dil_conv_5x5", 0), ("avg_pool_3x3", 1))
+    assert g == g.canonical()
     assert all(op != "none" for op, _ in g.normal + g.reduce)
 
 
@@ -188,7 +192,7 @@ def test_derive_reduce_cell_uses_its_own_alpha() -> None:
     reduce = _alpha()
     reduce[EDGES_4 - 1, _col("sep_conv_5x5")] = 4.0  # node 3, input 4
     g = derive_genotype(_alpha(), reduce, PRIMITIVES)
-    assert g.reduce[-2] == ("sep_conv_5x5", 4)
+    assert g.reduce[-2:] == (("max_pool_3x3", 0), ("sep_conv_5x5", 4))  # node 3: inputs 0 and 4, by input
     assert g.normal[-2:] == (("max_pool_3x3", 0), ("max_pool_3x3", 1))
 
 
@@ -198,7 +202,7 @@ def test_derive_without_none_primitive() -> None:
     alpha[4, 1] = 1.0  # node 1, input 2
     alpha[2, 2] = 0.5  # node 1, input 0
     g = derive_genotype(alpha, torch.zeros(EDGES_4, 3), prims)
-    assert g.normal[2:4] == (("sep_conv_3x3", 2), ("max_pool_3x3", 0))
+    assert g.normal[2:4] == (("max_pool_3x3", 0), ("sep_conv_3x3", 2))
     assert g.normal[0] == ("skip_connect", 0)
 
 
@@ -626,3 +630,22 @@ def test_count_ops_counts_parameter_free_edges_and_named_ops() -> None:
     assert count_ops(DARTS_V2, "reduce") == 8 and count_ops(DARTS_V2, "reduce", "max_pool_3x3") == 5
     with pytest.raises(ValueError, match="'normal' or 'reduce'"):
         count_ops(DARTS_V2, "both")
+
+
+def test_node_formulas_and_the_cell_table_read_one_node_per_line_in_canonical_order() -> None:
+    flipped = Genotype(
+        normal=[(op, i) for k in range(0, 8, 2) for op, i in reversed(DARTS_V2.normal[k : k + 2])],
+        normal_concat=DARTS_V2.normal_concat,
+        reduce=DARTS_V2.reduce,
+        reduce_concat=DARTS_V2.reduce_concat,
+    )
+    assert flipped != DARTS_V2
+    assert node_formulas(flipped, "normal") == node_formulas(DARTS_V2, "normal")
+    assert node_formulas(DARTS_V2, "normal")[3] == "skip_connect(c_{k-2}) + dil_conv_3x3(n0)"
+    assert node_formulas(DARTS_V2, "reduce")[1] == "max_pool_3x3(c_{k-1}) + skip_connect(n0)"
+    table = cell_markdown(DARTS_V2).splitlines()
+    assert len(table) == 2 + DARTS_V2.nodes + 1
+    assert table[2].startswith("| n0 | sep_conv_3x3(c_{k-2}) + sep_conv_3x3(c_{k-1}) | max_pool_3x3(c_{k-2})")
+    assert table[-1] == "| output | concat(n0, n1, n2, n3) | concat(n0, n1, n2, n3) |"
+    with pytest.raises(ValueError, match="normal' or 'reduce"):
+        node_formulas(DARTS_V2, "both")

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from processes import end_processes_with
 
-from components.config import load_pipeline_config
+from components.config import load_pipeline_config, search_label
 from components.driver import prepare
-from components.tracking import dataset_digest, walk_lineage
+from components.tracking import Lineage, dataset_digest, walk_lineage
 from nas.config import from_params
-from nas.genotypes import random_genotypes
+from nas.genotypes import node_formulas, random_genotypes
 
 ROOT = Path(__file__).resolve().parents[1]
 SHRINK = [  # the quick preset, shorter: the same stages, fewer steps
@@ -82,21 +82,39 @@ def test_the_quick_pipeline_on_s3_registers_a_champion_with_its_lineage(tmp_path
     for trial in result.trials:
         run_id = result.search_runs[trial.trial]
         run = client.get_run(run_id)
-        assert run.data.params["derived.normal"] and run.data.params["derived.reduce"]
-        config_params = {k: v for k, v in run.data.params.items() if not k.startswith(("derived.", "genotype"))}
+        assert run.info.run_name == search_label(trial.config)
+        assert run.data.params["normal.n0"] == node_formulas(trial.genotype, "normal")[0]
+        config_params = {k: v for k, v in run.data.params.items() if not k.startswith(("normal.", "reduce."))}
         assert from_params(config_params, PipelineConfig) == trial.config  # params are exactly the trial's config
         for metric in ("train_loss", "val_acc", "alpha_entropy_normal", "parameter_free_normal", "skip_weight_normal"):
-            assert [m.step for m in client.get_metric_history(run_id, metric)] == [1, 2], metric
+            assert [m.step for m in client.get_metric_history(run_id, f"search/{metric}")] == [1, 2], metric
+        # logged live by the driver as Tune reported each epoch (then completed after the sweep)
+        assert run.data.tags["raydarts.live"] == "true"
+        assert run.info.start_time <= client.get_metric_history(run_id, "search/val_acc")[0].timestamp
         files = {a.path for a in client.list_artifacts(run_id)}
-        assert {"genotype.json", "history.json", "config.json", "cells", "alpha"} <= files
-        assert [a.path for a in client.list_artifacts(run_id, "cells")] == [
-            "cells/epoch_001.png",
-            "cells/epoch_002.png",
-        ]
+        assert {"genotype.json", "history.json", "config.json", "cell.png", "alpha.png", "cells.gif"} <= files
+        assert Lineage(uri, "quick", "quick")._logged_steps(run_id) == {"cell": {1, 2}, "alpha": {1, 2}}
     selection_run = client.search_runs([run.info.experiment_id], "tags.`raydarts.stage` = 'selection'")[0]
     assert {a.path for a in client.list_artifacts(selection_run.info.run_id)} == {"selection.csv", "selection.json"}
     for run_id in result.retrain_runs.values():
-        assert {"cells.png", "learning_curves.png"} <= {a.path for a in client.list_artifacts(run_id)}
+        assert {"cell.png", "learning_curves.png"} <= {a.path for a in client.list_artifacts(run_id)}
+    names = {client.get_run(run_id).info.run_name for run_id in result.retrain_runs.values()}
+    assert {"retrain champion", "retrain DARTS_V2", "retrain best random cell", "retrain random 2"} <= names
+    # every trained cell and every search compared in one table on the pipeline run, and in one figure
+    table = json.loads(
+        Path(client.download_artifacts(result.pipeline_run, "comparison.json", str(tmp_path))).read_text()
+    )
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    trained = [row for row in rows if row["role"] != "search"]
+    assert len(trained) == len(result.champion.trained)
+    champion_row = next(row for row in rows if row["role"] == "champion")
+    assert champion_row["retrained_acc"] == result.champion.champion[1].last.eval_acc
+    source = next(t for t in result.trials if t.trial == result.champion.champion[0].source)
+    assert champion_row["trial"] == search_label(source.config) and champion_row["params"] > 0
+    assert champion_row["supernet_val_acc"] == source.last.val_acc
+    assert champion_row["flops"] > champion_row["params"]
+    assert {row["trial"] for row in rows if row["trial"]} <= {search_label(t.config) for t in result.trials}
+    assert "comparison.png" in {a.path for a in client.list_artifacts(result.pipeline_run)}
     # lineage: registered version -> retrain run -> search run -> pipeline run -> data set
     lineage = walk_lineage(uri, "quick")
     assert str(lineage["version"]) == result.model_version and lineage["role"] == "champion"

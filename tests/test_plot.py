@@ -164,7 +164,8 @@ def test_failed_save_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def _images(fig: Figure) -> list[np.ndarray]:
-    return [np.asarray(ax.images[0].get_array()) for ax in fig.axes if ax.images]
+    """The softmax weights each heatmap draws (its colours are the weights relative to uniform, 1/|ops|)."""
+    return [np.asarray(ax.images[0].get_array()) / len(PRIMITIVES) for ax in fig.axes if ax.images]
 
 
 @pytest.mark.parametrize("rows", [14, 20])
@@ -187,6 +188,23 @@ def test_alpha_figure_shows_rowwise_softmax(rows: int) -> None:
         assert [t.get_text() for t in ax.get_xticklabels()] == list(PRIMITIVES)
         assert sorted(t.get_text() for t in ax.texts) == sorted(f"{v:.2f}" for v in image.ravel())
     assert len(fig.axes) == 3, "two heatmaps and a colorbar"
+    # one colour scale for both cells, centred on uniform: above-uniform weights red, below blue
+    norms = {id(ax.images[0].norm) for ax in heat}
+    assert len(norms) == 1
+    norm = heat[0].images[0].norm
+    assert norm.vmin < 1 < norm.vmax and norm.vmin * norm.vmax == pytest.approx(1.0)
+
+
+def test_alpha_colours_resolve_weights_close_to_uniform() -> None:
+    """Early in a search every weight is close to 1/|ops|: the scale spans what is there, not 0 to 1."""
+    alpha = 0.05 * torch.randn(14, len(PRIMITIVES), generator=torch.Generator().manual_seed(0))
+    fig = alpha_figure(alpha, alpha, PRIMITIVES)
+    ax = next(ax for ax in fig.axes if ax.images)
+    colours = ax.images[0].to_rgba(ax.images[0].get_array())
+    weights = torch.softmax(alpha.double(), -1).numpy()
+    low, high = np.unravel_index(weights.argmin(), weights.shape), np.unravel_index(weights.argmax(), weights.shape)
+    assert weights.max() - weights.min() < 0.05
+    assert np.abs(colours[low][:3] - colours[high][:3]).max() > 0.5, "the weakest and strongest op look alike"
 
 
 def test_alpha_row_labels() -> None:

@@ -1,10 +1,12 @@
-"""The search stage across two Ray nodes (ray.cluster_utils.Cluster: two raylets on this machine)."""
+"""The search stage across two Ray nodes (ray.cluster_utils.Cluster: raylets on this machine), one of them lost."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
-from stage_callbacks import NodeLog
+from stage_callbacks import StallOffNode
 
 from components.config import PipelineConfig
 from components.driver import prepare
@@ -12,28 +14,67 @@ from components.search import run_search_stage
 from nas.config import load_config
 
 
-def test_one_worker_on_each_of_two_nodes_completes(tmp_path: Path) -> None:
+def test_a_lost_node_is_replaced_and_the_search_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    """One worker on each of two nodes. Mid-search the node of one worker is removed and another joins: the group
+    restarts from its last checkpoint, redoes the lost epoch exactly as the undisturbed run did, and finishes.
+
+    Known gap (issue #14): the epoch after that one does not yet match the undisturbed run bit for bit. The redone
+    epoch's values match, but its workers leave torch's RNG further along than the undisturbed ones did; a worker
+    killed on a single node (tests/test_search_stage.py) shows no such drift."""
     import ray
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    nodes = tmp_path / "nodes"
-    nodes.mkdir()
+    lost = cluster.add_node(num_cpus=1)
+    folder = tmp_path / "nodes"
+    folder.mkdir()
+    outcome: dict = {}
     try:
         ray.init(address=cluster.address, configure_logging=False, log_to_driver=False)
-        overrides = ["search.epochs=1", "search.steps_per_epoch=2", "search.batch_size=8", "search.layers=3"]
+        head = ray.get_runtime_context().get_node_id()  # the driver's node, where Train's controller runs
+        overrides = ["search.epochs=3", "search.steps_per_epoch=2", "search.batch_size=8", "search.layers=3"]
         overrides += ["search.channels=4", "search.nodes=2", "search.primitives=[none, skip_connect, sep_conv_3x3]"]
-        overrides += ["data.limit=200", "ray.num_workers=2", "ray.cpus_per_worker=1"]
+        overrides += ["data.limit=200", "ray.num_workers=2", "ray.cpus_per_worker=1", "ray.max_failures=2"]
         cfg = load_config("digits", [*overrides, f"ray.storage_path={tmp_path / 'store'}"], model=PipelineConfig)
-        result = run_search_stage(prepare(cfg), name="two-nodes", callback=NodeLog(nodes))
+        prepared = prepare(cfg)
+        straight = run_search_stage(prepared, name="straight")
+
+        def search() -> None:
+            try:
+                outcome["result"] = run_search_stage(
+                    prepared, name="lost-node", callback=StallOffNode(folder, head, epoch=2)
+                )
+            except BaseException as err:  # noqa: BLE001 - reported below, in the test's thread
+                outcome["error"] = err
+
+        worker = threading.Thread(target=search)
+        worker.start()
+        deadline = time.monotonic() + 300
+        while not (folder / "stalled").exists() and worker.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (folder / "stalled").exists(), outcome.get("error")
+        cluster.remove_node(lost)  # its raylet and the worker on it are gone
+        (folder / "removed").write_text("")
+        cluster.add_node(num_cpus=1)  # a replacement, as an autoscaler would add
+        worker.join(timeout=600)
+        assert not worker.is_alive()
     finally:
         ray.shutdown()
         cluster.shutdown()
-    placed = {p.name: p.read_text() for p in nodes.iterdir()}
+    assert "error" not in outcome, outcome.get("error")
+    recovered = outcome["result"]
+    placed = {p.name: p.read_text().split() for p in folder.glob("rank_*")}
     assert set(placed) == {"rank_0", "rank_1"}
-    assert placed["rank_0"] != placed["rank_1"]
-    assert [row.epoch for row in result.history] == [1]
-    assert result.outputs.exists("genotype.json")
+    assert placed["rank_0"][0] != placed["rank_1"][0]  # one worker per node
+    assert len(placed["rank_0"]) + len(placed["rank_1"]) == 4  # the group started twice
+    assert [row.epoch for row in recovered.history] == [1, 2, 3]
+    # the epochs before the loss, and the one redone from the checkpoint, are the undisturbed run's exactly
+    for before, after in zip(straight.history[:2], recovered.history[:2]):
+        assert (after.alpha_normal, after.alpha_reduce, after.train_loss) == (
+            before.alpha_normal,
+            before.alpha_reduce,
+            before.train_loss,
+        )
+    assert recovered.outputs.exists("genotype.json")

@@ -14,23 +14,25 @@ import torch
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from components.config import PipelineConfig
+from components.config import PipelineConfig, search_label
 from components.search import read_history
 from components.select import TrialResult, select_top, write_selection
 from components.storage import Location
 from components.tracking import (
     DEFAULT_TRACKING_URI,
+    NOTE,
     Lineage,
-    cell_text,
     dataset_digest,
+    genotype_params,
     resolve_tracking_uri,
+    retrain_label,
     walk_lineage,
 )
 from nas.artifacts import save_epoch_pictures, save_search_outputs
 from nas.config import ConfigError, from_params, load_config
 from nas.data import load_dataset
 from nas.eval_model import EvalNetwork
-from nas.genotypes import DARTS_V2, parse_genotype
+from nas.genotypes import DARTS_V2, Genotype, cell_markdown, node_formulas, parse_genotype
 from nas.retrain import RetrainRun
 from nas.search import SearchRun
 
@@ -74,8 +76,16 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> dict:
             save_epoch_pictures(
                 out, report.epoch, report.genotype, report.alpha_normal, report.alpha_reduce, primitives
             )
+        started = 1_700_000_000.0 + 1000 * seed  # when the search ran: the run shows these, not when it was logged
         trials.append(
-            TrialResult(trial=f"trial_{seed}", config=trial_config, last=result.history[-1], outputs=str(out))
+            TrialResult(
+                trial=f"trial_{seed}",
+                config=trial_config,
+                last=result.history[-1],
+                outputs=str(out),
+                started=started,
+                ended=started + 321.5,
+            )
         )
     retrain = RetrainRun(config, DARTS_V2)
     result = retrain.run()
@@ -105,7 +115,14 @@ def run_pipeline(uri: str, stages: dict, out: Path) -> dict:
     selection = lineage.log_selection(Location(str(out)), chosen, "val_acc")
     source = chosen[0].trial.trial
     retrain = lineage.log_retrain(
-        "champion", "champion", stages["config"], stages["history"], source, {"test_acc": 0.5}
+        "digits-pipeline-champion",
+        "champion",
+        stages["config"],
+        stages["history"],
+        source,
+        {"random_percentile": 75.0},
+        started=1_700_100_000.0,
+        ended=1_700_100_042.0,
     )
     version = lineage.register_champion(retrain, stages["outputs"], stages["spec"], MODEL, source)
     lineage.finish()
@@ -189,41 +206,84 @@ def test_search_runs_hold_cells_metrics_and_artifacts(store: dict, stages: dict)
     client = store["client"]
     for trial in stages["trials"]:
         run = client.get_run(store["ids"]["search"][trial.trial])
-        assert run.data.params["derived.normal"] == cell_text(trial.genotype, "normal")
-        assert run.data.params["derived.reduce"] == cell_text(trial.genotype, "reduce")
-        assert run.data.params["derived.normal"].startswith("[('") and "'" in run.data.params["derived.reduce"]
-        assert run.data.params["search.seed"] == str(trial.config.search.seed)
-        assert run.data.params["search.primitives"] == json.dumps(trial.config.search.primitives)
-        config_params = {k: v for k, v in run.data.params.items() if not k.startswith(("derived.", "genotype"))}
+        params = run.data.params
+        # one param per node and cell, in canonical order; no flat duplicate of the whole genotype
+        cells = {k: v for k, v in params.items() if k.startswith(("normal.", "reduce."))}
+        assert cells == genotype_params(trial.genotype)
+        assert params["normal.n0"] == node_formulas(trial.genotype, "normal")[0]
+        assert "genotype" not in params and not any(k.startswith("derived.") for k in params)
+        assert params["search.seed"] == str(trial.config.search.seed)
+        assert params["search.primitives"] == json.dumps(trial.config.search.primitives)
+        config_params = {k: v for k, v in params.items() if k not in cells}
         assert from_params(config_params, PipelineConfig) == trial.config  # params -> config -> the same trial
+        # a readable name, what tells searches apart as tags, the cell as the run's description
+        assert run.info.run_name == search_label(trial.config) == f"search s{trial.config.search.seed} 1st"
+        tags = run.data.tags
+        seed = str(trial.config.search.seed)
+        assert (tags["raydarts.seed"], tags["raydarts.xi"], tags["raydarts.order"]) == (seed, "0", "first")
+        assert cell_markdown(trial.genotype) in tags[NOTE]
+        assert Genotype.from_dict(json.loads(tags["raydarts.genotype"])) == trial.genotype
+        # when the search ran, not when it was logged
+        assert (run.info.start_time, run.info.end_time) == (int(trial.started * 1000), int(trial.ended * 1000))
         for key in ("train_loss", "val_acc", "alpha_entropy_normal", "second_order_steps"):
-            history = client.get_metric_history(run.info.run_id, key)
+            history = client.get_metric_history(run.info.run_id, f"search/{key}")
             expected = [(row.epoch, getattr(row, key)) for row in stages["histories"][trial.trial]]
             assert sorted((m.step, m.value) for m in history) == expected
-        assert "alpha_normal" not in run.data.metrics and "genotype" not in run.data.metrics
+        assert set(run.data.metrics) == {f"search/{key}" for key in trial.last.metrics()}
+        # pictures: each epoch's cell and α as MLflow images (chart view, step slider), the final ones on top
         top = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"genotype.json", "genotype.txt", "history.json", "cells", "alpha"} <= top
-        for folder in ("cells", "alpha"):
-            assert [a.path for a in client.list_artifacts(run.info.run_id, folder)] == [
-                f"{folder}/epoch_001.png",
-                f"{folder}/epoch_002.png",
-            ]
+        assert {"genotype.json", "genotype.txt", "history.json", "cell.png", "alpha.png", "cells.gif"} <= top
+        assert not {"cells", "alpha"} & top
+        steps = Lineage(store["uri"], EXPERIMENT, "digits-pipeline")._logged_steps(run.info.run_id)
+        assert steps == {"cell": {1, 2}, "alpha": {1, 2}}
 
 
 def test_retrain_run_holds_curves_and_links(store: dict, stages: dict) -> None:
     client, ids = store["client"], store["ids"]
     run = client.get_run(ids["retrain"])
     tags = run.data.tags
+    assert run.info.run_name == "retrain champion"
+    assert (run.info.start_time, run.info.end_time) == (1_700_100_000_000, 1_700_100_042_000)
     assert tags["raydarts.role"] == "champion"
     assert tags["raydarts.source_search_run"] == ids["search"][ids["source"]]
     assert tags["raydarts.pipeline_run"] == ids["pipeline"]
-    assert run.data.params["genotype"] == str(DARTS_V2)
+    assert cell_markdown(DARTS_V2) in tags[NOTE]
+    assert "genotype" not in run.data.params
+    assert run.data.params["normal.n3"] == "skip_connect(c_{k-2}) + dil_conv_3x3(n0)"
     assert parse_genotype(run.data.params["retrain.genotype"]) == DARTS_V2
-    for key in ("train_loss", "eval_acc", "lr"):
-        history = client.get_metric_history(ids["retrain"], key)
+    split = stages["history"][-1].eval_split
+    for key, name in (("train_loss", "train_loss"), ("eval_acc", f"{split}_acc"), ("lr", "lr")):
+        history = client.get_metric_history(ids["retrain"], f"retrain/{name}")
         assert [(m.step, m.value) for m in history] == [(row.epoch, getattr(row, key)) for row in stages["history"]]
-    assert run.data.metrics["test_acc"] == 0.5
-    assert {"learning_curves.png", "cells.png"} <= {a.path for a in client.list_artifacts(ids["retrain"])}
+    assert not any(key.startswith(("retrain/eval_", "final_")) for key in run.data.metrics)
+    assert run.data.metrics["random_percentile"] == 75.0
+    assert {"learning_curves.png", "cell.png"} <= {a.path for a in client.list_artifacts(ids["retrain"])}
+
+
+def test_one_cell_has_one_set_of_params_whatever_its_edge_order() -> None:
+    flipped = Genotype(
+        normal=[(op, i) for k in range(0, 8, 2) for op, i in reversed(DARTS_V2.normal[k : k + 2])],
+        normal_concat=list(reversed(DARTS_V2.normal_concat)),
+        reduce=DARTS_V2.reduce,
+        reduce_concat=DARTS_V2.reduce_concat,
+    )
+    assert genotype_params(flipped) == genotype_params(DARTS_V2)
+    assert genotype_params(DARTS_V2)["normal.concat"] == "n0, n1, n2, n3"
+    assert len(genotype_params(DARTS_V2)) == 2 * (DARTS_V2.nodes + 1)
+
+
+@pytest.mark.parametrize(
+    ("key", "label"),
+    [
+        ("p-champion", "retrain champion"),
+        ("p-candidate-2", "retrain candidate 2"),
+        ("p-random-11", "retrain random 11"),
+        ("p-baseline-DARTS_V2", "retrain DARTS_V2"),
+        ("p-baseline-random", "retrain best random cell"),
+    ],
+)
+def test_retrain_labels(key: str, label: str) -> None:
+    assert retrain_label(key, "p") == label
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -259,6 +319,21 @@ def test_champion_loads_by_alias_and_predicts_like_the_network(store: dict, stag
     np.testing.assert_allclose(python_model.predict(None, batch[:, 0]), expected, atol=1e-5)
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         python_model.predict(None, np.zeros((2, 3, 8, 8)))
+    # through the pyfunc too: float64 and (N, H, W) as documented; a wrong shape is one line, without the array
+    np.testing.assert_allclose(model.predict(batch.astype(np.float64)), expected, atol=1e-5)
+    np.testing.assert_allclose(model.predict(batch[:, 0]), expected, atol=1e-5)
+    with pytest.raises(ValueError) as refused:
+        model.predict(np.full((2, 3, 8, 8), 0.123456))
+    assert len(str(refused.value).splitlines()) == 1 and "0.123456" not in str(refused.value)
+
+
+def test_the_model_and_experiment_describe_themselves(store: dict) -> None:
+    client = store["client"]
+    version = client.get_model_version_by_alias(MODEL, "champion")
+    assert "digits-pipeline" in version.description and cell_markdown(DARTS_V2) in version.description
+    assert "input" in client.get_registered_model(MODEL).description.lower()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
 
 
 # ---------------------------------------------------------------------------------------------------- reruns
@@ -281,28 +356,33 @@ def test_rerun_creates_no_runs_and_no_versions(store: dict, stages: dict) -> Non
     assert model_uri == f"models:/{model_id}" == store["ids"]["version"].source
 
 
-def test_unfinished_child_is_replaced(tmp_path: Path, stages: dict) -> None:
+def test_an_unfinished_child_is_completed_once(tmp_path: Path, stages: dict) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     trial = stages["trials"][0]
+    history = stages["histories"][trial.trial]
     lineage = Lineage(uri, EXPERIMENT, "crash")
     lineage.pipeline_run(stages["config"])
+    # live logging wrote the first epoch, then the driver died half-way through completing the run
+    live = lineage.open_search_run(trial.trial, trial.config, started=trial.started)
+    lineage.log_search_epoch(live, history[0], trial.config)
+    lineage.log_search_epoch(live, history[0], trial.config)  # an epoch reported again after a resume
 
     def crash(run_id: str) -> None:
-        raise KeyboardInterrupt  # the driver dies half-way through logging this child
+        lineage.log_epoch(run_id, history[1], "search")
+        raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        lineage._child("search", trial.trial, {}, crash)
-    # a hard kill leaves the run RUNNING rather than FAILED: simulate that too
-    stale = lineage._find("search", trial.trial)[0].info.run_id
-    lineage.client.update_run(stale, status="RUNNING")
+        lineage._child("search", trial.trial, {}, crash, "crash")
+    assert MlflowClient(uri).get_run(live).info.status == "FAILED"
     again = Lineage(uri, EXPERIMENT, "crash")
     again.pipeline_run(stages["config"])
-    run_id = again.log_search_trial(trial, stages["histories"][trial.trial])
-    found = again._find("search", trial.trial)
-    assert [(r.info.run_id, r.info.status) for r in found] == [(run_id, "FINISHED")]
-    assert run_id != stale
-    assert MlflowClient(uri).get_run(stale).info.lifecycle_stage == "deleted"
-    assert len(MlflowClient(uri).get_metric_history(run_id, "val_acc")) == 2
+    run_id = again.log_search_trial(trial, history)
+    assert run_id == live
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.start_time == int(trial.started * 1000)
+    assert [m.step for m in MlflowClient(uri).get_metric_history(run_id, "search/val_acc")] == [1, 2]
+    assert again._logged_steps(run_id) == {"cell": {1, 2}, "alpha": {1, 2}}
+    assert len(again._find("search", trial.trial)) == 1
 
 
 def test_concurrent_writers_share_one_sqlite_store(tmp_path: Path, stages: dict) -> None:
@@ -333,5 +413,38 @@ def test_concurrent_writers_share_one_sqlite_store(tmp_path: Path, stages: dict)
         for k in range(3):
             (run,) = lineage._find("search", f"t{n}-{k}")
             assert run.info.status == "FINISHED"
-            assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
-            assert len(client.list_artifacts(run.info.run_id, "cells")) == 2
+            assert [m.step for m in client.get_metric_history(run.info.run_id, "search/val_acc")] == [1, 2]
+            assert "cell.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_two_pipelines_at_once_keep_their_own_model_and_alias(tmp_path: Path, stages: dict) -> None:
+    """Two pipelines of one config under different names, registering into one store at the same time."""
+    from components.pipeline import model_name
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = stages["config"]
+    errors: list[BaseException] = []
+
+    def pipeline(name: str) -> None:
+        try:
+            lineage = Lineage(uri, EXPERIMENT, name)
+            lineage.pipeline_run(config)
+            retrain = lineage.log_retrain(f"{name}-champion", "champion", config, stages["history"], None, {})
+            lineage.register_champion(retrain, stages["outputs"], stages["spec"], model_name(config, name))
+            lineage.finish()
+        except BaseException as err:  # noqa: BLE001 - reported below, in the test's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=pipeline, args=(name,)) for name in ("north", "south")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    client = MlflowClient(uri, registry_uri=uri)
+    for name in ("north", "south"):
+        version = client.get_model_version_by_alias(name, "champion")
+        assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+        assert str(version.version) == "1"
+        assert version.tags["raydarts.pipeline"] == name
+        assert walk_lineage(uri, name)["pipeline"] == name
