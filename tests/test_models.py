@@ -229,16 +229,16 @@ def test_edge_normalization_adds_beta_that_weighs_the_edges_and_the_derivation()
     assert {n for n, _ in net.named_weights()}.isdisjoint(net.alpha_names())
     nn.functional.cross_entropy(net(torch.randn(4, 1, 8, 8)), torch.tensor([0, 1, 2, 0])).backward()
     assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in net.alphas())
-    with torch.no_grad():  # node 0 (edges 0, 1): α prefers edge 0 a little, β prefers edge 1 a lot
+    with torch.no_grad():  # node 1 (edges 2, 3, 4 from c_{k-2}, c_{k-1}, n0) keeps two of its three inputs
         for a in net.alphas():
             a.zero_()
-        net.alpha["normal"][0, PRIMITIVES.index("sep_conv_3x3")] = 1.0
-        net.alpha["normal"][1, PRIMITIVES.index("dil_conv_3x3")] = 0.5
         net.alpha["normal"][2, PRIMITIVES.index("max_pool_3x3")] = 5.0
-    assert net.genotype().normal[0] == ("sep_conv_3x3", 0)  # β uniform: α decides
+        net.alpha["normal"][3, PRIMITIVES.index("sep_conv_3x3")] = 1.0
+        net.alpha["normal"][4, PRIMITIVES.index("dil_conv_3x3")] = 0.5  # the weakest edge by α
+    assert net.genotype().normal[2:4] == (("max_pool_3x3", 0), ("sep_conv_3x3", 1))  # β uniform: α decides
     with torch.no_grad():
-        net.alpha["beta_normal"][1] = 3.0
-    assert net.genotype().normal[0] == ("dil_conv_3x3", 1)
+        net.alpha["beta_normal"][4] = 3.0  # β weighs the edge from n0 up: it now beats the edge from c_{k-1}
+    assert net.genotype().normal[2:4] == (("max_pool_3x3", 0), ("dil_conv_3x3", 2))
 
 
 def test_pc_darts_search_steps_and_its_speed_path_equals_the_plain_path() -> None:
