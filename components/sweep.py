@@ -3,9 +3,10 @@
 The grid is written inside the pipeline config itself (``tune.grid_search`` at ``search.seed``, ``search.xi``, ...),
 so Tune resolves each trial's config, the trial validates it again, and that config is what selection, retrain
 and MLflow see. Each trial is a Tune function trainable that runs the Ray Train search stage (a ``TorchTrainer``);
-its epoch records reach Tune through Train V2's ``TuneReportCallback``. ξ = 0 trials are first order, ξ = null or > 0
-second order. When every trial has finished, ``python -m components.sweep`` ranks them and selects the top genotypes
-(components/select.py); the table lands in ``<storage>/<name>/selection/``.
+its epoch records reach Tune through a relay (``_EpochRelay``) that the trial reports from its own thread. ξ = 0
+trials are first order, ξ = null or > 0 second order. When every trial has finished, ``python -m components.sweep``
+ranks them and selects the top genotypes (components/select.py); the table lands in
+``<storage>/<name>/selection/``.
 
     python -m components.sweep --config digits --set sweep.seeds=[1,2] --set sweep.xi=[0,null] \
         --set ray.cpus_per_worker=0.5
@@ -32,12 +33,14 @@ import math
 import os
 import secrets
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ray.train.v2.api.callback import UserCallback
 from ray.tune import Callback
 
 from components.config import PipelineConfig
@@ -56,21 +59,60 @@ class SweepResult:
     errors: list[str]  # one line per trial that failed
 
 
+class _EpochRelay(UserCallback):
+    """Carries each epoch report from the Train controller to its Tune trial over a Ray queue that never blocks.
+
+    Ray's own ``TuneReportCallback`` hands the last report to the trial actor's main thread, which can race the
+    end of the trial function: the function's closing report fills the one-slot result queue first, the main
+    thread then blocks putting the last epoch behind it, and the trial stays RUNNING forever (seen under
+    ``ray job submit``). Here the trial's own thread re-reports every epoch with ``tune.report`` and returns only
+    after the last one, so all of a trial's reports come from one thread, in order."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        record = dict(metrics[0])
+        if checkpoint is not None:
+            record["checkpoint_path"] = checkpoint.path  # already in storage: Tune gets its path, not a copy
+        self.queue.put(record)
+
+
+def _relay_to_tune(queue: Any, finished: threading.Event) -> None:
+    """Report the relayed epochs to Tune until the search has finished and the queue is empty."""
+    from ray import tune
+    from ray.util.queue import Empty
+
+    while True:
+        try:
+            record = queue.get(block=True, timeout=0.2)
+        except Empty:
+            if finished.is_set() and queue.empty():
+                return
+            continue
+        tune.report(record)
+
+
 def _trial(params: dict[str, Any], sweep_name: str, callback: StageCallback | None = None) -> None:
     """One Tune trial: a whole data-parallel search on the trial's resolved config, reporting each epoch to Tune."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.queue import Queue
 
     config = PipelineConfig.model_validate(params)  # the grid values Tune put in, validated again
     trial_id = tune.get_context().get_trial_id()
     if callback is not None:
         callback.on_trial_start(trial_id)
-    run_search_stage(
-        Prepared.trusted(config),
-        name=f"{sweep_name}-{trial_id}",
-        callback=callback,
-        callbacks=[TuneReportCallback()],
-    )
+    queue, finished = Queue(actor_options={"num_cpus": 0}), threading.Event()
+    relay = threading.Thread(target=_relay_to_tune, args=(queue, finished), name="raydarts-relay", daemon=True)
+    relay.start()
+    try:
+        run_search_stage(
+            Prepared.trusted(config), name=f"{sweep_name}-{trial_id}", callback=callback, callbacks=[_EpochRelay(queue)]
+        )
+    finally:
+        finished.set()
+        relay.join()
+        queue.shutdown()
 
 
 def param_space(config: PipelineConfig) -> dict[str, Any]:
