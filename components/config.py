@@ -131,6 +131,20 @@ def search_label(config: PipelineConfig) -> str:
     return " ".join(parts)
 
 
+def retrain_label(key: str, pipeline: str) -> str:
+    """A retrain run's name: ``retrain champion``, ``retrain candidate 1``, ``retrain DARTS_V2``, ``retrain random 3``,
+    ``retrain best random cell``, from its key (``<pipeline>-champion``, ``<pipeline>-baseline-DARTS_V2``...)."""
+    rest = key.removeprefix(f"{pipeline}-")
+    if rest == "baseline-random":
+        return "retrain best random cell"
+    kind, _, tail = rest.partition("-")
+    if kind == "baseline" and tail:
+        return f"retrain {tail}"
+    if kind in ("candidate", "random") and tail:
+        return f"retrain {kind} {tail}"
+    return f"retrain {rest}"
+
+
 def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
     """The config with its local paths made absolute, as the driver sees them.
 

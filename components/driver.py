@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from components.config import PipelineConfig, trial_configs, with_absolute_paths
+from components.console import ConsoleChannel
 from components.storage import Location
 from nas.config import ConfigError
 from nas.data import DataSummary, load_dataset, summarize_data
@@ -24,15 +25,21 @@ class Prepared:
 
     config: PipelineConfig
     storage: Location
+    data: DataSummary | None = None  # what the data holds (None inside trials and tasks, which do not check it)
+    console: ConsoleChannel | None = None  # where workers send their lines (None: to their own stdout)
+    ray_logs: bool = True  # Ray forwards its workers' output and Tune prints its tables (--verbose)
 
     @classmethod
-    def trusted(cls, config: PipelineConfig) -> Prepared:
+    def trusted(cls, config: PipelineConfig, console: ConsoleChannel | None = None) -> Prepared:
         """The ``Prepared`` of a config the driver already prepared (inside a Tune trial or a Ray task)."""
-        return cls(config, Location(config.ray.storage_path))
+        return cls(config, Location(config.ray.storage_path), console=console)
 
     def with_config(self, config: PipelineConfig) -> Prepared:
         """The same run with another variant of its config (the candidates' brief recipe, the champion's full one)."""
         return dataclasses.replace(self, config=config)
+
+    def with_console(self, console: ConsoleChannel) -> Prepared:
+        return dataclasses.replace(self, console=console)
 
 
 def check_data(config: PipelineConfig) -> DataSummary:
@@ -107,29 +114,36 @@ def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
         raise ConfigError(f"Ray at {address} does not answer within {timeout:g}s: {err.strerror or err}") from None
 
 
-def ensure_ray(config: PipelineConfig) -> tuple[float, float]:
-    """Connect to ``ray.address``, RAY_ADDRESS, or start a local Ray; the cluster's (CPUs, GPUs)."""
+def ensure_ray(config: PipelineConfig, ray_logs: bool = True) -> tuple[float, float]:
+    """Connect to ``ray.address``, RAY_ADDRESS, or start a local Ray; the cluster's (CPUs, GPUs).
+
+    With ``ray_logs`` off, workers' output stays in Ray's log folder and Ray's driver-side messages below ERROR are
+    not shown (the console's lines come through :mod:`components.console` instead)."""
+    import logging
     import os
 
     import ray
 
     if not ray.is_initialized():
         check_ray_address(config.ray.address or os.environ.get("RAY_ADDRESS"))
-        ray.init(address=config.ray.address, log_to_driver=True, configure_logging=False)
+        quiet = {} if ray_logs else {"configure_logging": True, "logging_level": logging.ERROR}
+        ray.init(address=config.ray.address, log_to_driver=ray_logs, **({"configure_logging": False} | quiet))
     resources = ray.cluster_resources()
     return float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
 
 
-def prepare(config: PipelineConfig, *, sweep: bool = False) -> Prepared:
+def prepare(config: PipelineConfig, *, sweep: bool = False, ray_logs: bool = True) -> Prepared:
     """Check everything once (grid values, data, storage, Ray and its room), before any stage or worker starts.
 
+    ``ray_logs=False`` (the command lines without ``--verbose``) keeps Ray's own output off the console; the caller
+    then opens a :func:`components.console.open_console` so that the workers' lines still arrive.
     Raises ConfigError, DataError or StorageError with one line; nothing is written when it does.
     """
     config = with_absolute_paths(config)
     if sweep:
         trial_configs(config)
-    check_data(config)
+    summary = check_data(config)
     storage = Location(config.ray.storage_path)
     storage.check_writable()
-    check_resources(config, *ensure_ray(config), sweep=sweep)
-    return Prepared(config, storage)
+    check_resources(config, *ensure_ray(config, ray_logs), sweep=sweep)
+    return Prepared(config, storage, data=summary, ray_logs=ray_logs)

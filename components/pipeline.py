@@ -8,19 +8,21 @@ version, and a later stage needs only names and small records from the earlier o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from mlflow.entities.model_registry import ModelVersion
 
-from components.config import PipelineConfig, search_label
+from components.config import PipelineConfig, retrain_label, search_label, trial_configs
+from components.console import WorkPlan
 from components.driver import Prepared
 from components.retrain import ChampionResult, RetrainJob, RetrainStageResult, choose_champion
 from components.search import read_history
 from components.select import Candidate, TrialResult, select_and_publish
 from components.sweep import run_sweep
-from components.tracking import Lineage, LiveSearchLog, resolve_tracking_uri, retrain_label
+from components.tracking import Lineage, LiveSearchLog, resolve_tracking_uri
 from components.trainer import StageError
 from nas.eval_model import EvalNetwork, count_parameters, forward_flops
 from nas.genotypes import Genotype, node_formulas
@@ -47,6 +49,40 @@ def model_name(config: PipelineConfig, pipeline: str) -> str:
     """The registered model's name: ``mlflow.model_name``, else the pipeline's name, so two pipelines of one config
     under different names never move each other's ``champion`` alias."""
     return config.mlflow.model_name or pipeline
+
+
+def _images_per_epoch(rows: int | None, batch: int, workers: int, steps_cap: int | None) -> float:
+    """Images one epoch processes over all workers: every batch of ``rows``, or ``steps_cap`` steps at most."""
+    steps = max(1, math.ceil(rows / (batch * workers))) if rows else (steps_cap or 1)
+    return float(min(steps, steps_cap) if steps_cap else steps) * batch * workers
+
+
+def work_plan(prepared: Prepared) -> WorkPlan:
+    """The pipeline's work for its progress line: every search trial, the brief retrains (candidates when there is
+    a choice or random cells to rank against, random cells) and the full ones (champion, baselines). A second-order
+    step counts twice (the virtual step); cells of every size count alike, so the ETA is a rate, not a forecast."""
+    config = prepared.config
+    rows = prepared.data.train_rows if prepared.data is not None else config.data.limit
+    workers, retrain, champion = config.ray.num_workers, config.retrain, config.champion
+    plan = WorkPlan()
+    for trial in trial_configs(config):
+        s = trial.search
+        half = round(rows * s.train_portion) if rows else None
+        order = 1.0 if s.xi == 0 else 2.0
+        units = _images_per_epoch(half, s.batch_size, workers, s.steps_per_epoch) * order * s.epochs
+        plan.searches[search_label(trial)] = units
+    held_out = rows - round(rows * retrain.val_fraction) if rows else None
+    per_epoch = retrain.batch_size, workers, retrain.steps_per_epoch
+    brief = _images_per_epoch(held_out, *per_epoch) * champion.candidate_epochs
+    full = _images_per_epoch(rows, *per_epoch) * retrain.epochs
+    randoms = champion.random_baselines
+    if config.sweep.top_k > 1 or randoms:
+        plan.retrains["candidate"] = (config.sweep.top_k, brief)
+    if randoms:
+        plan.retrains["random"] = (randoms, brief)
+    plan.retrains["champion"] = (1, full)
+    plan.retrains["baseline"] = (len(champion.baselines) + (1 if randoms else 0), full)
+    return plan
 
 
 def sweep_stage(prepared: Prepared, lineage: Lineage, name: str) -> tuple[list[TrialResult], dict[str, str]]:

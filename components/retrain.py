@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from components.config import PipelineConfig, check_champion_choice
+from components.config import PipelineConfig, check_champion_choice, retrain_label
 from components.driver import Prepared
 from components.storage import Location
 from components.trainer import (
@@ -45,6 +45,7 @@ from components.trainer import (
     stage_main,
     start_worker,
     watch,
+    worker_console,
 )
 from nas.eval_model import NetworkSpec
 from nas.genotypes import Genotype, count_ops, parse_genotype, random_genotypes
@@ -94,12 +95,15 @@ def _retrain_worker(loop_config: dict[str, Any]) -> None:
 
     config, callback, context = start_worker(loop_config)
     rank, world = context.rank, context.world_size
+    console = worker_console(loop_config)
     run = RetrainRun(config, parse_genotype(config.retrain.genotype), context)
     watch(context, callback, run.network)
-    restore_latest(run, rank, world, "retrain")
+    restore_latest(run, context, "retrain")
 
     def on_epoch(report: RetrainEpoch, retrain_run: RetrainRun) -> None:
         callback.on_epoch_end(rank, world, report.epoch, retrain_run.network)
+        if context.is_main:
+            console.epoch(report.epoch, config.retrain.epochs)
 
         def write_files(directory: Path) -> None:
             write_json(directory / HISTORY_FILE, [e.model_dump(mode="json") for e in retrain_run.history])
@@ -122,10 +126,16 @@ def read_result(outputs: Location) -> RetrainStageResult | None:
 
 
 def run_retrain_stage(
-    prepared: Prepared, *, name: str | None = None, role: str = "retrain", callback: StageCallback | None = None
+    prepared: Prepared,
+    *,
+    name: str | None = None,
+    role: str = "retrain",
+    callback: StageCallback | None = None,
+    label: str | None = None,
 ) -> RetrainStageResult:
     """Train the config's ``retrain.genotype`` data-parallel with the ``retrain`` recipe; finished runs are read
-    back, interrupted ones resume from their last checkpoint."""
+    back, interrupted ones resume from their last checkpoint. The workers' lines name it by ``label`` (default: the
+    run's name)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
     config = prepared.config
@@ -137,7 +147,13 @@ def run_retrain_stage(
         if done.genotype.canonical() != genotype.canonical():
             raise StageError(f"retrain {name!r} already holds another genotype; pick another name")
         return done
-    loop_config = {"config": config.model_dump(mode="json"), "callback": callback, "role": role}
+    loop_config = {
+        "config": config.model_dump(mode="json"),
+        "callback": callback,
+        "role": role,
+        "console": prepared.console,
+        "label": label or name,
+    }
     started = time.time()
     result = fit(_retrain_worker, loop_config, prepared, name=name, label="retrain")
     with result.checkpoint.as_directory() as directory, tempfile.TemporaryDirectory() as tmp:
@@ -168,6 +184,7 @@ class RetrainJob:
     role: str
     prepared: Prepared
     source: str | None = None
+    label: str | None = None  # how its lines and its MLflow run name it (``retrain champion``)
 
     @property
     def config(self) -> PipelineConfig:
@@ -246,7 +263,7 @@ def retrain_config(
 def run_jobs(jobs: list[RetrainJob], max_concurrent: int, trial_cpus: float) -> list[RetrainStageResult]:
     """Run retrains one after another, or ``max_concurrent`` at a time as Ray tasks; results in job order."""
     if max_concurrent <= 1 or len(jobs) <= 1:
-        return [run_retrain_stage(j.prepared, name=j.name, role=j.role) for j in jobs]
+        return [run_retrain_stage(j.prepared, name=j.name, role=j.role, label=j.label) for j in jobs]
     import ray
 
     task = ray.remote(num_cpus=trial_cpus, max_retries=0)(run_retrain_stage)
@@ -256,7 +273,7 @@ def run_jobs(jobs: list[RetrainJob], max_concurrent: int, trial_cpus: float) -> 
     while queue or pending:
         while queue and len(pending) < max_concurrent:
             index, job = queue.pop(0)
-            pending[task.remote(job.prepared, name=job.name, role=job.role)] = index
+            pending[task.remote(job.prepared, name=job.name, role=job.role, label=job.label)] = index
         ready, _ = ray.wait(list(pending), num_returns=1)
         index = pending.pop(ready[0])
         try:
@@ -284,11 +301,11 @@ def choose_champion(
     def briefly(genotype: Genotype) -> Prepared:
         return prepared.with_config(retrain_config(config, genotype, epochs=brief))
 
-    jobs = [
-        RetrainJob(f"{name}-candidate-{i}", "candidate", briefly(g), source)
-        for i, (source, g) in enumerate(candidates, 1)
-    ]
-    random_jobs = [RetrainJob(f"{name}-random-{i}", "random", briefly(g)) for i, g in enumerate(randoms, start=1)]
+    def job(key: str, role: str, job_prepared: Prepared, source: str | None = None) -> RetrainJob:
+        return RetrainJob(f"{name}-{key}", role, job_prepared, source, retrain_label(f"{name}-{key}", name))
+
+    jobs = [job(f"candidate-{i}", "candidate", briefly(g), source) for i, (source, g) in enumerate(candidates, 1)]
+    random_jobs = [job(f"random-{i}", "random", briefly(g)) for i, g in enumerate(randoms, start=1)]
     ranked: list[Trained] = []
     random_pairs: list[Trained] = []
     if len(jobs) > 1 or random_jobs:
@@ -306,13 +323,11 @@ def choose_champion(
         return prepared.with_config(retrain_config(config, genotype, val_fraction=0.0))
 
     best_genotype = parse_genotype(best.config.retrain.genotype)
-    finals = [RetrainJob(f"{name}-champion", "champion", full(best_genotype), best.source)]
-    finals += [
-        RetrainJob(f"{name}-baseline-{zoo}", "baseline", full(parse_genotype(zoo))) for zoo in config.champion.baselines
-    ]
+    finals = [job("champion", "champion", full(best_genotype), best.source)]
+    finals += [job(f"baseline-{zoo}", "baseline", full(parse_genotype(zoo))) for zoo in config.champion.baselines]
     if random_pairs:  # the paper's random-search baseline: the best random cell on validation, in full
         best_random = max(random_pairs, key=lambda pair: _score(pair[1].last.eval_acc))[1].genotype
-        finals.append(RetrainJob(f"{name}-baseline-random", "baseline", full(best_random)))
+        finals.append(job("baseline-random", "baseline", full(best_random)))
     log(f"training the champion{' and baselines' if len(finals) > 1 else ''} for {config.retrain.epochs} epochs")
     results = run_jobs(finals, config.champion.max_concurrent, config.champion.trial_cpus)
     pairs = list(zip(finals, results))

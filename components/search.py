@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.config import PipelineConfig
+from components.config import PipelineConfig, search_label
 from components.driver import Prepared
 from components.storage import Location
 from components.trainer import (
@@ -39,6 +39,7 @@ from components.trainer import (
     stage_main,
     start_worker,
     watch,
+    worker_console,
 )
 from nas.genotypes import Genotype
 from nas.search import SearchEpoch
@@ -63,12 +64,15 @@ def _search_worker(loop_config: dict[str, Any]) -> None:
 
     config, callback, context = start_worker(loop_config, average_alpha_gradients=True)
     rank, world = context.rank, context.world_size
+    console = worker_console(loop_config)
     run = SearchRun(config, context)
     watch(context, callback, run.network)
-    restore_latest(run, rank, world, "search")
+    restore_latest(run, context, "search")
 
     def on_epoch(report: SearchEpoch, search_run: SearchRun) -> None:
         callback.on_epoch_end(rank, world, report.epoch, search_run.network)
+        if context.is_main:
+            console.epoch(report.epoch, config.search.epochs)
 
         def write_files(directory: Path) -> None:
             save_search_outputs(directory, report.genotype, search_run.history)
@@ -99,10 +103,16 @@ def run_search_stage(
     """Run (or resume) one data-parallel search and publish its outputs next to its checkpoints.
 
     ``callback`` reaches every worker (see StageCallback); ``callbacks`` are Ray Train's own (Tune's reporter).
+    The workers' lines name the search by :func:`search_label` (``search s2 ξ=lr 2nd``).
     """
     config = prepared.config
     name = name or f"{config.name}-search"
-    loop_config = {"config": config.model_dump(mode="json"), "callback": callback}
+    loop_config = {
+        "config": config.model_dump(mode="json"),
+        "callback": callback,
+        "console": prepared.console,
+        "label": search_label(config),
+    }
     result = fit(_search_worker, loop_config, prepared, name=name, label="search", callbacks=callbacks)
     outputs = search_outputs(prepared.storage, name)
     with result.checkpoint.as_directory() as directory:

@@ -35,7 +35,8 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -44,6 +45,7 @@ from ray.train.v2.api.callback import UserCallback
 from ray.tune import Callback
 
 from components.config import PipelineConfig
+from components.console import ConsoleChannel
 from components.driver import Prepared
 from components.search import publish_from_checkpoint, read_history, run_search_stage, search_outputs
 from components.select import Candidate, TrialResult, select_and_publish
@@ -93,7 +95,12 @@ def _relay_to_tune(queue: Any, finished: threading.Event) -> None:
         tune.report(record)
 
 
-def _trial(params: dict[str, Any], sweep_name: str, callback: StageCallback | None = None) -> None:
+def _trial(
+    params: dict[str, Any],
+    sweep_name: str,
+    callback: StageCallback | None = None,
+    console: ConsoleChannel | None = None,
+) -> None:
     """One Tune trial: a whole data-parallel search on the trial's resolved config, reporting each epoch to Tune."""
     from ray import tune
     from ray.util.queue import Queue
@@ -107,7 +114,10 @@ def _trial(params: dict[str, Any], sweep_name: str, callback: StageCallback | No
     relay.start()
     try:
         run_search_stage(
-            Prepared.trusted(config), name=f"{sweep_name}-{trial_id}", callback=callback, callbacks=[_EpochRelay(queue)]
+            Prepared.trusted(config, console),
+            name=f"{sweep_name}-{trial_id}",
+            callback=callback,
+            callbacks=[_EpochRelay(queue)],
         )
     finally:
         finished.set()
@@ -140,6 +150,7 @@ KEY_ENV = "RAYDARTS_STATE_KEY"
 _IGNORED = {".validate_storage_marker"}
 _DIGESTS_KEPT = 64  # versions per file: the storage copy may lag the driver's latest by an upload or two
 _STORAGE_READ_SECONDS = 1.0  # how often a restored run reads its storage copies to sign them
+_TUNE_NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"
 
 
 def state_key() -> bytes:
@@ -281,6 +292,24 @@ def _sign_tuner(storage: Location, name: str) -> None:
         sign_state(storage, name, {"tuner.pkl": data}, state_key())
 
 
+@contextmanager
+def _tune_output(shown: bool) -> Iterator[None]:
+    """Tune's terminal output while the sweep runs: its tables with Ray's logs (``--verbose``), else none. Its new
+    output engine prints a banner even at ``verbose=0``; the classic one, picked here for the sweep, honours it."""
+    if shown:
+        yield
+        return
+    previous = os.environ.get(_TUNE_NEW_OUTPUT)
+    os.environ[_TUNE_NEW_OUTPUT] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(_TUNE_NEW_OUTPUT, None)
+        else:
+            os.environ[_TUNE_NEW_OUTPUT] = previous
+
+
 def run_sweep(
     prepared: Prepared,
     *,
@@ -298,7 +327,8 @@ def run_sweep(
     name = name or f"{config.name}-sweep"
     experiment = prepared.storage.join(name)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, sweep_name=name, callback=callback), {"CPU": config.sweep.trial_cpus}
+        tune.with_parameters(_trial, sweep_name=name, callback=callback, console=prepared.console),
+        {"CPU": config.sweep.trial_cpus},
     )
     if tune.Tuner.can_restore(experiment.uri):
         check_state(prepared.storage, name, state_key())  # before anything is unpickled
@@ -326,10 +356,12 @@ def run_sweep(
                 name=name,
                 storage_path=prepared.storage.uri,
                 callbacks=[SignState(prepared.storage.uri, name), *tune_callbacks],
+                verbose=1 if prepared.ray_logs else 0,  # Tune's tables: only with Ray's own logs (--verbose)
             ),
         )
     _sign_tuner(prepared.storage, name)
-    grid = tuner.fit()
+    with _tune_output(shown=prepared.ray_logs):
+        grid = tuner.fit()
     trials, errors = [], []
     for result in grid:
         metrics = result.metrics or {}

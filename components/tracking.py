@@ -44,7 +44,7 @@ from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 from ray.tune import Callback
 
 import nas
-from components.config import PipelineConfig, search_label
+from components.config import PipelineConfig, retrain_label, search_label
 from components.select import Candidate, TrialResult
 from components.storage import Location
 from nas.config import ConfigError, to_params
@@ -145,20 +145,6 @@ def genotype_params(genotype: Genotype) -> dict[str, str]:
         concat = genotype.normal_concat if cell == "normal" else genotype.reduce_concat
         params[f"{cell}.concat"] = ", ".join(input_name(i) for i in sorted(concat))
     return params
-
-
-def retrain_label(key: str, pipeline: str) -> str:
-    """A retrain run's name: ``retrain champion``, ``retrain candidate 1``, ``retrain DARTS_V2``, ``retrain random 3``,
-    ``retrain best random cell``, from its key (``<pipeline>-champion``, ``<pipeline>-baseline-DARTS_V2``...)."""
-    rest = key.removeprefix(f"{pipeline}-")
-    if rest == "baseline-random":
-        return "retrain best random cell"
-    kind, _, tail = rest.partition("-")
-    if kind == "baseline" and tail:
-        return f"retrain {tail}"
-    if kind in ("candidate", "random") and tail:
-        return f"retrain {kind} {tail}"
-    return f"retrain {rest}"
 
 
 def _epoch_metrics(record: Any, prefix: str) -> dict[str, float]:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from components.config import PipelineConfig
+from components.console import WorkerConsole, open_console, quiet_libraries
 from components.driver import Prepared
 from nas.loop import LoopContext
 
@@ -46,16 +47,12 @@ class StageCallback:
         """After epoch ``epoch`` (1-based) was measured, before it is reported and checkpointed."""
 
 
-def worker_log(message: str) -> None:
-    """A progress line from a worker, printed once on the driver.
-
-    Train V2 patches ``print`` to go both to its logger and to the (wrapped) stdout, which shows every line twice;
-    writing to the process's own stdout bypasses that, and Ray forwards it to the driver.
-    """
-    print(message, file=sys.__stdout__, flush=True)
+def worker_console(loop_config: dict[str, Any]) -> WorkerConsole:
+    """This worker's console: its run's label, and the driver's channel when the driver opened one."""
+    return WorkerConsole(loop_config.get("label") or "run", loop_config.get("console"))
 
 
-def restore_latest(run: Any, rank: int, world: int, label: str) -> bool:
+def restore_latest(run: Any, context: LoopContext, label: str) -> bool:
     """Load the latest checkpoint of this Train run into ``run`` (and this rank's RNGs); False when there is none."""
     import ray.train
 
@@ -67,10 +64,10 @@ def restore_latest(run: Any, rank: int, world: int, label: str) -> bool:
     with checkpoint.as_directory() as directory:
         state = restore_checkpoint(run, Path(directory) / STATE_FILE)
     per_rank = state.get("rng_per_rank") or []
-    if len(per_rank) == world:
-        set_rng_state(per_rank[rank])
-    if rank == 0:
-        worker_log(f"resumed {label} from checkpoint at epoch {run.epoch}")
+    if len(per_rank) == context.world_size:
+        set_rng_state(per_rank[context.rank])
+    if context.is_main:
+        context.log(f"resumed {label} from checkpoint at epoch {run.epoch}")
     return True
 
 
@@ -133,7 +130,12 @@ def start_worker(
         return wrap_ddp(network, device, ignore=ignore)
 
     context = LoopContext(
-        rank=rank, world_size=world, device=device, sum_reducer=sum_tensors, wrap_model=wrap, log=worker_log
+        rank=rank,
+        world_size=world,
+        device=device,
+        sum_reducer=sum_tensors,
+        wrap_model=wrap,
+        log=worker_console(loop_config).log,
     )
     if average_alpha_gradients:
         context.grad_reducer = average_tensors
@@ -228,13 +230,16 @@ def stage_main(
 
     parser = config_parser(prog, doc.splitlines()[0], "digits")
     parser.add_argument("--name", default=None, help=f"run name (default: <config name>-{stage}); reuse to resume")
+    parser.add_argument("--verbose", action="store_true", help="also show Ray's own logs (workers, Tune's tables)")
     args = parser.parse_args(argv)
     try:
         if args.name is not None:
             check_name(args.name, "--name")
         config = load_pipeline_config(args.config, args.overrides)
-        prepared = prepare(config, sweep=stage == "sweep")
-        result = run(prepared, name=args.name)
+        quiet_libraries(args.verbose)
+        prepared = prepare(config, sweep=stage == "sweep", ray_logs=args.verbose)
+        with open_console() as console:
+            result = run(prepared.with_console(console.channel), name=args.name)
     except (ConfigError, DataError, StageError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

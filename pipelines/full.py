@@ -22,9 +22,18 @@ from typing import Any
 if __name__ == "__main__" and __package__ is None:  # `python pipelines/full.py` from a checkout not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.config import PipelineConfig, load_pipeline_config, trial_configs
+from components.config import PipelineConfig, load_pipeline_config, search_label, trial_configs
+from components.console import open_console, quiet_libraries
 from components.driver import Prepared, prepare
-from components.pipeline import model_name, open_lineage, register_stage, retrain_stage, select_stage, sweep_stage
+from components.pipeline import (
+    model_name,
+    open_lineage,
+    register_stage,
+    retrain_stage,
+    select_stage,
+    sweep_stage,
+    work_plan,
+)
 from components.retrain import ChampionResult
 from components.select import Candidate, TrialResult
 from components.storage import StorageError
@@ -87,22 +96,26 @@ def run_pipeline(prepared: Prepared, *, name: str | None = None, log: Any = prin
     log(
         f"[pipeline] {name}: MLflow run {lineage.run_id} in experiment {lineage.experiment!r} at {lineage.tracking_uri}"
     )
-    try:
-        log("[pipeline] 1/4 sweep")
-        trials, search_runs = sweep_stage(prepared, lineage, name)
-        log("[pipeline] 2/4 selection")
-        selected = select_stage(prepared, lineage, trials, name)
-        log("[pipeline] 3/4 retrain")
-        candidates = [(c.trial.trial, c.genotype) for c in selected]
-        champion, retrain_runs = retrain_stage(
-            prepared, lineage, candidates, name, log=lambda line: log(f"[pipeline] {line}"), trials=trials
-        )
-        log("[pipeline] 4/4 register")
-        job, stage = champion.champion
-        version = register_stage(lineage, retrain_runs[job.name], stage, model_name(config, name), job.source)
-    except BaseException:
-        lineage.finish("FAILED")
-        raise
+    with open_console(log, work_plan(prepared)) as console:
+        prepared = prepared.with_console(console.channel)
+        try:
+            log("[pipeline] 1/4 sweep")
+            trials, search_runs = sweep_stage(prepared, lineage, name)
+            console.complete([search_label(trial.config) for trial in trials])
+            log("[pipeline] 2/4 selection")
+            selected = select_stage(prepared, lineage, trials, name)
+            log("[pipeline] 3/4 retrain")
+            candidates = [(c.trial.trial, c.genotype) for c in selected]
+            champion, retrain_runs = retrain_stage(
+                prepared, lineage, candidates, name, log=lambda line: log(f"[pipeline] {line}"), trials=trials
+            )
+            console.complete([job.label or job.name for job, _ in champion.trained])
+            log("[pipeline] 4/4 register")
+            job, stage = champion.champion
+            version = register_stage(lineage, retrain_runs[job.name], stage, model_name(config, name), job.source)
+        except BaseException:
+            lineage.finish("FAILED")
+            raise
     lineage.finish()
     return PipelineResult(
         name=name,
@@ -123,15 +136,15 @@ def run_pipeline(prepared: Prepared, *, name: str | None = None, log: Any = prin
 def summary(result: PipelineResult) -> str:
     """The end-of-run table: every search, the retrains, the registered model, how to look at it all."""
     metric = result.metric
-    rows = ["search trials:", f"  {'trial':<24} {'seed':>4} {'xi':>8} {metric:>8}  genotype"]
+    rows = ["search trials:", f"  {'search':<28} {'trial':<12} {metric:>8}  genotype"]
     for t in sorted(result.trials, key=lambda t: t.trial):
-        xi = "null" if t.xi is None else f"{t.xi:g}"
         value = t.metrics.get(metric, float("nan"))
-        rows.append(f"  {t.trial:<24} {t.seed:>4} {xi:>8} {value:>8.4f}  {t.genotype}")
+        rows.append(f"  {search_label(t.config):<28} {t.trial:<12} {value:>8.4f}  {t.genotype}")
     rows.append("retrains:")
     champion = result.champion
     for job, stage in champion.trained:
-        rows.append(f"  {job.name:<32} {job.role:<9} {stage.last.eval_split} acc {stage.last.eval_acc:.4f}")
+        label = job.label or job.name
+        rows.append(f"  {label:<28} {job.role:<9} {stage.last.eval_split} acc {stage.last.eval_acc:.4f}")
     for row in champion.ranking:
         if row["kind"] == "searched":
             randoms = len(champion.randoms)
@@ -150,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = config_parser("python pipelines/full.py", __doc__.splitlines()[0], "quick")
     parser.add_argument("--name", default=None, help="pipeline name (default: the config's name); reuse to resume")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, run nothing")
+    parser.add_argument("--verbose", action="store_true", help="also show Ray's own logs (workers, Tune's tables)")
     args = parser.parse_args(argv)
     try:
         from components.tracking import check_tracking, resolve_tracking_uri
@@ -165,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(plan(config, name)))
             return 0
         start = time.perf_counter()
+        quiet_libraries(args.verbose)
         check_tracking(tracking_uri)
-        result = run_pipeline(prepare(config, sweep=True), name=name)
+        result = run_pipeline(prepare(config, sweep=True, ray_logs=args.verbose), name=name)
     except (ConfigError, DataError, StageError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -63,6 +63,7 @@ def sweep_step(preset: str, overrides: list[str], name: str, ray_address: str, t
     """Resolve the config (checked whole before anything runs), run the sweep, log its trials; the resolved config
     as YAML, which every later step takes."""
     from components.config import load_pipeline_config
+    from components.console import open_console
     from components.driver import prepare
     from components.pipeline import open_lineage, sweep_stage
     from components.tracking import check_tracking, resolve_tracking_uri
@@ -71,8 +72,9 @@ def sweep_step(preset: str, overrides: list[str], name: str, ray_address: str, t
     check_name(name, "name")
     config = _on(load_pipeline_config(preset, overrides), ray_address)
     check_tracking(resolve_tracking_uri(config.mlflow.tracking_uri))
-    prepared = prepare(config, sweep=True)
-    trials, _ = sweep_stage(prepared, open_lineage(prepared.config, name), name)
+    prepared = prepare(config, sweep=True, ray_logs=False)
+    with open_console() as console:  # the step's log: our lines only, each naming its trial
+        trials, _ = sweep_stage(prepared.with_console(console.channel), open_lineage(prepared.config, name), name)
     Path(trials_path).write_text(json.dumps([t.model_dump(mode="json") for t in trials], indent=2))
     return _yaml(prepared.config)
 
@@ -96,15 +98,18 @@ def select_step(config_yaml: str, name: str, trials_path: str, selection_path: s
 def retrain_step(config_yaml: str, name: str, ray_address: str, selection_path: str, model_dir: str) -> dict[str, Any]:
     """Choose the champion among the selected cells, train it (and the baselines) in full, log every retrain; the
     champion's weights and spec land in ``model_dir``, its summary is returned (the Model's metadata)."""
+    from components.console import open_console
     from components.driver import prepare
     from components.pipeline import open_lineage, retrain_stage
     from nas.genotypes import Genotype
 
-    prepared = prepare(_config(config_yaml, ray_address))
+    prepared = prepare(_config(config_yaml, ray_address), ray_logs=False)
     candidates = [
         (row["trial"], Genotype.from_dict(row["genotype"])) for row in json.loads(Path(selection_path).read_text())
     ]
-    champion, runs = retrain_stage(prepared, open_lineage(prepared.config, name), candidates, name)
+    with open_console() as console:
+        lineage = open_lineage(prepared.config, name)
+        champion, runs = retrain_stage(prepared.with_console(console.channel), lineage, candidates, name)
     job, stage = champion.champion
     Path(model_dir).mkdir(parents=True, exist_ok=True)
     with stage.location.local_copy() as published:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -238,6 +239,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+OUR_LINE = re.compile(r"^\[(pipeline|search s\d+ [^\]]+|retrain [^\]]+)\] ")
+JOB_FRAMING = ("Running entrypoint for job", "job_manager.py", "(raylet)")  # Ray's job log and its error channel
+
+
+def foreign_console_lines(submit_output: str) -> list[str]:
+    """The lines of a pipeline job's log that are not the pipeline's own: each of its lines names its run
+    (``[search s1 1st] ...``) until the closing summary, which runs from ``search trials:`` to ``done in``."""
+    log = submit_output.split("Tailing logs until the job exits", 1)[1].splitlines()[1:]
+    log = log[: next(i for i, line in enumerate(log) if "WebSocket closed" in line or "SUCC cli.py" in line)]
+    log = [line for line in log if not any(frame in line for frame in JOB_FRAMING)]
+    start = next(i for i, line in enumerate(log) if line == "search trials:")
+    assert log[-1].startswith("done in "), log[-5:]
+    return [line for line in log[:start] if not OUR_LINE.match(line)]
+
+
 def test_ray_job_submit_runs_the_pipeline_on_a_head_node(tmp_path: Path) -> None:
     ray_bin = Path(sys.executable).parent / "ray"
     port, dashboard = _free_port(), _free_port()
@@ -288,6 +304,9 @@ def test_ray_job_submit_runs_the_pipeline_on_a_head_node(tmp_path: Path) -> None
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
         assert "succeeded" in submit.stdout.lower()
         assert "models:/job@champion" in submit.stdout  # the model is named after the pipeline
+        assert not foreign_console_lines(submit.stdout), foreign_console_lines(submit.stdout)
+        runs = {match.group(1) for match in map(OUR_LINE.match, submit.stdout.splitlines()) if match}
+        assert {"search s1 1st", "search s2 ξ=lr 2nd", "retrain champion"} <= runs  # each line names its run
     finally:
         end_processes_with(temp_dir)  # the Ray this test started, not every Ray on the machine
         shutil.rmtree(temp_dir, ignore_errors=True)

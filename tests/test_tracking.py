@@ -14,7 +14,7 @@ import torch
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from components.config import PipelineConfig, search_label
+from components.config import PipelineConfig, retrain_label, search_label
 from components.search import read_history
 from components.select import TrialResult, select_top, write_selection
 from components.storage import Location
@@ -25,7 +25,6 @@ from components.tracking import (
     dataset_digest,
     genotype_params,
     resolve_tracking_uri,
-    retrain_label,
     walk_lineage,
 )
 from nas.artifacts import save_epoch_pictures, save_search_outputs

@@ -1,0 +1,185 @@
+"""The console: what a person watching a run reads. Our own lines only, each naming its run (``[search s2 1st]
+search epoch 3/50 | ...``), and a pipeline-level progress line with an overall ETA. Ray's own logs (worker output,
+Tune's status tables) stay in Ray's log folder; ``--verbose`` forwards them as well.
+
+Workers, Tune trials and retrain tasks run in other processes. With Ray's log forwarding off they send their lines
+to the driver over a Ray queue: a :class:`ConsoleChannel` travels in ``Prepared`` to every trial, task and worker,
+and :func:`open_console` prints what arrives, on the driver, in order of arrival.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from nas.loop import format_duration
+
+_POLL_SECONDS = 0.2
+
+
+@dataclass(frozen=True)
+class ConsoleChannel:
+    """The way to the driver's console from any process of the run (picklable: it holds a Ray queue's handle)."""
+
+    queue: Any  # ray.util.queue.Queue
+
+    def line(self, label: str, text: str) -> None:
+        self.queue.put(("line", label, text))
+
+    def epoch(self, label: str, epoch: int, total: int) -> None:
+        """Run ``label`` finished epoch ``epoch`` of ``total``: what the overall progress counts."""
+        self.queue.put(("epoch", label, epoch, total))
+
+
+@dataclass(frozen=True)
+class WorkerConsole:
+    """A worker's (or trial's) console: its lines and its epochs, under its run's label."""
+
+    label: str
+    channel: ConsoleChannel | None = None
+
+    def log(self, text: str) -> None:
+        if self.channel is None:  # no driver console (a worker started by hand): the process's own stdout
+            print(f"[{self.label}] {text}", file=sys.__stdout__, flush=True)
+        else:
+            self.channel.line(self.label, text)
+
+    def epoch(self, epoch: int, total: int) -> None:
+        if self.channel is not None:
+            self.channel.epoch(self.label, epoch, total)
+
+
+@dataclass
+class WorkPlan:
+    """A pipeline's planned work in units of images processed (a second-order search step counts twice): per search
+    trial by its label, and per retrain by its role (``candidate``, ``random``, ``champion``, ``baseline``)."""
+
+    searches: dict[str, float] = field(default_factory=dict)
+    retrains: dict[str, tuple[int, float]] = field(default_factory=dict)  # role -> (how many, units each)
+
+    @property
+    def total(self) -> float:
+        return sum(self.searches.values()) + sum(count * units for count, units in self.retrains.values())
+
+    def units(self, label: str) -> float:
+        """The planned units of the run ``label`` (``search ...`` or ``retrain <role> ...``); 0 when unplanned."""
+        if label in self.searches or not label.startswith("retrain "):
+            return self.searches.get(label, 0.0)
+        role = label.removeprefix("retrain ").split(" ")[0]
+        if role not in self.retrains:  # zoo cells and the best random cell are baselines
+            role = "baseline"
+        return self.retrains.get(role, (0, 0.0))[1]
+
+
+class PipelineProgress:
+    """The overall progress: each run counts its planned units times the share of its epochs done; the ETA assumes
+    the rate measured so far (images per second over the whole pipeline) for the work left."""
+
+    def __init__(self, plan: WorkPlan, clock: Callable[[], float] = time.monotonic) -> None:
+        self.plan, self.clock = plan, clock
+        self.started = clock()
+        self.done: dict[str, float] = {}
+
+    def epoch(self, label: str, epoch: int, total: int) -> None:
+        self.done[label] = self.plan.units(label) * min(1.0, epoch / max(total, 1))
+
+    def complete(self, labels: list[str]) -> None:
+        """Runs that finished without reporting epochs here (read back on a resumed pipeline)."""
+        for label in labels:
+            self.done[label] = self.plan.units(label)
+
+    @property
+    def fraction(self) -> float:
+        total = self.plan.total
+        return min(1.0, sum(self.done.values()) / total) if total > 0 else 0.0
+
+    def line(self) -> str:
+        elapsed, fraction = self.clock() - self.started, self.fraction
+        eta = elapsed * (1 - fraction) / fraction if fraction > 0 else math.nan
+        left = format_duration(eta) if math.isfinite(eta) else "unknown"
+        return f"{fraction:.0%} of the planned work | {format_duration(elapsed)} elapsed | ETA {left}"
+
+
+class Console:
+    """The driver's end of the queue: prints every line as ``[label] text``; after an epoch, the progress line
+    (at most every ``every`` seconds, so that short epochs do not flood it)."""
+
+    def __init__(self, log: Callable[[str], None], progress: PipelineProgress | None, every: float) -> None:
+        from ray.util.queue import Queue
+
+        self.log, self.progress, self.every = log, progress, every
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.channel = ConsoleChannel(self.queue)
+        self._stop = threading.Event()
+        self._last_progress = -math.inf
+        self._shown_fraction: float | None = None
+        self._thread = threading.Thread(target=self._drain, name="raydarts-console", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                item = self.queue.get(block=True, timeout=_POLL_SECONDS)
+            except Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            except Exception:  # noqa: BLE001 - the queue's actor is gone (Ray shut down): nothing more can arrive
+                return
+            self._show(item)
+
+    def _show(self, item: tuple[Any, ...]) -> None:
+        if item[0] == "line":
+            self.log(f"[{item[1]}] {item[2]}")
+        elif item[0] == "epoch" and self.progress is not None:
+            self.progress.epoch(*item[1:])
+            now = time.monotonic()
+            if now - self._last_progress >= self.every or self.progress.fraction >= 1.0:
+                self._last_progress = now
+                self.show_progress()
+
+    def complete(self, labels: list[str]) -> None:
+        """A stage ended: its runs count in full (some were read back, not run), and the progress line shows."""
+        if self.progress is not None:
+            self.progress.complete(labels)
+            if self.progress.fraction != self._shown_fraction:
+                self._last_progress = time.monotonic()
+                self.show_progress()
+
+    def show_progress(self) -> None:
+        if self.progress is not None:
+            self._shown_fraction = self.progress.fraction
+            self.log(f"[pipeline] {self.progress.line()}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.queue.shutdown()
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """What a command line does before it runs: MLflow's own INFO lines (database setup, input validation) stay
+    off the console unless ``--verbose``; its warnings and errors still show."""
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+@contextmanager
+def open_console(
+    log: Callable[[str], None] = print, plan: WorkPlan | None = None, every: float = 30.0
+) -> Iterator[Console]:
+    """A console for one run of a pipeline or stage (Ray must be up): its ``channel`` goes into ``Prepared``."""
+    console = Console(log, PipelineProgress(plan) if plan is not None else None, every)
+    try:
+        yield console
+    finally:
+        console.close()

@@ -1,0 +1,119 @@
+"""The console: our own lines only, each naming its run, an overall progress line; Ray's logs with ``--verbose``.
+
+The quick pipeline's whole console is checked where users run it, under ``ray job submit``
+(tests/test_pipeline.py); here, the progress arithmetic, the pipeline's work plan, and a stage's console with and
+without ``--verbose``."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from components.config import load_pipeline_config, search_label, trial_configs
+from components.console import PipelineProgress, WorkPlan
+from components.driver import Prepared
+from components.pipeline import work_plan
+from components.storage import Location
+
+ROOT = Path(__file__).resolve().parents[1]
+OUR_LINE = re.compile(r"^\[(pipeline|search s\d+ [^\]]+|retrain [^\]]+)\] ")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_counts_each_run_by_its_share_of_the_plan_and_extrapolates_the_rate() -> None:
+    plan = WorkPlan(searches={"search s1 1st": 100.0, "search s1 ξ=lr 2nd": 200.0})
+    plan.retrains = {"candidate": (2, 50.0), "champion": (1, 300.0), "baseline": (2, 150.0)}
+    assert plan.total == 1000.0
+    clock = Clock()
+    progress = PipelineProgress(plan, clock)
+    assert progress.fraction == 0.0 and progress.line().endswith("ETA unknown")
+    clock.now += 60
+    progress.epoch("search s1 ξ=lr 2nd", 1, 2)  # half of 200 units
+    assert progress.fraction == pytest.approx(0.1)
+    assert progress.line() == "10% of the planned work | 1m00s elapsed | ETA 9m00s"  # 100 units a minute
+    progress.epoch("search s1 ξ=lr 2nd", 2, 2)
+    progress.epoch("retrain candidate 2", 3, 3)  # a role's runs each count their own units
+    progress.epoch("retrain DARTS_V2", 1, 6)  # a zoo cell is a baseline
+    assert progress.fraction == pytest.approx((200 + 50 + 25) / 1000)
+    progress.epoch("search unplanned", 1, 1)  # a run the plan does not know adds nothing
+    assert progress.fraction == pytest.approx(0.275)
+    finished = ["search s1 1st", "retrain candidate 1", "retrain champion", "retrain best random cell"]
+    progress.complete([*finished, "retrain DARTS_V2"])  # runs read back on a resumed pipeline count in full
+    assert progress.fraction == pytest.approx(1.0)
+    assert progress.line().endswith("ETA 0s")
+
+
+def test_the_work_plan_follows_the_grid_the_order_and_the_retrains(tmp_path: Path) -> None:
+    overrides = [
+        "sweep.seeds=[1,2]",
+        "sweep.xi=[0,null]",
+        "sweep.top_k=2",
+        "champion.random_baselines=3",
+        "champion.baselines=[DARTS_V2]",
+        "search.steps_per_epoch=4",
+        "search.batch_size=8",
+        "search.epochs=3",
+        "retrain.steps_per_epoch=5",
+        "retrain.batch_size=16",
+        "retrain.epochs=7",
+        "champion.candidate_epochs=2",
+        "ray.num_workers=1",
+    ]
+    config = load_pipeline_config("quick", overrides)
+    plan = work_plan(Prepared(config, Location(str(tmp_path))))
+    labels = {search_label(trial) for trial in trial_configs(config)}
+    assert set(plan.searches) == labels and len(labels) == 4
+    first, second = plan.searches["search s1 1st"], plan.searches["search s1 ξ=lr 2nd"]
+    assert first == 4 * 8 * 3 and second == 2 * first  # images per epoch x epochs; the virtual step counts twice
+    assert plan.retrains["candidate"] == (2, 5 * 16 * 2)
+    assert plan.retrains["random"] == (3, 5 * 16 * 2)
+    assert plan.retrains["champion"] == (1, 5 * 16 * 7)
+    assert plan.retrains["baseline"] == (2, 5 * 16 * 7)  # DARTS_V2 and the best random cell
+
+
+def _search(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "components.search", "--config", "digits", "--name", "console"]
+    for override in (
+        "search.epochs=2",
+        "search.steps_per_epoch=2",
+        "search.batch_size=16",
+        "search.nodes=2",
+        "search.layers=3",
+        "search.channels=4",
+        "data.limit=200",
+        "ray.cpus_per_worker=0.5",
+        f"ray.storage_path={tmp_path / 'store'}",
+    ):
+        command += ["--set", override]
+    env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*command, *extra], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_a_stage_prints_only_its_own_lines_unless_verbose(tmp_path: Path) -> None:
+    quiet = _search(tmp_path / "quiet")
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    lines = quiet.stdout.splitlines()
+    epochs = [line for line in lines if OUR_LINE.match(line)]
+    assert [line.split(" | ")[0] for line in epochs] == [
+        "[search s2 ξ=lr 2nd] search epoch 1/2",  # the digits preset's seed and order name the run
+        "[search s2 ξ=lr 2nd] search epoch 2/2",
+    ]
+    assert [line.split(":")[0] for line in lines[len(epochs) :]] == ["genotype", "outputs"]
+    assert quiet.stderr == ""  # no Ray, Train or MLflow line
+
+    verbose = _search(tmp_path / "verbose", "--verbose")
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert sum(bool(OUR_LINE.match(line)) for line in verbose.stdout.splitlines()) == 2  # ours, once each
+    assert "(TrainController pid=" in verbose.stdout + verbose.stderr  # and Ray's own, forwarded
