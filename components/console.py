@@ -30,11 +30,20 @@ class ConsoleChannel:
     queue: Any  # ray.util.queue.Queue
 
     def line(self, label: str, text: str) -> None:
-        self.queue.put(("line", label, text))
+        self._put(("line", label, text), f"[{label}] {text}")
 
     def epoch(self, label: str, epoch: int, total: int) -> None:
         """Run ``label`` finished epoch ``epoch`` of ``total``: what the overall progress counts."""
-        self.queue.put(("epoch", label, epoch, total))
+        self._put(("epoch", label, epoch, total), None)
+
+    def _put(self, item: tuple[Any, ...], fallback: str | None) -> None:
+        """Never fail the worker over its console: with the driver's queue gone (the driver ended while a task
+        still ran), the line goes to the process's own stdout, which Ray keeps in its log folder."""
+        try:
+            self.queue.put(item)
+        except Exception:  # noqa: BLE001 - the queue's actor is gone
+            if fallback is not None:
+                print(fallback, file=sys.__stdout__, flush=True)
 
 
 @dataclass(frozen=True)

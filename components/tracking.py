@@ -60,9 +60,18 @@ T = "raydarts."  # tag prefix
 ROLES = ("candidate", "random", "champion", "baseline")
 _PARAM_MAX, _PARAMS_PER_BATCH, _METRICS_PER_BATCH = 6000, 100, 1000
 SEARCH_FILES = ("genotype.json", "genotype.txt", "history.json", "config.json")
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on runs, not GenAI traces
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow's record of what the experiment is
+UI_RUNS_VIEW = "workflowType=machine_learning"  # MLflow 3.17's UI opens on GenAI traces without it (see experiment_url)
 NOTE = "mlflow.note.content"  # a run's description in the UI (Markdown)
 _IMAGE_STEP = re.compile(r"^(?:.*/)?(?P<key>[^/+]+)\+step\+(?P<step>\d+)\+")
+
+
+def experiment_url(ui: str, experiment_id: str) -> str:
+    """The link that opens an experiment on its runs in MLflow's UI at ``ui`` (``http://127.0.0.1:5000``).
+
+    MLflow 3.17's UI picks its view per browser (machine learning or GenAI, GenAI by default) and ignores the
+    experiment's kind tag; the ``workflowType`` query parameter selects the runs view for this link."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}?{UI_RUNS_VIEW}"
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:

@@ -37,6 +37,7 @@ from components.pipeline import (
 from components.retrain import ChampionResult
 from components.select import Candidate, TrialResult
 from components.storage import StorageError
+from components.tracking import experiment_url
 from components.trainer import StageError
 from nas.config import ConfigError, check_name, config_parser
 from nas.data import DataError
@@ -47,6 +48,7 @@ class PipelineResult:
     name: str
     tracking_uri: str
     experiment: str
+    experiment_id: str
     pipeline_run: str
     trials: list[TrialResult]
     selected: list[Candidate]
@@ -121,6 +123,7 @@ def run_pipeline(prepared: Prepared, *, name: str | None = None, log: Any = prin
         name=name,
         tracking_uri=lineage.tracking_uri,
         experiment=lineage.experiment,
+        experiment_id=lineage.experiment_id,
         pipeline_run=lineage.run_id,
         trials=trials,
         selected=selected,
@@ -152,10 +155,14 @@ def summary(result: PipelineResult) -> str:
                 f"  {row['retrain']} ranks {row['rank']} of {len(champion.ranking)} on validation: "
                 f"better than {row['random_percentile']:.0f}% of {randoms} random cells"
             )
-    rows += [
-        f"registered model: models:/{result.model_name}@champion (version {result.model_version})",
-        f"MLflow: mlflow ui --backend-store-uri {result.tracking_uri}  (experiment {result.experiment!r})",
-    ]
+    rows.append(f"registered model: models:/{result.model_name}@champion (version {result.model_version})")
+    if result.tracking_uri.startswith(("http://", "https://")):
+        rows.append(f"MLflow: {experiment_url(result.tracking_uri, result.experiment_id)}")
+    else:
+        rows += [
+            f"MLflow: mlflow ui --backend-store-uri {result.tracking_uri}",
+            f"  then open {experiment_url('http://127.0.0.1:5000', result.experiment_id)}",
+        ]
     return "\n".join(rows)
 
 

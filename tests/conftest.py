@@ -1,4 +1,5 @@
-"""Shared fixtures: a real local Ray with 2 CPUs for the stage tests (one per test module), a real S3 API."""
+"""Shared fixtures: a real local Ray with 2 CPUs for the stage tests (one per test module), a real S3 API, the tiny
+pipeline tracked to a live MLflow server (one per test session)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,14 @@ def local_ray() -> Iterator[Any]:
 
 # --- a real S3 API (moto's server) for any test module: see tests/s3.py -----------------------------------------------
 from s3 import S3Server, s3, s3_server  # noqa: E402, F401
+
+
+# --- the tiny pipeline tracked to a live `mlflow server`, run once for every test that reads its records back -------
+@pytest.fixture(scope="session")
+def tracked_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """tests/test_mlflow_server.py reads it back over HTTP, tests/test_browser.py in a browser: one pipeline for both,
+    since it is the slowest thing either does."""
+    from test_mlflow_server import pipeline_on_a_server
+
+    with pipeline_on_a_server(tmp_path_factory.mktemp("tracked-pipeline")) as tracked:
+        yield tracked

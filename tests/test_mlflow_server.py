@@ -132,6 +132,41 @@ def running_server(root: Path, artifacts: str, env: dict[str, str] | None = None
         _stop(process)
 
 
+@dataclass(frozen=True)
+class TrackedPipeline:
+    server: MlflowServer
+    result: Any  # pipelines.full.PipelineResult
+    config: PipelineConfig
+    workdir: Path  # the pipeline's current directory: only its Ray storage may land there
+
+
+@contextmanager
+def pipeline_on_a_server(root: Path) -> Iterator[TrackedPipeline]:
+    """The tiny quick pipeline with two searches (seeds 1 and 2), run in-process on a local Ray and tracked to a live
+    ``mlflow server`` over HTTP; the server stays up while the caller reads the records back. Shared by the tests
+    through the session fixture ``tracked_pipeline`` (tests/conftest.py), so the suite runs it once."""
+    import ray
+
+    from pipelines.full import run_pipeline
+
+    (root / "server").mkdir()
+    workdir = root / "work"
+    workdir.mkdir()
+    with running_server(root / "server", str(root / "server" / "artifacts")) as server:
+        with pytest.MonkeyPatch.context() as env:
+            env.chdir(workdir)  # nothing may land in the current directory: no mlflow.db, no mlartifacts/
+            env.delenv("MLFLOW_TRACKING_URI", raising=False)
+            env.setenv("NO_PROXY", "127.0.0.1,localhost")
+            overrides = [*SHRINK, "sweep.seeds=[1,2]", "sweep.xi=[0]", f"mlflow.tracking_uri={server.uri}"]
+            config = load_pipeline_config("quick", [*overrides, f"ray.storage_path={workdir / 'store'}"])
+            ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+            try:
+                result = run_pipeline(prepare(config, sweep=True), log=lambda line: None)
+            finally:
+                ray.shutdown()
+        yield TrackedPipeline(server, result, config, workdir)
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     root = tmp_path_factory.mktemp("mlflow-server")
@@ -149,55 +184,47 @@ def test_the_kubernetes_server_settings_admit_the_in_cluster_tracking_uri(mlflow
 
 
 def test_the_pipeline_tracks_to_an_mlflow_server_over_http(
-    mlflow_server: MlflowServer,
+    tracked_pipeline: TrackedPipeline,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import mlflow.pyfunc
-    import ray
     from mlflow import MlflowClient
     from sklearn.datasets import load_digits
 
     from components.tracking import check_tracking
-    from pipelines.full import run_pipeline
 
-    uri = mlflow_server.uri
-    monkeypatch.chdir(tmp_path)  # nothing may land in the current directory: no mlflow.db, no mlartifacts/
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    result, config, uri = tracked_pipeline.result, tracked_pipeline.config, tracked_pipeline.server.uri
     check_tracking(uri)  # the preflight's health check passes on a live server (a dead one: tests/test_pipeline.py)
-    overrides = [*SHRINK, "sweep.seeds=[1]", "sweep.xi=[0]", f"mlflow.tracking_uri={uri}"]
-    config = load_pipeline_config("quick", [*overrides, f"ray.storage_path={tmp_path / 'store'}"])
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    try:
-        result = run_pipeline(prepare(config, sweep=True), log=lambda line: None)
-    finally:
-        ray.shutdown()
     assert result.tracking_uri == uri
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # the server holds the runs and the artifacts
+    assert sorted(p.name for p in tracked_pipeline.workdir.iterdir()) == ["store"]  # the server holds all the rest
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment = client.get_experiment_by_name(result.experiment)
     assert experiment.artifact_location.startswith("mlflow-artifacts:")  # uploads go through the server
     runs = client.search_runs([experiment.experiment_id])
     stages = sorted(run.data.tags["raydarts.stage"] for run in runs)
-    assert stages == ["pipeline", "retrain", "search", "selection"]
+    assert stages == ["pipeline", "retrain", "search", "search", "selection"]
     assert all(run.info.status == "FINISHED" for run in runs)
 
-    # the search run: its config as params, every epoch's metrics, its files and pictures
-    (trial,) = result.trials
-    search_run = result.search_runs[trial.trial]
-    params = client.get_run(search_run).data.params
-    assert params["normal.n0"] and params["reduce.n0"] and "genotype" not in params
-    config_params = {k: v for k, v in params.items() if not k.startswith(("normal.", "reduce."))}
-    assert from_params(config_params, PipelineConfig) == trial.config  # params are exactly the trial's config
-    for metric in ("train_loss", "val_acc", "alpha_entropy_normal"):
-        assert [m.step for m in client.get_metric_history(search_run, f"search/{metric}")] == [1, 2], metric
-    assert {"genotype.json", "history.json", "config.json", "cell.png", "alpha.png", "cells.gif"} <= {
-        a.path for a in client.list_artifacts(search_run)
-    }
-    pictures = [a.path for a in client.list_artifacts(search_run, "images")]
-    assert sum("cell+step+" in path for path in pictures) >= 2  # MLflow's own images: the chart view's step slider
+    # each search run: its config as params, every epoch's metrics, its files and pictures
+    assert sorted(trial.config.search.seed for trial in result.trials) == [1, 2]
+    for trial in result.trials:
+        search_run = result.search_runs[trial.trial]
+        params = client.get_run(search_run).data.params
+        assert params["normal.n0"] and params["reduce.n0"] and "genotype" not in params
+        config_params = {k: v for k, v in params.items() if not k.startswith(("normal.", "reduce."))}
+        assert from_params(config_params, PipelineConfig) == trial.config  # params are exactly the trial's config
+        for metric in ("train_loss", "val_acc", "alpha_entropy_normal"):
+            assert [m.step for m in client.get_metric_history(search_run, f"search/{metric}")] == [1, 2], metric
+        assert {"genotype.json", "history.json", "config.json", "cell.png", "alpha.png", "cells.gif"} <= {
+            a.path for a in client.list_artifacts(search_run)
+        }
+        pictures = [a.path for a in client.list_artifacts(search_run, "images")]
+        assert sum("cell+step+" in path for path in pictures) >= 2  # MLflow's own images: the chart view's slider
+    champion_job, champion = result.champion.champion
+    search_run = result.search_runs[champion_job.source]
+    (trial,) = [trial for trial in result.trials if trial.trial == champion_job.source]
     genotype_file = Path(client.download_artifacts(search_run, "genotype.json", str(tmp_path / "down")))
     assert genotype_file.read_text() == trial.location.read_text("genotype.json")
 
@@ -206,14 +233,13 @@ def test_the_pipeline_tracks_to_an_mlflow_server_over_http(
     assert [m.step for m in client.get_metric_history(retrain_run, "retrain/train_loss")] == [1, 2]
     assert client.get_run(retrain_run).data.metrics["retrain/test_acc"] >= 0
     assert {"cell.png", "learning_curves.png"} <= {a.path for a in client.list_artifacts(retrain_run)}
-    stored = {p.name for p in mlflow_server.artifacts.rglob("*") if p.is_file()}
+    stored = {p.name for p in tracked_pipeline.server.artifacts.rglob("*") if p.is_file()}
     assert {"genotype.json", "cells.gif", "learning_curves.png", "model.pt", "spec.json", "MLmodel"} <= stored
 
     # the registry: one version, alias champion, and the lineage walked back through the server
     (version,) = client.search_model_versions("name = 'quick'")
     assert client.get_model_version_by_alias("quick", "champion").version == version.version == result.model_version
     lineage = walk_lineage(uri, "quick")
-    champion_job, champion = result.champion.champion
     assert lineage["role"] == "champion" and lineage["retrain_run"] == retrain_run
     assert lineage["search_run"] == result.search_runs[champion_job.source] == search_run
     assert lineage["pipeline_run"] == result.pipeline_run and lineage["pipeline"] == "quick"

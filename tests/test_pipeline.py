@@ -189,6 +189,7 @@ def test_the_quick_pipeline_on_s3_registers_a_champion_with_its_lineage(tmp_path
     assert np.allclose(probabilities, expected, atol=1e-5)
     text = summary(result)
     assert "models:/quick@champion" in text and "mlflow ui --backend-store-uri" in text
+    assert f"/#/experiments/{result.experiment_id}?workflowType=machine_learning" in text  # opens on the runs
 
 
 def test_dry_run_and_bad_input_touch_nothing(tmp_path: Path) -> None:

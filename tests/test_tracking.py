@@ -332,7 +332,7 @@ def test_the_model_and_experiment_describe_themselves(store: dict) -> None:
     assert "digits-pipeline" in version.description and cell_markdown(DARTS_V2) in version.description
     assert "input" in client.get_registered_model(MODEL).description.lower()
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # model training, not GenAI
 
 
 # ---------------------------------------------------------------------------------------------------- reruns
