@@ -23,6 +23,27 @@ from nas.loop import format_duration
 _POLL_SECONDS = 0.2
 
 
+def drain_queue(queue: Any, handle: Callable[[Any], None], stop: threading.Event) -> None:
+    """Hand every item of a Ray queue to ``handle`` until ``stop`` is set and the queue is empty (an item put just
+    before ``stop`` is still handled); returns early if the queue's actor is gone (Ray shut down)."""
+    from ray.util.queue import Empty
+
+    while True:
+        try:
+            item = queue.get(block=True, timeout=_POLL_SECONDS)
+        except Empty:
+            if stop.is_set() and queue.empty():
+                return
+            continue
+        except Exception:  # noqa: BLE001 - the queue's actor is gone: nothing more can arrive
+            return
+        handle(item)
+
+
+def _labelled(label: str, text: str) -> str:
+    return f"[{label}] {text}"
+
+
 @dataclass(frozen=True)
 class ConsoleChannel:
     """The way to the driver's console from any process of the run (picklable: it holds a Ray queue's handle)."""
@@ -30,7 +51,7 @@ class ConsoleChannel:
     queue: Any  # ray.util.queue.Queue
 
     def line(self, label: str, text: str) -> None:
-        self._put(("line", label, text), f"[{label}] {text}")
+        self._put(("line", label, text), _labelled(label, text))
 
     def epoch(self, label: str, epoch: int, total: int) -> None:
         """Run ``label`` finished epoch ``epoch`` of ``total``: what the overall progress counts."""
@@ -55,7 +76,7 @@ class WorkerConsole:
 
     def log(self, text: str) -> None:
         if self.channel is None:  # no driver console (a worker started by hand): the process's own stdout
-            print(f"[{self.label}] {text}", file=sys.__stdout__, flush=True)
+            print(_labelled(self.label, text), file=sys.__stdout__, flush=True)
         else:
             self.channel.line(self.label, text)
 
@@ -128,26 +149,13 @@ class Console:
         self._stop = threading.Event()
         self._last_progress = -math.inf
         self._shown_fraction: float | None = None
-        self._thread = threading.Thread(target=self._drain, name="raydarts-console", daemon=True)
+        args = (self.queue, self._show, self._stop)
+        self._thread = threading.Thread(target=drain_queue, args=args, name="raydarts-console", daemon=True)
         self._thread.start()
-
-    def _drain(self) -> None:
-        from ray.util.queue import Empty
-
-        while True:
-            try:
-                item = self.queue.get(block=True, timeout=_POLL_SECONDS)
-            except Empty:
-                if self._stop.is_set():
-                    return
-                continue
-            except Exception:  # noqa: BLE001 - the queue's actor is gone (Ray shut down): nothing more can arrive
-                return
-            self._show(item)
 
     def _show(self, item: tuple[Any, ...]) -> None:
         if item[0] == "line":
-            self.log(f"[{item[1]}] {item[2]}")
+            self.log(_labelled(item[1], item[2]))
         elif item[0] == "epoch" and self.progress is not None:
             self.progress.epoch(*item[1:])
             now = time.monotonic()

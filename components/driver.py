@@ -126,8 +126,10 @@ def ensure_ray(config: PipelineConfig, ray_logs: bool = True) -> tuple[float, fl
 
     if not ray.is_initialized():
         check_ray_address(config.ray.address or os.environ.get("RAY_ADDRESS"))
-        quiet = {} if ray_logs else {"configure_logging": True, "logging_level": logging.ERROR}
-        ray.init(address=config.ray.address, log_to_driver=ray_logs, **({"configure_logging": False} | quiet))
+        if ray_logs:
+            ray.init(address=config.ray.address, log_to_driver=True, configure_logging=False)
+        else:
+            ray.init(address=config.ray.address, log_to_driver=False, logging_level=logging.ERROR)
     resources = ray.cluster_resources()
     return float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
 

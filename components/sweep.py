@@ -45,7 +45,7 @@ from ray.train.v2.api.callback import UserCallback
 from ray.tune import Callback
 
 from components.config import PipelineConfig
-from components.console import ConsoleChannel
+from components.console import ConsoleChannel, drain_queue
 from components.driver import Prepared
 from components.search import publish_from_checkpoint, read_history, run_search_stage, search_outputs
 from components.select import Candidate, TrialResult, select_and_publish
@@ -80,21 +80,6 @@ class _EpochRelay(UserCallback):
         self.queue.put(record)
 
 
-def _relay_to_tune(queue: Any, finished: threading.Event) -> None:
-    """Report the relayed epochs to Tune until the search has finished and the queue is empty."""
-    from ray import tune
-    from ray.util.queue import Empty
-
-    while True:
-        try:
-            record = queue.get(block=True, timeout=0.2)
-        except Empty:
-            if finished.is_set() and queue.empty():
-                return
-            continue
-        tune.report(record)
-
-
 def _trial(
     params: dict[str, Any],
     sweep_name: str,
@@ -110,7 +95,9 @@ def _trial(
     if callback is not None:
         callback.on_trial_start(trial_id)
     queue, finished = Queue(actor_options={"num_cpus": 0}), threading.Event()
-    relay = threading.Thread(target=_relay_to_tune, args=(queue, finished), name="raydarts-relay", daemon=True)
+    # every relayed epoch is reported to Tune from this trial's own thread, until the search ended and all are in
+    relayed = (queue, tune.report, finished)
+    relay = threading.Thread(target=drain_queue, args=relayed, name="raydarts-relay", daemon=True)
     relay.start()
     try:
         run_search_stage(
