@@ -75,8 +75,11 @@ def is_parameter_free(name: str) -> bool:
 
 @functools.cache
 def _weightless(factory: OpFactory) -> bool:
-    """Per factory, so an op registered again under the same name (``replace=True``) is looked at anew."""
-    return not any(p.numel() for p in factory(4, 1, True).parameters())
+    """Per factory, so an op registered again under the same name (``replace=True``) is looked at anew. The probe's
+    weight initialisation must not draw from torch's RNG: the first call happens at a different epoch in a resumed
+    worker than in an undisturbed one, and would shift every later random draw (augmentation, batch order)."""
+    with torch.random.fork_rng(devices=[]):
+        return not any(p.numel() for p in factory(4, 1, True).parameters())
 
 
 def _factory(name: str) -> OpFactory:

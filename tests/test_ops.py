@@ -6,7 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from nas.ops import PRIMITIVES, FactorizedReduce, build_op, register_op, registered_ops, unregister_op
+from nas.ops import (
+    PRIMITIVES,
+    FactorizedReduce,
+    _weightless,
+    build_op,
+    is_parameter_free,
+    register_op,
+    registered_ops,
+    unregister_op,
+)
 
 C = 4
 
@@ -58,6 +67,17 @@ def test_affine_false_has_no_batchnorm_parameters(name: str) -> None:
     for module in op.modules():
         if isinstance(module, nn.BatchNorm2d):
             assert module.weight is None and module.bias is None
+
+
+@pytest.mark.parametrize("name", registered_ops())
+def test_is_parameter_free_leaves_torchs_rng_where_it_was(name: str) -> None:
+    """Its probe op is built once per process, so in a resumed worker at another epoch than in an undisturbed one:
+    a draw there shifted all later augmentation (the lost-node drift of issue #14)."""
+    _weightless.cache_clear()
+    before = torch.get_rng_state()
+    free = is_parameter_free(name)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert free == (name in ("none", "skip_connect", "max_pool_3x3", "avg_pool_3x3"))
 
 
 def test_skip_connect_is_torchs_identity_at_stride_1_and_a_factorized_reduce_at_2() -> None:
