@@ -87,7 +87,7 @@ class WorkerConsole:
 
 @dataclass
 class WorkPlan:
-    """A pipeline's planned work in units of images processed (a second-order search step counts twice): per search
+    """A pipeline's planned work in forward FLOPs (:func:`components.pipeline.work_plan`): per search
     trial by its label, and per retrain by its role (``candidate``, ``random``, ``champion``, ``baseline``)."""
 
     searches: dict[str, float] = field(default_factory=dict)
@@ -109,7 +109,7 @@ class WorkPlan:
 
 class PipelineProgress:
     """The overall progress: each run counts its planned units times the share of its epochs done; the ETA assumes
-    the rate measured so far (images per second over the whole pipeline) for the work left."""
+    the rate measured so far (FLOPs per second over the whole pipeline) for the work left."""
 
     def __init__(self, plan: WorkPlan, clock: Callable[[], float] = time.monotonic) -> None:
         self.plan, self.clock = plan, clock

@@ -48,7 +48,12 @@ def check_data(config: PipelineConfig) -> DataSummary:
     data = config.data
     load_dataset(data.source, "train", root=data.root, download=data.download, limit=1, image_size=data.image_size)
     summary = summarize_data(
-        data.source, root=data.root, download=data.download, limit=data.limit, test_limit=data.test_limit
+        data.source,
+        root=data.root,
+        download=data.download,
+        limit=data.limit,
+        test_limit=data.test_limit,
+        image_size=data.image_size,
     )
     workers, n = config.ray.num_workers, summary.train_rows
     search, retrain = config.search, config.retrain

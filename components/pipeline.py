@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from mlflow.entities.model_registry import ModelVersion
 
 from components.config import PipelineConfig, retrain_label, search_label, trial_configs
@@ -24,8 +25,11 @@ from components.select import Candidate, TrialResult, select_and_publish
 from components.sweep import run_sweep
 from components.tracking import Lineage, LiveSearchLog, resolve_tracking_uri
 from components.trainer import StageError
-from nas.eval_model import EvalNetwork, count_parameters, forward_flops
-from nas.genotypes import Genotype, node_formulas
+from nas.config import RetrainConfig, SearchConfig
+from nas.data import DataSummary
+from nas.eval_model import EvalNetwork, count_parameters, forward_flops, image_flops
+from nas.genotypes import GENOTYPES, Genotype, node_formulas, parse_genotype
+from nas.search_model import SearchNetwork
 
 
 @dataclass
@@ -51,37 +55,77 @@ def model_name(config: PipelineConfig, pipeline: str) -> str:
     return config.mlflow.model_name or pipeline
 
 
+TRAINING_PASS = 3.0  # a forward and a backward pass cost about three forward passes
+SEARCH_PASSES = {"first": 2.0, "second": 5.0}  # training passes per search step over one batch: first order the α
+# step on the α batch and the weight step; second order also the virtual step and the two Hessian gradients
+
+
 def _images_per_epoch(rows: int | None, batch: int, workers: int, steps_cap: int | None) -> float:
     """Images one epoch processes over all workers: every batch of ``rows``, or ``steps_cap`` steps at most."""
     steps = max(1, math.ceil(rows / (batch * workers))) if rows else (steps_cap or 1)
     return float(min(steps, steps_cap) if steps_cap else steps) * batch * workers
 
 
+def supernet_flops(search: SearchConfig, data: DataSummary) -> float:
+    """Forward FLOPs per image of the supernet ``search`` trains, counted on the meta device (nothing computed)."""
+    with torch.device("meta"):
+        network = SearchNetwork.from_config(search, data.in_channels, data.num_classes)
+    return float(image_flops(network, data.in_channels, data.image_size))
+
+
+def cell_flops(genotype: Genotype, retrain: RetrainConfig, data: DataSummary) -> float:
+    """Forward FLOPs per image of the evaluation network ``retrain`` builds from ``genotype`` (meta device)."""
+    with torch.device("meta"):
+        network = EvalNetwork(
+            genotype,
+            in_channels=data.in_channels,
+            channels=retrain.channels,
+            num_classes=data.num_classes,
+            layers=retrain.layers,
+            auxiliary=retrain.auxiliary,
+            stem=retrain.stem,
+        )
+    return float(image_flops(network, data.in_channels, data.image_size))
+
+
 def work_plan(prepared: Prepared) -> WorkPlan:
-    """The pipeline's work for its progress line: every search trial, the brief retrains (candidates when there is
-    a choice or random cells to rank against, random cells) and the full ones (champion, baselines). A second-order
-    step counts twice (the virtual step); cells of every size count alike, so the ETA is a rate, not a forecast."""
-    config = prepared.config
-    rows = prepared.data.train_rows if prepared.data is not None else config.data.limit
-    workers, retrain, champion = config.ray.num_workers, config.retrain, config.champion
+    """The pipeline's work for its progress line, in forward FLOPs: every search trial (its training passes, and the
+    supernet on the α half after each epoch), the brief retrains (candidates when there is a choice or random cells
+    to rank against, random cells: training, then validation each epoch) and the full ones (champion, baselines:
+    training, then the test split once). Cells not chosen yet are costed as the config's own retrain cell, so the
+    ETA is an estimate; without a data summary (no preflight) the plan is empty and no ETA shows."""
+    config, data = prepared.config, prepared.data
     plan = WorkPlan()
+    if data is None:
+        return plan
+    rows, workers, retrain, champion = data.train_rows, config.ray.num_workers, config.retrain, config.champion
+    supernets: dict[tuple[Any, ...], float] = {}  # trials of a seed or ξ sweep share one supernet: count it once
     for trial in trial_configs(config):
         s = trial.search
-        half = round(rows * s.train_portion) if rows else None
-        order = 1.0 if s.xi == 0 else 2.0
-        units = _images_per_epoch(half, s.batch_size, workers, s.steps_per_epoch) * order * s.epochs
-        plan.searches[search_label(trial)] = units
-    held_out = rows - round(rows * retrain.val_fraction) if rows else None
-    per_epoch = retrain.batch_size, workers, retrain.steps_per_epoch
-    brief = _images_per_epoch(held_out, *per_epoch) * champion.candidate_epochs
-    full = _images_per_epoch(rows, *per_epoch) * retrain.epochs
+        shape = (s.channels, s.layers, s.nodes, tuple(s.primitives), s.stem_multiplier, s.partial_channels)
+        if shape not in supernets:
+            supernets[shape] = supernet_flops(s, data)
+        half = round(rows * s.train_portion)
+        passes = SEARCH_PASSES["first" if s.xi == 0 else "second"]
+        trained = _images_per_epoch(half, s.batch_size, workers, s.steps_per_epoch) * passes * TRAINING_PASS
+        plan.searches[search_label(trial)] = (trained + rows - half) * s.epochs * supernets[shape]
+    held_out = round(rows * retrain.val_fraction)
+    brief = (
+        _images_per_epoch(rows - held_out, retrain.batch_size, workers, retrain.steps_per_epoch) * TRAINING_PASS
+        + held_out
+    ) * champion.candidate_epochs
+    full = _images_per_epoch(rows, retrain.batch_size, workers, retrain.steps_per_epoch) * TRAINING_PASS
+    full = full * retrain.epochs + data.test_rows
+    cell = cell_flops(parse_genotype(retrain.genotype), retrain, data)
     randoms = champion.random_baselines
     if config.sweep.top_k > 1 or randoms:
-        plan.retrains["candidate"] = (config.sweep.top_k, brief)
+        plan.retrains["candidate"] = (config.sweep.top_k, brief * cell)
     if randoms:
-        plan.retrains["random"] = (randoms, brief)
-    plan.retrains["champion"] = (1, full)
-    plan.retrains["baseline"] = (len(champion.baselines) + (1 if randoms else 0), full)
+        plan.retrains["random"] = (randoms, brief * cell)
+    plan.retrains["champion"] = (1, full * cell)
+    baselines = [cell_flops(GENOTYPES[name], retrain, data) for name in champion.baselines] + [cell] * (randoms > 0)
+    if baselines:
+        plan.retrains["baseline"] = (len(baselines), full * sum(baselines) / len(baselines))
     return plan
 
 

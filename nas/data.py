@@ -539,11 +539,14 @@ def load_dataset(
 
 @dataclass(frozen=True)
 class DataSummary:
-    """How much data each split has and how many classes: what a preflight compares batch sizes with."""
+    """How much data each split has, how many classes and what shape of image: what a preflight compares batch sizes
+    with and what a pipeline's work is costed on."""
 
     train_rows: int
     test_rows: int
     num_classes: int
+    in_channels: int
+    image_size: int
 
 
 _IMAGE_SIGNATURES = (
@@ -590,14 +593,17 @@ def summarize_data(
     download: bool = True,
     limit: int | None = None,
     test_limit: int | None = None,
+    image_size: int = 32,
 ) -> DataSummary:
     """Check the rows a run will use, cheaply (labels of every row, parquet image bytes present and of an image
-    format, at least two classes) and count them: a preflight, so a bad row fails before any worker starts."""
+    format, at least two classes) and count them: a preflight, so a bad row fails before any worker starts.
+    ``image_size`` concerns imagefolder only, as in :func:`load_dataset`."""
     kind, arg = parse_source(source)
     if kind == "parquet":
         assert arg is not None
         filesystem, train_path = _parquet_file(arg, "train")
         num_classes = int(_read_labels(filesystem, train_path).max()) + 1
+        in_channels, image_size = _read_parquet(filesystem, train_path, 1)[0].shape[1:3]
         train_rows, train_labels = _check_parquet_rows(arg, "train", limit, None)
         test_rows = _check_parquet_rows(arg, "test", test_limit, num_classes)[0] if _has_test(arg) else 0  # search only
         distinct = len(set(train_labels.tolist()))
@@ -606,14 +612,15 @@ def summarize_data(
         train, _, num_classes = _imagefolder(arg, "train")
         train_rows = len(train) if limit is None else min(limit, len(train))
         test_rows = len(_imagefolder(arg, "test")[0])
-        distinct = num_classes
+        distinct, in_channels = num_classes, 3
     else:
         train_set, info = load_dataset(source, "train", root=root, download=download, limit=limit)
         train_rows, num_classes, distinct = len(train_set), info.num_classes, len(set(train_set.labels.tolist()))
+        in_channels, image_size = info.in_channels, info.image_size
         test_rows = len(load_dataset(source, "test", root=root, download=download, limit=test_limit)[0])
     if distinct < 2:
         raise DataError(f"data source {source} has {distinct} class in the rows used; classifying needs at least two")
-    return DataSummary(train_rows, test_rows, num_classes)
+    return DataSummary(train_rows, test_rows, num_classes, int(in_channels), int(image_size))
 
 
 def _has_test(arg: str) -> bool:

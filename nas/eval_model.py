@@ -254,9 +254,16 @@ def count_parameters(module: nn.Module, exclude: tuple[str, ...] = ("auxiliary",
 def forward_flops(network: nn.Module, spec: NetworkSpec) -> int:
     """FLOPs of one inference forward pass on one image, as ``torch.utils.flop_counter`` counts them (2 per
     multiply-accumulate of convolutions and the classifier), so cells can be compared by cost as well as accuracy."""
+    return image_flops(network, spec.in_channels, spec.image_size)
+
+
+def image_flops(network: nn.Module, in_channels: int, image_size: int) -> int:
+    """:func:`forward_flops` of any network (a supernet too) on one ``in_channels`` x ``image_size``² image, on the
+    network's own device: one built on the meta device is costed without allocating or computing anything."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    image = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
+    device = next(network.parameters()).device
+    image = torch.zeros(1, in_channels, image_size, image_size, device=device)
     was_training = network.training
     network.eval()
     try:

@@ -96,18 +96,7 @@ class Searcher:
     def __init__(self, config: SearchConfig, in_channels: int, num_classes: int, context: LoopContext | None = None):
         self.config = cfg = config
         self.context = context or LoopContext()
-        self.network = SearchNetwork(
-            in_channels=in_channels,
-            channels=cfg.channels,
-            num_classes=num_classes,
-            layers=cfg.layers,
-            nodes=cfg.nodes,
-            primitives=cfg.primitives,
-            stem_multiplier=cfg.stem_multiplier,
-            speed=cfg.speed,
-            partial_channels=cfg.partial_channels,
-            edge_normalization=cfg.edge_normalization,
-        ).to(self.context.device)
+        self.network = SearchNetwork.from_config(cfg, in_channels, num_classes).to(self.context.device)
         self.w_optimizer = torch.optim.SGD(
             self.network.weights(), lr=cfg.w_lr, momentum=cfg.w_momentum, weight_decay=cfg.w_weight_decay
         )

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas.config import SpeedConfig
+from nas.config import SearchConfig, SpeedConfig
 from nas.genotypes import Genotype, derive_genotype
 from nas.ops import PRIMITIVES, FactorizedReduce, ReLUConvBN, build_op, forward_after_relu, starts_with_relu
 
@@ -250,6 +250,22 @@ class SearchNetwork(nn.Module):
         if speed.channels_last:
             self.to(memory_format=torch.channels_last)
         self._compiled: _CompiledOrEager | None = None
+
+    @classmethod
+    def from_config(cls, config: SearchConfig, in_channels: int, num_classes: int) -> SearchNetwork:
+        """The supernet a search with ``config`` trains (freshly initialised: it draws from torch's RNG)."""
+        return cls(
+            in_channels=in_channels,
+            channels=config.channels,
+            num_classes=num_classes,
+            layers=config.layers,
+            nodes=config.nodes,
+            primitives=config.primitives,
+            stem_multiplier=config.stem_multiplier,
+            speed=config.speed,
+            partial_channels=config.partial_channels,
+            edge_normalization=config.edge_normalization,
+        )
 
     @property
     def alpha_normal(self) -> nn.Parameter:

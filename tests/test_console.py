@@ -19,6 +19,11 @@ from components.console import PipelineProgress, WorkPlan
 from components.driver import Prepared
 from components.pipeline import work_plan
 from components.storage import Location
+from nas.data import DataSummary
+from nas.genotypes import GENOTYPES
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.flops import eval_network_flops, supernet_flops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUR_LINE = re.compile(r"^\[(pipeline|search s\d+ [^\]]+|retrain [^\]]+)\] ")
@@ -55,7 +60,10 @@ def test_progress_counts_each_run_by_its_share_of_the_plan_and_extrapolates_the_
     assert progress.line().endswith("ETA 0s")
 
 
-def test_the_work_plan_follows_the_grid_the_order_and_the_retrains(tmp_path: Path) -> None:
+def test_the_work_plan_counts_the_flops_of_every_search_and_retrain(tmp_path: Path) -> None:
+    """In forward FLOPs per image (bench/flops.py's analytic formulas, an independent count) times the images each
+    run trains on (x3: forward and backward; a search step 2 such passes first order, 5 second order) and those it
+    only evaluates (the α half after each search epoch, validation after each brief epoch, the test split once)."""
     overrides = [
         "sweep.seeds=[1,2]",
         "sweep.xi=[0,null]",
@@ -68,19 +76,31 @@ def test_the_work_plan_follows_the_grid_the_order_and_the_retrains(tmp_path: Pat
         "retrain.steps_per_epoch=5",
         "retrain.batch_size=16",
         "retrain.epochs=7",
+        "retrain.genotype=DARTS_V1",
+        "retrain.val_fraction=0.25",
         "champion.candidate_epochs=2",
         "ray.num_workers=1",
     ]
     config = load_pipeline_config("quick", overrides)
-    plan = work_plan(Prepared(config, Location(str(tmp_path))))
+    data = DataSummary(train_rows=200, test_rows=90, num_classes=10, in_channels=1, image_size=8)
+    plan = work_plan(Prepared(config, Location(str(tmp_path)), data=data))
     labels = {search_label(trial) for trial in trial_configs(config)}
     assert set(plan.searches) == labels and len(labels) == 4
-    first, second = plan.searches["search s1 1st"], plan.searches["search s1 ξ=lr 2nd"]
-    assert first == 4 * 8 * 3 and second == 2 * first  # images per epoch x epochs; the virtual step counts twice
-    assert plan.retrains["candidate"] == (2, 5 * 16 * 2)
-    assert plan.retrains["random"] == (3, 5 * 16 * 2)
-    assert plan.retrains["champion"] == (1, 5 * 16 * 7)
-    assert plan.retrains["baseline"] == (2, 5 * 16 * 7)  # DARTS_V2 and the best random cell
+    s, r = config.search, config.retrain
+    supernet = supernet_flops(1, s.channels, 10, s.layers, s.nodes, s.primitives, s.stem_multiplier, 8)
+    assert plan.searches["search s1 1st"] == pytest.approx(3 * (4 * 8 * 2 * 3 + 100) * supernet, rel=1e-9)
+    assert plan.searches["search s2 ξ=lr 2nd"] == pytest.approx(3 * (4 * 8 * 5 * 3 + 100) * supernet, rel=1e-9)
+
+    def cell(name: str) -> float:
+        return eval_network_flops(GENOTYPES[name], 1, r.channels, 10, r.layers, input_size=8)
+
+    brief, full = 2 * (5 * 16 * 3 + 50), 7 * 5 * 16 * 3 + 90
+    assert plan.retrains["candidate"] == (2, pytest.approx(brief * cell("DARTS_V1"), rel=1e-9))
+    assert plan.retrains["random"] == (3, pytest.approx(brief * cell("DARTS_V1"), rel=1e-9))
+    assert plan.retrains["champion"] == (1, pytest.approx(full * cell("DARTS_V1"), rel=1e-9))
+    both = (cell("DARTS_V2") + cell("DARTS_V1")) / 2  # DARTS_V2 and the best random cell (costed as the config's)
+    assert plan.retrains["baseline"] == (2, pytest.approx(full * both, rel=1e-9))
+    assert work_plan(Prepared(config, Location(str(tmp_path)))).total == 0  # no preflight, no data: no ETA
 
 
 def _search(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:

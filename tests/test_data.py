@@ -480,8 +480,8 @@ def test_summarize_data_checks_every_row_used_without_decoding(tmp_path: Path) -
     labels = [i % 3 for i in range(30)]
     _write_parquet(tmp_path / "train.parquet", images, labels)
     _write_parquet(tmp_path / "test.parquet", images[:10], labels[:10])
-    assert summarize_data(f"parquet:{tmp_path}") == DataSummary(30, 10, 3)
-    assert summarize_data(f"parquet:{tmp_path}", limit=12, test_limit=4) == DataSummary(12, 4, 3)
+    assert summarize_data(f"parquet:{tmp_path}") == DataSummary(30, 10, 3, 3, 8)
+    assert summarize_data(f"parquet:{tmp_path}", limit=12, test_limit=4) == DataSummary(12, 4, 3, 3, 8)
     _write_parquet(tmp_path / "test.parquet", images[:10], [*labels[:9], 3])  # a class train never has
     with pytest.raises(DataError, match=r"row 9 of .*test.parquet has label 3, outside the training split's classes"):
         summarize_data(f"parquet:{tmp_path}")
@@ -498,4 +498,4 @@ def test_summarize_data_checks_every_row_used_without_decoding(tmp_path: Path) -
     _write_folder(folder, "test", [(8, 8)], classes=("cat",))
     with pytest.raises(DataError, match="has 1 class"):
         summarize_data(f"imagefolder:{folder}")
-    assert summarize_data("digits", limit=100) == DataSummary(100, 359, 10)
+    assert summarize_data("digits", limit=100) == DataSummary(100, 359, 10, 1, 8)
