@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from torchvision.ops import stochastic_depth
 
 from nas.genotypes import Genotype
 from nas.loop import GenotypeField
@@ -124,6 +123,8 @@ class EvalCell(nn.Module):
                 h = op(states[self.indices[k]])
                 if self.training and drop_prob > 0.0 and not isinstance(op, nn.Identity):
                     # ScheduledDropPath: zero whole samples of the branch, scale the survivors by 1 / (1 - p)
+                    from torchvision.ops import stochastic_depth  # here: torchvision's import costs a second
+
                     h = stochastic_depth(h, drop_prob, mode="row", training=True)
                 total = total + h
             states.append(total)

@@ -60,7 +60,7 @@ def test_the_quick_pipeline_on_s3_registers_a_champion_with_its_lineage(tmp_path
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     store = s3.uri("quick-store")
-    overrides = [*SHRINK, f"mlflow.tracking_uri={uri}", f"ray.storage_path={store}", "sweep.top_k=2"]
+    overrides = [*SHRINK, f"mlflow.tracking_uri={uri}", f"ray.storage_path={store}", "sweep.seeds=[1]", "sweep.top_k=2"]
     overrides += ["champion.baselines=[DARTS_V2]", "champion.max_concurrent=2", "champion.random_baselines=2"]
     config = load_pipeline_config("quick", overrides)
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)  # inherits the S3 env
@@ -79,8 +79,9 @@ def test_the_quick_pipeline_on_s3_registers_a_champion_with_its_lineage(tmp_path
     assert _count_runs(uri) == runs_after_first
     client = MlflowClient(uri)
     assert len(client.search_model_versions("name = 'quick'")) == 1
-    # 4 searches ran concurrently and were logged: every epoch of every metric, their files and pictures
-    assert len(result.search_runs) == 4
+    # both searches (first and second order) ran concurrently and were logged: every epoch of every metric, their
+    # files and pictures
+    assert len(result.search_runs) == 2
     for trial in result.trials:
         run_id = result.search_runs[trial.trial]
         run = client.get_run(run_id)
@@ -161,7 +162,7 @@ def test_the_quick_pipeline_on_s3_registers_a_champion_with_its_lineage(tmp_path
     from bench.study_report import report  # what bench/RESULTS.md records, read back from MLflow
 
     markdown = report(uri, "quick")
-    assert sum(" order) |" in line for line in markdown.splitlines()) == 4  # the four searches
+    assert sum(" order) |" in line for line in markdown.splitlines()) == 2  # the two searches
     assert "| quick-random-2 | random | 1 |" in markdown
     assert "| quick-baseline-random | baseline | 2 |" in markdown and "wall time" in markdown
     champion_params = client.get_run(lineage["retrain_run"]).data.params
@@ -192,7 +193,14 @@ def test_the_quick_pipeline_on_s3_registers_a_champion_with_its_lineage(tmp_path
     assert f"/#/experiments/{result.experiment_id}?workflowType=machine_learning" in text  # opens on the runs
 
 
-def test_dry_run_and_bad_input_touch_nothing(tmp_path: Path) -> None:
+def test_dry_run_and_bad_input_touch_nothing(tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    """The command line itself (a subprocess) for the dry run and one bad input; the other bad inputs through its
+    ``main`` in this process (the same code from argv on, without an interpreter start each): exit 2, one line on
+    stderr, nothing written, no Ray started."""
+    import ray
+
+    from pipelines.full import main
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     dry = subprocess.run(
         [sys.executable, "pipelines/full.py", "--dry-run", "--set", "sweep.seeds=[1,2,3]"],
@@ -204,6 +212,22 @@ def test_dry_run_and_bad_input_touch_nothing(tmp_path: Path) -> None:
     )
     assert dry.returncode == 0, dry.stderr
     assert "seeds:\n  - 1\n  - 2\n  - 3" in dry.stdout and "1. sweep quick-sweep: 6 searches" in dry.stdout
+    store = _sets([f"ray.storage_path={tmp_path / 'store'}"])
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "full.py"), "--name", "../../escaped", *store],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        "error: --name '../../escaped' must be 1-100 characters of letters, digits, '_', '.', '-', starting with a "
+        "letter or digit"
+    ]
+    assert sorted(tmp_path.iterdir()) == []
+    monkeypatch.chdir(tmp_path)
     for args, message in [
         (_sets(["mlflow.tracking_uri=/tmp/mlruns"]), "sqlite"),
         (_sets(["champion.baselines=[NOPE]"]), "unknown baseline 'NOPE'"),
@@ -215,23 +239,16 @@ def test_dry_run_and_bad_input_touch_nothing(tmp_path: Path) -> None:
             "not true/false (got True); search.w_lr: Input should be a finite",
         ),
         (_sets(["sweep.metric=bogus"]), "unknown metric 'bogus'"),
-        (["--name", "../../escaped"], "--name '../../escaped' must be 1-100 characters"),
+        (["--name", "x" * 101], "must be 1-100 characters"),
         (_sets([f"mlflow.tracking_uri=http://127.0.0.1:{_free_port()}"]), "does not answer within 5s"),
         (_sets(["mlflow.tracking_uri=sqlite:////proc/raydarts/mlflow.db"]), "(/proc is not writable)"),
         (_sets([f"ray.address=127.0.0.1:{_free_port()}"]), "does not answer within 5s: Connection refused"),
     ]:
-        args = [*args, *_sets([f"ray.storage_path={tmp_path / 'store'}"])]
-        bad = subprocess.run(
-            [sys.executable, str(ROOT / "pipelines" / "full.py"), *args],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-        )
-        assert bad.returncode == 2, bad.stderr
-        assert len(bad.stderr.strip().splitlines()) == 1 and message in bad.stderr
-        assert not (tmp_path / "store").exists() and not (tmp_path / "mlflow.db").exists()
+        assert main([*args, *store]) == 2, args
+        captured = capsys.readouterr()
+        assert len(captured.err.strip().splitlines()) == 1 and message in captured.err, captured.err
+        assert captured.out == ""
+        assert sorted(tmp_path.iterdir()) == [] and not ray.is_initialized()
 
 
 def _free_port() -> int:
@@ -283,7 +300,8 @@ def test_ray_job_submit_runs_the_pipeline_on_a_head_node(tmp_path: Path) -> None
     assert start.returncode == 0, start.stderr[-2000:]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     try:
-        overrides = [*SHRINK, f"mlflow.tracking_uri={uri}", f"ray.storage_path={tmp_path / 'store'}", "--name", "job"]
+        overrides = [*SHRINK, "sweep.seeds=[1]", f"mlflow.tracking_uri={uri}", f"ray.storage_path={tmp_path / 'store'}"]
+        overrides += ["--name", "job"]
         args = [*_sets(overrides[:-2]), *overrides[-2:]]
         submit = subprocess.run(
             [
@@ -307,7 +325,7 @@ def test_ray_job_submit_runs_the_pipeline_on_a_head_node(tmp_path: Path) -> None
         assert "models:/job@champion" in submit.stdout  # the model is named after the pipeline
         assert not foreign_console_lines(submit.stdout), foreign_console_lines(submit.stdout)
         runs = {match.group(1) for match in map(OUR_LINE.match, submit.stdout.splitlines()) if match}
-        assert {"search s1 1st", "search s2 ξ=lr 2nd", "retrain champion"} <= runs  # each line names its run
+        assert {"search s1 1st", "search s1 ξ=lr 2nd", "retrain champion"} <= runs  # each line names its run
     finally:
         end_processes_with(temp_dir)  # the Ray this test started, not every Ray on the machine
         shutil.rmtree(temp_dir, ignore_errors=True)
