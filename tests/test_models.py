@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torchvision.ops
 from torch import nn
 from torchvision.ops import stochastic_depth
 
-import nas.eval_model
 from nas import GENOTYPES, PRIMITIVES, EvalNetwork, NetworkSpec, SearchNetwork, count_parameters
 from nas.eval_model import EvalCell
 from nas.search_model import MixedOp, num_edges, reduction_layers
@@ -110,7 +110,7 @@ def test_cells_drop_paths_of_every_op_but_identity_and_only_in_training(monkeypa
         calls.append((p, mode, training))
         return stochastic_depth(x, p, mode, training)
 
-    monkeypatch.setattr(nas.eval_model, "stochastic_depth", recording)
+    monkeypatch.setattr(torchvision.ops, "stochastic_depth", recording)  # what the cell calls (imported there)
     genotype = GENOTYPES["DARTS_V2"]  # two skip_connect edges in the normal cell: identities at stride 1
     cell = EvalCell(genotype, 8, 8, 4, reduction=False, reduction_prev=False)
     identities = sum(isinstance(op, nn.Identity) for op in cell.ops)
