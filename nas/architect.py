@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
+from nas.loop import autocast
 from nas.search_model import SearchNetwork
 
 GradReducer = Callable[[Sequence[Tensor]], None]
@@ -84,6 +85,7 @@ class Architect:
         grad_reducer: GradReducer | None = None,
         loss_fn: LossFn = F.cross_entropy,
         hessian: HessianMode = "fd",
+        precision: str = "fp32",
     ):
         if xi is not None and xi < 0:
             raise ValueError(f"xi must be >= 0 (0 = first order), got {xi}")
@@ -92,6 +94,7 @@ class Architect:
         if hessian not in ("fd", "exact"):
             raise ValueError(f"hessian must be 'fd' or 'exact', got {hessian!r}")
         self.hessian = hessian
+        self.precision = precision
         self.network = network
         self.w_optimizer = w_optimizer
         self.xi = xi
@@ -115,13 +118,17 @@ class Architect:
         """ξ of the virtual step: the configured value, or the weight optimizer's current learning rate."""
         return float(self.w_optimizer.param_groups[0]["lr"]) if self.xi is None else float(self.xi)
 
-    def loss(self, weights: Sequence[Tensor], alphas: Sequence[Tensor], x: Tensor, y: Tensor) -> Tensor:
-        """L(w, α) on a batch, with the given tensors standing in for the network's weights and α."""
+    def loss(
+        self, weights: Sequence[Tensor], alphas: Sequence[Tensor], x: Tensor, y: Tensor, precision: str | None = None
+    ) -> Tensor:
+        """L(w, α) on a batch, with the given tensors standing in for the network's weights and α; in the
+        architect's precision unless ``precision`` says otherwise."""
         params = dict(zip(self.weight_names, weights))
         params.update(zip(self.alpha_names, alphas))
         # Copies of the buffers take the batch-norm running-statistics updates of these side computations.
         params.update({n: b.clone() for n, b in self.network.named_buffers()})
-        return self.loss_fn(functional_call(self.network, params, (x,)), y)
+        with autocast(precision or self.precision, x.device):
+            return self.loss_fn(functional_call(self.network, params, (x,)), y)
 
     def step(self, train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor) -> Tensor:
         """Set ``α.grad`` to the (first- or second-order) α gradient; return the validation loss used."""
@@ -198,5 +205,7 @@ class Architect:
         )
 
     def _alpha_gradient(self, weights: Sequence[Tensor], x: Tensor, y: Tensor) -> list[Tensor]:
-        """∇α L(w, α) at the given weights."""
-        return list(torch.autograd.grad(self.loss(weights, self.alphas, x, y), self.alphas, materialize_grads=True))
+        """∇α L(w, α) at the given weights, in fp32 whatever the architect's precision: the finite difference
+        subtracts two of these, ε apart, and bfloat16 would round the difference away."""
+        loss = self.loss(weights, self.alphas, x, y, precision="fp32")
+        return list(torch.autograd.grad(loss, self.alphas, materialize_grads=True))

@@ -139,6 +139,11 @@ class SearchConfig(_Section):
         description="second-order Hessian-vector product: fd = the paper's finite difference, exact = double backward",
     )
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: the supernet's forward passes under bfloat16 autocast (GPUs; weights, α and optimizer state "
+        "stay fp32, and the finite-difference Hessian's two passes run in fp32, as their difference needs)",
+    )
     partial_channels: int = Field(
         1, ge=1, description="PC-DARTS K: 1/K of each edge's channels go through the mixed op, then a channel shuffle"
     )

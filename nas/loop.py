@@ -12,6 +12,7 @@ checkpoints (``torch.load(weights_only=True)``) and ``history.json`` hold, and w
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -113,6 +114,20 @@ def restore_checkpoint(run: Any, path: Path | str) -> dict[str, Any]:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f"checkpoint {path} does not fit this run: {first}") from None
     return state
+
+
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager[Any]:
+    """Where a loop's forward passes run: ``fp32`` as they are, ``bf16`` under autocast (convolutions and matmuls in
+    bfloat16; weights, α, gradients, optimizer state and losses stay fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def seed_everything(seed: int) -> None:

@@ -25,7 +25,17 @@ from nas.architect import Architect
 from nas.config import Config, SearchConfig
 from nas.data import epoch_batches, load_dataset, make_loader, split_indices
 from nas.genotypes import Genotype, count_ops
-from nas.loop import EpochRecord, GenotypeField, LoopContext, Meter, Progress, rng_state, seed_everything, set_rng_state
+from nas.loop import (
+    EpochRecord,
+    GenotypeField,
+    LoopContext,
+    Meter,
+    Progress,
+    autocast,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from nas.search_model import SearchNetwork
 
 __all__ = [
@@ -113,6 +123,7 @@ class Searcher:
             hessian_scale=cfg.hessian_scale,
             grad_reducer=self.context.grad_reducer,
             hessian=cfg.hessian,
+            precision=cfg.precision,
         )
         self.train_model: nn.Module = self.context.wrap_model(self.network)
 
@@ -130,8 +141,9 @@ class Searcher:
         for alpha in self.network.alphas():  # α is not trained by this step: skip its gradient
             alpha.requires_grad_(False)
         try:
-            logits = self.train_model(x)
-            loss = F.cross_entropy(logits, y)
+            with autocast(self.config.precision, x.device):
+                logits = self.train_model(x)
+                loss = F.cross_entropy(logits, y)
             loss.backward()
         finally:
             for alpha in self.network.alphas():
@@ -301,8 +313,9 @@ class SearchRun:
         device = self.context.device
         for x, y in make_loader(self.eval_set, self._batches(self.a_indices, epoch, 3, None)):
             x, y = x.to(device), y.to(device)
-            logits = self.network(x)
-            meter.update(F.cross_entropy(logits, y), logits, y)
+            with autocast(self.config.search.precision, device):
+                logits = self.network(x)
+            meter.update(F.cross_entropy(logits.float(), y), logits, y)
         self.network.train()
         loss, acc, _ = meter.result(self.context)
         return loss, acc
