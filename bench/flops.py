@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from nas.eval_model import image_flops
 from nas.genotypes import GENOTYPES, Genotype
 from nas.ops import PRIMITIVES
 from nas.search_model import reduction_layers
@@ -124,13 +125,8 @@ def eval_network_flops(
 
 
 def counted_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """What ``torch.utils.flop_counter.FlopCounterMode`` counts for one forward pass."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops()
+    """What ``torch.utils.flop_counter.FlopCounterMode`` counts for one forward pass on one image shaped as ``x``'s."""
+    return image_flops(model, x.shape[1], x.shape[-1])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,10 +12,16 @@ achieved FLOP/s as a fraction of the measured matmul rate, and peak memory. Ever
 - Peak memory on CPU: the process's whole peak RSS (ru_maxrss) minus its RSS after the supernet, optimizers and
   batches are built and before the first step: what the steps themselves (warmup included) added. On CUDA:
   ``torch.cuda.max_memory_allocated`` over the steps, less what was allocated before them.
-- The matmul rate: the median of ``torch.mm`` on two 2048 × 2048 fp32 matrices, same threads.
+- The matmul rates: the median of ``torch.mm`` on two 2048 × 2048 matrices, fp32 and bf16, same threads; a bf16
+  row's share is of the bf16 rate.
+- Timing: ``time.perf_counter`` around each step on CPU; CUDA events on a GPU (recorded on the stream, so the
+  clock measures the kernels, not the launches).
+- Compiled rows (``search.speed.compile``, inductor) spend their first steps compiling: their warmup is at least 3
+  steps, and on CPU the compile itself takes minutes.
 
     python bench/speed.py --threads 2 --json bench/speed.json          # the issue's setting: batch 16, 8 cells, C=16
     python bench/speed.py --batch 4 --layers 3 --channels 4 --input-size 8 --iters 2 --warmup 1   # seconds
+    python bench/speed.py --device cuda --batch 64 --threads 4         # the paper's batch on a GPU (bench/gpu.sh)
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,11 +61,13 @@ class Case:
     speed: dict
     hessian: str = "fd"
     partial_channels: int = 1  # PC-DARTS K (with edge normalization when > 1)
+    precision: str = "fp32"  # search.precision: fp32 | bf16 (autocast)
 
 
 def cases() -> list[Case]:
     default = SpeedConfig().model_dump()
     plain = PLAIN.model_dump()
+    compiled = {**default, "compile": True}
     return [
         Case("plain", "first", plain),
         Case("default", "first", default),
@@ -67,6 +76,10 @@ def cases() -> list[Case]:
         Case("default+exact", "second", default, "exact"),
         Case("default+channels_last", "second", {**default, "channels_last": True}),
         Case("default+checkpoint", "second", {**default, "checkpoint_cells": True}),
+        Case("default+bf16", "first", default, precision="bf16"),
+        Case("default+bf16", "second", default, precision="bf16"),
+        Case("default+compile", "second", compiled),
+        Case("default+compile+bf16", "second", compiled, precision="bf16"),
         Case("pc-darts K=4", "second", default, partial_channels=4),
     ]
 
@@ -76,6 +89,7 @@ class Row:
     name: str
     order: str
     hessian: str
+    precision: str
     ms_per_step: float
     ms_all: list[float]
     images_per_second: float
@@ -86,22 +100,49 @@ class Row:
     rss_after_build_mb: float | None
 
 
-def matmul_gflops(threads: int, device: str, repeats: int = 7, n: int = 2048) -> float:
-    """Median fp32 ``torch.mm`` rate of two n × n matrices, GFLOP/s."""
+def matmul_gflops(
+    threads: int, device: str, repeats: int = 7, largest: int = 2048, dtype: torch.dtype = torch.float32
+) -> float:
+    """Median ``torch.mm`` rate of two n × n matrices of ``dtype``, GFLOP/s: n = 2048, or less where one product
+    already takes 50 ms (bf16 on a CPU without bf16 instructions runs about 40 times slower than fp32)."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
+    n = 256
+    while True:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         a @ b
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
+        times = []
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            a @ b
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        if n >= largest or statistics.median(times) >= 0.05:
+            return 2 * n**3 / statistics.median(times) / 1e9
+        n *= 2
 
 
-def measure(case: Case, args: argparse.Namespace, matmul: float) -> Row:
+class StepClock:
+    """Seconds per step: CUDA events on a GPU (the kernels' time on the stream), the wall clock on CPU."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.device = device
+
+    def time(self, step: Callable[[], object]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000
+        begin = time.perf_counter()
+        step()
+        return time.perf_counter() - begin
+
+
+def measure(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> Row:
     """In a fresh process: build, then warm up and time the steps of one case."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -115,6 +156,7 @@ def measure(case: Case, args: argparse.Namespace, matmul: float) -> Row:
         speed=SpeedConfig(**case.speed),
         partial_channels=case.partial_channels,
         edge_normalization=case.partial_channels > 1,
+        precision=case.precision,
     )
     searcher = Searcher(cfg, args.in_channels, args.classes, LoopContext(device=torch.device(device)))
     shape = (args.batch, args.in_channels, args.input_size, args.input_size)
@@ -125,13 +167,13 @@ def measure(case: Case, args: argparse.Namespace, matmul: float) -> Row:
     allocated = torch.cuda.memory_allocated(device) if cuda else 0
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(args.warmup + args.iters):
-        start = time.perf_counter()
-        searcher.step(x_w, y_w, x_a, y_a)
-        synchronize(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+    clock, times = StepClock(device), []
+    warmup = max(args.warmup, 3) if case.speed.get("compile") else args.warmup  # the first steps compile
+    for i in range(warmup + args.iters):
+        seconds = clock.time(lambda: searcher.step(x_w, y_w, x_a, y_a))
+        if i >= warmup:
+            times.append(seconds)
+    synchronize(device)
     peak = (torch.cuda.max_memory_allocated(device) - allocated) if cuda else peak_rss_bytes() - (rss_after_build or 0)
     seconds = statistics.median(times)
     flops = supernet_flops(args.in_channels, args.channels, args.classes, args.layers, input_size=args.input_size)
@@ -140,23 +182,24 @@ def measure(case: Case, args: argparse.Namespace, matmul: float) -> Row:
         name=case.name,
         order=case.order,
         hessian=case.hessian,
+        precision=case.precision,
         ms_per_step=1000 * seconds,
         ms_all=[1000 * t for t in times],
         images_per_second=2 * args.batch / seconds,
         gflop_per_step=step_flops / 1e9,
         gflops=step_flops / seconds / 1e9,
-        fraction_of_matmul=step_flops / seconds / 1e9 / matmul,
+        fraction_of_matmul=step_flops / seconds / 1e9 / matmul[case.precision],
         peak_mb=peak / MB,
         rss_after_build_mb=None if rss_after_build is None else rss_after_build / MB,
     )
 
 
-def in_fresh_process(case: Case, args: argparse.Namespace, matmul: float) -> Row:
+def in_fresh_process(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> Row:
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(measure, case, args, matmul).result()
 
 
-def format_table(rows: list[Row], matmul: float) -> str:
+def format_table(rows: list[Row], matmul: dict[str, float]) -> str:
     plain = {r.order: r.ms_per_step for r in rows if r.name == "plain"}
     lines = [
         f"{'path':24} {'order':6} {'hessian':7} {'ms/step':>9} {'img/s':>7} {'GFLOP/s':>8} {'of mm':>6} "
@@ -168,7 +211,7 @@ def format_table(rows: list[Row], matmul: float) -> str:
             f"{r.name:24} {r.order:6} {r.hessian:7} {r.ms_per_step:9.0f} {r.images_per_second:7.1f} {r.gflops:8.1f} "
             f"{r.fraction_of_matmul:6.1%} {r.peak_mb:8.0f} {speedup:10.2f}"
         )
-    lines.append(f"fp32 matmul rate: {matmul:.1f} GFLOP/s")
+    lines.append(f"matmul rate: fp32 {matmul['fp32']:.1f} GFLOP/s, bf16 {matmul['bf16']:.1f} GFLOP/s")
     return "\n".join(lines)
 
 
@@ -192,8 +235,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
-    matmul = matmul_gflops(args.threads, args.device)
     selected = [c for c in cases() if args.only is None or c.name in args.only]
+    if not selected:
+        raise SystemExit(f"--only names no case (cases: {', '.join(dict.fromkeys(c.name for c in cases()))})")
+    matmul = {
+        "fp32": matmul_gflops(args.threads, args.device),
+        "bf16": matmul_gflops(args.threads, args.device, dtype=torch.bfloat16),
+    }
     rows = []
     for case in selected:
         rows.append(in_fresh_process(case, args, matmul))
@@ -207,7 +255,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 "cpus": multiprocessing.cpu_count(),
                 "torch": torch.__version__,
             },
-            "matmul_gflops": matmul,
+            "matmul_gflops": matmul,  # fp32 and bf16
             "flops_per_image_forward": supernet_flops(
                 args.in_channels, args.channels, args.classes, args.layers, input_size=args.input_size
             ),

@@ -1,7 +1,10 @@
-"""bench/ helpers: the analytic FLOP count against torch's FlopCounterMode."""
+"""bench/ helpers: the analytic FLOP count against torch's FlopCounterMode; the speed table's rows and JSON."""
 
 from __future__ import annotations
 
+import json
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +16,8 @@ from nas.ops import PRIMITIVES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.flops import counted_flops, eval_network_flops, supernet_flops  # noqa: E402
+from bench.speed import cases  # noqa: E402
+from bench.speed import main as speed_table  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -30,3 +35,31 @@ def test_eval_network_flops_match_the_flop_counter(name: str) -> None:
     net = EvalNetwork(GENOTYPES[name], in_channels=3, channels=8, num_classes=10, layers=5).eval()
     want = counted_flops(net, torch.randn(1, 3, 16, 16))
     assert eval_network_flops(GENOTYPES[name], 3, 8, 10, 5, input_size=16) == want
+
+
+def test_the_speed_table_times_bf16_rows_against_the_bf16_matmul_rate(tmp_path: Path) -> None:
+    """Each row in its own process; a bf16 row's share is of the bf16 matmul rate (not a timing test: any speed)."""
+    out = tmp_path / "speed.json"
+    tiny = ["--batch", "2", "--layers", "3", "--channels", "4", "--input-size", "8", "--threads", "1"]
+    rows = speed_table([*tiny, "--iters", "1", "--warmup", "0", "--only", "default+bf16", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert [(r["name"], r["order"], r["precision"]) for r in report["rows"]] == [
+        ("default+bf16", "first", "bf16"),
+        ("default+bf16", "second", "bf16"),
+    ]
+    assert set(report["matmul_gflops"]) == {"fp32", "bf16"}
+    for row in rows:
+        assert row.ms_per_step > 0 and row.gflop_per_step > 0
+        assert row.fraction_of_matmul == pytest.approx(row.gflops / report["matmul_gflops"]["bf16"])
+    second = rows[1]
+    assert second.gflop_per_step == pytest.approx(rows[0].gflop_per_step * 5 / 2)  # 5 passes against 2
+    with pytest.raises(SystemExit, match="--only names no case"):
+        speed_table([*tiny, "--only", "no-such-case"])
+
+
+def test_the_gpu_script_parses_and_names_only_existing_cases() -> None:
+    """bench/gpu.sh runs only where a GPU is lent: what can be checked without one is checked here."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    words = shlex.split(script.read_text().split("--only", 1)[1].split("\n\n", 1)[0].replace("\\\n", " "))
+    assert set(words) <= {c.name for c in cases()} and len(words) == 7
