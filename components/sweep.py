@@ -26,12 +26,14 @@ the final cell poorly).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import math
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -280,21 +282,51 @@ def _sign_tuner(storage: Location, name: str) -> None:
 
 
 @contextmanager
-def _tune_output(shown: bool) -> Iterator[None]:
-    """Tune's terminal output while the sweep runs: its tables with Ray's logs (``--verbose``), else none. Its new
-    output engine prints a banner even at ``verbose=0``; the classic one, picked here for the sweep, honours it."""
-    if shown:
-        yield
-        return
-    previous = os.environ.get(_TUNE_NEW_OUTPUT)
-    os.environ[_TUNE_NEW_OUTPUT] = "0"
+def _scoped_env(name: str, value: str | None) -> Iterator[None]:
+    """``name`` set to ``value`` for a block (None leaves it alone), then back to what it was."""
+    previous = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
     try:
         yield
     finally:
         if previous is None:
-            os.environ.pop(_TUNE_NEW_OUTPUT, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[_TUNE_NEW_OUTPUT] = previous
+            os.environ[name] = previous
+
+
+def _tune_output(shown: bool) -> contextlib.AbstractContextManager[None]:
+    """Tune's terminal output while the sweep runs: its tables with Ray's logs (``--verbose``), else none. Its new
+    output engine prints a banner even at ``verbose=0``; the classic one, picked here for the sweep, honours it."""
+    return _scoped_env(_TUNE_NEW_OUTPUT, None if shown else "0")
+
+
+@contextmanager
+def _ctrl_c_for_tune() -> Iterator[threading.Event]:
+    """Tune ends a sweep gracefully on Ctrl+C (state saved, trials stopped), then returns as if it had finished, its
+    stopped trials marked terminated. So Ctrl+C is caught here instead: remembered in the event this yields, then
+    handed to Tune as the SIGUSR1 it also listens to. A second Ctrl+C does what it did before."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
+        yield interrupted  # Tune catches no signal here either
+        return
+
+    def on_ctrl_c(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, previous_int)
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, previous_usr1):  # Tune is not listening yet
+            raise KeyboardInterrupt
+        interrupted.set()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous_int, previous_usr1 = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        with _scoped_env("TUNE_DISABLE_SIGINT_HANDLER", "1"):
+            yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
+        signal.signal(signal.SIGUSR1, previous_usr1)
 
 
 def run_sweep(
@@ -347,8 +379,10 @@ def run_sweep(
             ),
         )
     _sign_tuner(prepared.storage, name)
-    with _tune_output(shown=prepared.ray_logs):
+    with _tune_output(shown=prepared.ray_logs), _ctrl_c_for_tune() as interrupted:
         grid = tuner.fit()
+    if interrupted.is_set():  # its stopped trials must never pass for finished searches
+        raise StageError(f"sweep {name!r} was interrupted (Ctrl+C); its state is saved: run the same command to resume")
     trials, errors = [], []
     for result in grid:
         metrics = result.metrics or {}

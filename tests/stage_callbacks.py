@@ -120,3 +120,15 @@ class StallOffNode(StageCallback):
             deadline = time.monotonic() + 300
             while not removed.exists() and time.monotonic() < deadline:
                 time.sleep(0.2)
+
+
+class InterruptDriver(StageCallback):
+    """Send SIGINT (a Ctrl+C) to the driver process ``pid`` at the end of ``epoch``, once (``marker`` remembers)."""
+
+    def __init__(self, pid: int, epoch: int, marker: Path) -> None:
+        self.pid, self.epoch, self.marker = pid, epoch, str(marker)
+
+    def on_epoch_end(self, rank: int, world_size: int, epoch: int, network: torch.nn.Module) -> None:
+        if rank == 0 and epoch == self.epoch and not os.path.exists(self.marker):
+            Path(self.marker).write_text(f"interrupted the driver at the end of epoch {epoch}\n")
+            os.kill(self.pid, signal.SIGINT)

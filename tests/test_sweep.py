@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from stage_callbacks import StartLog
+from stage_callbacks import InterruptDriver, StartLog
 
 from components.config import PipelineConfig
 from components.driver import Prepared, prepare
@@ -193,6 +193,28 @@ def test_an_interrupted_sweep_restores_without_rerunning_finished_trials(tmp_pat
     assert all_starts.count(finished_first) == 1  # not rerun
     assert set(all_starts) == set(first_run) | set(all_starts[len(first_run) :])
     assert len(set(all_starts)) == 4
+
+
+def test_a_ctrl_c_stops_the_sweep_in_one_line_and_the_same_command_resumes_it(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """Tune catches the first SIGINT, saves its state and returns as if it were done: the sweep must say that it was
+    interrupted (a half-trained search must never pass for a finished one and be selected), and a rerun finishes it."""
+    import ray
+
+    monkeypatch.setenv(KEY_ENV, "the key of this test's pipeline")
+    overrides = [*TINY, "search.epochs=2", "sweep.seeds=[1]", "sweep.xi=[0]", f"ray.storage_path={tmp_path}"]
+    marker = tmp_path / "interrupted"
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        prepared = prepare(load_config("digits", overrides, model=PipelineConfig), sweep=True)
+        ctrl_c = InterruptDriver(os.getpid(), epoch=1, marker=marker)
+        with pytest.raises(StageError, match=r"^sweep 'ctrl-c' was interrupted \(Ctrl\+C\); its state is saved: run"):
+            run_sweep(prepared, name="ctrl-c", callback=ctrl_c)
+        assert marker.exists()
+        resumed = run_sweep(prepared, name="ctrl-c", callback=ctrl_c)
+    finally:
+        ray.shutdown()
+    [trial] = resumed.trials
+    assert trial.complete and [row.epoch for row in read_history(trial.location)] == [1, 2]
 
 
 @pytest.mark.parametrize(
