@@ -20,7 +20,7 @@ from typing import Any
 
 from nas.loop import format_duration
 
-_POLL_SECONDS = 0.2
+_POLL_SECONDS = 1.0  # a get returns as soon as an item arrives: this only bounds how late a stop is seen
 
 
 def drain_queue(queue: Any, handle: Callable[[Any], None], stop: threading.Event) -> None:
