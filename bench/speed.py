@@ -12,8 +12,8 @@ achieved FLOP/s as a fraction of the measured matmul rate, and peak memory. Ever
 - Peak memory on CPU: the process's whole peak RSS (ru_maxrss) minus its RSS after the supernet, optimizers and
   batches are built and before the first step: what the steps themselves (warmup included) added. On CUDA:
   ``torch.cuda.max_memory_allocated`` over the steps, less what was allocated before them.
-- The matmul rates: the median of ``torch.mm`` on two 2048 × 2048 matrices, fp32 and bf16, same threads; a bf16
-  row's share is of the bf16 rate.
+- The matmul rates: the median of ``torch.mm`` on two n × n matrices, fp32 and bf16, same threads (n = 2048, or
+  less where one product already takes 50 ms); a bf16 row's share is of the bf16 rate.
 - Timing: ``time.perf_counter`` around each step on CPU; CUDA events on a GPU (recorded on the stream, so the
   clock measures the kernels, not the launches).
 - Compiled rows (``search.speed.compile``, inductor) spend their first steps compiling: their warmup is at least 3
@@ -27,6 +27,7 @@ achieved FLOP/s as a fraction of the measured matmul rate, and peak memory. Ever
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import platform
@@ -100,34 +101,11 @@ class Row:
     rss_after_build_mb: float | None
 
 
-def matmul_gflops(
-    threads: int, device: str, repeats: int = 7, largest: int = 2048, dtype: torch.dtype = torch.float32
-) -> float:
-    """Median ``torch.mm`` rate of two n × n matrices of ``dtype``, GFLOP/s: n = 2048, or less where one product
-    already takes 50 ms (bf16 on a CPU without bf16 instructions runs about 40 times slower than fp32)."""
-    torch.set_num_threads(threads)
-    n = 256
-    while True:
-        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        a @ b
-        times = []
-        for _ in range(repeats):
-            synchronize(device)
-            start = time.perf_counter()
-            a @ b
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-        if n >= largest or statistics.median(times) >= 0.05:
-            return 2 * n**3 / statistics.median(times) / 1e9
-        n *= 2
-
-
 class StepClock:
     """Seconds per step: CUDA events on a GPU (the kernels' time on the stream), the wall clock on CPU."""
 
     def __init__(self, device: str) -> None:
         self.cuda = device.startswith("cuda")
-        self.device = device
 
     def time(self, step: Callable[[], object]) -> float:
         if self.cuda:
@@ -140,6 +118,24 @@ class StepClock:
         begin = time.perf_counter()
         step()
         return time.perf_counter() - begin
+
+
+def matmul_gflops(
+    threads: int, device: str, repeats: int = 7, largest: int = 2048, dtype: torch.dtype = torch.float32
+) -> float:
+    """Median ``torch.mm`` rate of two n × n matrices of ``dtype``, GFLOP/s: n = 2048, or less where one product
+    already takes 50 ms (bf16 on a CPU without bf16 instructions runs about 40 times slower than fp32)."""
+    torch.set_num_threads(threads)
+    clock, n = StepClock(device), 256
+    while True:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        product = functools.partial(torch.mm, a, b)
+        product()
+        synchronize(device)
+        times = [clock.time(product) for _ in range(repeats)]
+        if n >= largest or statistics.median(times) >= 0.05:
+            return 2 * n**3 / statistics.median(times) / 1e9
+        n *= 2
 
 
 def measure(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> Row:

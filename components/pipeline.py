@@ -60,9 +60,9 @@ SEARCH_PASSES = {"first": 2.0, "second": 5.0}  # training passes per search step
 # step on the α batch and the weight step; second order also the virtual step and the two Hessian gradients
 
 
-def _images_per_epoch(rows: int | None, batch: int, workers: int, steps_cap: int | None) -> float:
+def _images_per_epoch(rows: int, batch: int, workers: int, steps_cap: int | None) -> float:
     """Images one epoch processes over all workers: every batch of ``rows``, or ``steps_cap`` steps at most."""
-    steps = max(1, math.ceil(rows / (batch * workers))) if rows else (steps_cap or 1)
+    steps = max(1, math.ceil(rows / (batch * workers)))
     return float(min(steps, steps_cap) if steps_cap else steps) * batch * workers
 
 
