@@ -16,6 +16,10 @@ achieved FLOP/s as a fraction of the measured matmul rate, and peak memory. Ever
   less where one product already takes 50 ms); a bf16 row's share is of the bf16 rate.
 - Timing: ``time.perf_counter`` around each step on CPU; CUDA events on a GPU (recorded on the stream, so the
   clock measures the kernels, not the launches).
+- Operators per step: the aten operators one more (untimed) step dispatches, views and bare allocations left out.
+  On a GPU each launches at least one kernel, and at the paper's supernet size the launches, not the arithmetic,
+  set the step's time (bench/README.md), so this count is the figure a faster GPU step must shrink. Not counted
+  for compiled rows (their kernels are fused, not dispatched one by one).
 - Compiled rows (``search.speed.compile``, inductor) spend their first steps compiling: their warmup is at least 3
   steps, and on CPU the compile itself takes minutes.
 
@@ -40,6 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.flops import supernet_flops  # noqa: E402
@@ -99,6 +104,7 @@ class Row:
     fraction_of_matmul: float
     peak_mb: float
     rss_after_build_mb: float | None
+    ops_per_step: int | None  # aten operators that do work, one step (None: a compiled row)
 
 
 class StepClock:
@@ -118,6 +124,22 @@ class StepClock:
         begin = time.perf_counter()
         step()
         return time.perf_counter() - begin
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts the aten operators dispatched inside it that do work: views (detach, select, reshape…) and bare
+    allocations (empty) launch no kernel and are left out."""
+
+    ALLOCATIONS = frozenset({"empty", "empty_strided"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        if not func.is_view and func.overloadpacket.__name__ not in self.ALLOCATIONS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def matmul_gflops(
@@ -171,6 +193,11 @@ def measure(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> R
             times.append(seconds)
     synchronize(device)
     peak = (torch.cuda.max_memory_allocated(device) - allocated) if cuda else peak_rss_bytes() - (rss_after_build or 0)
+    ops = None
+    if not case.speed.get("compile"):
+        with OperatorCount() as counter:
+            searcher.step(x_w, y_w, x_a, y_a)
+        ops = counter.count
     seconds = statistics.median(times)
     flops = supernet_flops(args.in_channels, args.channels, args.classes, args.layers, input_size=args.input_size)
     step_flops = 3 * flops * args.batch * PASSES[case.order]
@@ -187,6 +214,7 @@ def measure(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> R
         fraction_of_matmul=step_flops / seconds / 1e9 / matmul[case.precision],
         peak_mb=peak / MB,
         rss_after_build_mb=None if rss_after_build is None else rss_after_build / MB,
+        ops_per_step=ops,
     )
 
 
@@ -199,13 +227,14 @@ def format_table(rows: list[Row], matmul: dict[str, float]) -> str:
     plain = {r.order: r.ms_per_step for r in rows if r.name == "plain"}
     lines = [
         f"{'path':24} {'order':6} {'hessian':7} {'ms/step':>9} {'img/s':>7} {'GFLOP/s':>8} {'of mm':>6} "
-        f"{'peak MB':>8} {'plain/this':>10}"
+        f"{'peak MB':>8} {'ops/step':>8} {'plain/this':>10}"
     ]
     for r in rows:
         speedup = plain.get(r.order, float("nan")) / r.ms_per_step
+        ops = "-" if r.ops_per_step is None else str(r.ops_per_step)
         lines.append(
             f"{r.name:24} {r.order:6} {r.hessian:7} {r.ms_per_step:9.0f} {r.images_per_second:7.1f} {r.gflops:8.1f} "
-            f"{r.fraction_of_matmul:6.1%} {r.peak_mb:8.0f} {speedup:10.2f}"
+            f"{r.fraction_of_matmul:6.1%} {r.peak_mb:8.0f} {ops:>8} {speedup:10.2f}"
         )
     lines.append(f"matmul rate: fp32 {matmul['fp32']:.1f} GFLOP/s, bf16 {matmul['bf16']:.1f} GFLOP/s")
     return "\n".join(lines)

@@ -105,6 +105,11 @@ class SpeedConfig(_Section):
         description="one ReLU per edge input shared by the conv candidates that all begin with ReLU (off: no measured "
         "gain on CPU, and with ray.sync_bn two workers no longer equal one worker on the global batch)",
     )
+    stacked_mixture: bool = Field(
+        True,
+        description="eq. 1's weighted sum as one product of softmax(α) with the stacked candidate outputs, not a "
+        "multiply and an add per candidate (a few operators per edge instead of about twenty: on a GPU, launches)",
+    )
     channels_last: bool = Field(False, description="supernet weights and inputs in channels_last memory format")
     checkpoint_cells: bool = Field(
         False, description="activation checkpointing per cell: less memory, one more cell forward per backward"

@@ -18,7 +18,7 @@ from nas.config import SearchConfig, SpeedConfig
 from nas.genotypes import Genotype, derive_genotype
 from nas.ops import PRIMITIVES, FactorizedReduce, ReLUConvBN, build_op, forward_after_relu, starts_with_relu
 
-PLAIN = SpeedConfig(skip_none=False, shared_relu=False, channels_last=False, checkpoint_cells=False, compile=False)
+PLAIN = SpeedConfig(**dict.fromkeys(SpeedConfig.model_fields, False))  # every speed switch off
 
 
 def num_edges(nodes: int) -> int:
@@ -63,6 +63,15 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
+def weighted_sum(weights: torch.Tensor, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ_k weights[k] · outputs[k] in a few operators: a matrix-vector product over the stacked outputs (or, for
+    outputs in another memory format such as channels_last, a broadcast multiply and a sum, which keep it)."""
+    stacked = torch.stack(list(outputs))
+    if outputs[0].is_contiguous():
+        return torch.tensordot(weights.to(stacked.dtype), stacked, dims=1)
+    return (stacked * weights.to(stacked.dtype).view(-1, *([1] * outputs[0].dim()))).sum(0)
+
+
 class MixedOp(nn.Module):
     """Eq. 1 of the paper: the softmax-weighted sum of all candidate operations on one edge.
 
@@ -87,7 +96,9 @@ class MixedOp(nn.Module):
         self.ops = nn.ModuleList(ops)
         self.active = tuple(i for i, name in enumerate(primitives) if not (speed.skip_none and name == "none"))
         self.after_relu = tuple(speed.shared_relu and starts_with_relu(op) for op in self.ops)
-        self.fast = speed.skip_none or speed.shared_relu
+        self.stacked = speed.stacked_mixture
+        self.fast = speed.skip_none or speed.shared_relu or speed.stacked_mixture
+        self._active_index: dict[torch.device, torch.Tensor] = {}  # for a non-contiguous set of active candidates
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Eq. 1; with PC-DARTS partial channels (K > 1), eq. 1 on the first C/K channels, the rest passed by
@@ -105,11 +116,25 @@ class MixedOp(nn.Module):
         if not self.fast:
             return sum(w * op(x) for w, op in zip(weights, self.ops))
         relu_x = F.relu(x) if any(self.after_relu) else x
+        ys = [forward_after_relu(self.ops[i], relu_x) if self.after_relu[i] else self.ops[i](x) for i in self.active]
+        if self.stacked:
+            return weighted_sum(self.active_weights(weights), ys)
         out = None
-        for i in self.active:
-            y = forward_after_relu(self.ops[i], relu_x) if self.after_relu[i] else self.ops[i](x)
+        for i, y in zip(self.active, ys):
             out = weights[i] * y if out is None else out + weights[i] * y
         return out
+
+    def active_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """The softmax weights of the candidates computed: a view when they are a contiguous run (the usual case,
+        'none' first or last), else one gather with an index tensor kept per device (no copy to the device per
+        call)."""
+        first, last = self.active[0], self.active[-1]
+        if last - first + 1 == len(self.active):
+            return weights[first : last + 1]
+        index = self._active_index.get(weights.device)
+        if index is None:
+            index = self._active_index[weights.device] = torch.tensor(self.active, device=weights.device)
+        return weights.index_select(0, index)
 
 
 class SearchCell(nn.Module):
@@ -157,6 +182,13 @@ class SearchCell(nn.Module):
         return torch.cat(states[2:], dim=1)
 
 
+def _all_buffers(module: nn.Module) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """Every buffer slot by name, None ones included (``named_buffers`` leaves those out)."""
+    for prefix, child in module.named_modules():
+        for name, tensor in child._buffers.items():
+            yield f"{prefix}.{name}" if prefix else name, tensor
+
+
 def checkpointed_cell(
     cell: SearchCell, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor, edge_weights: torch.Tensor | None
 ) -> torch.Tensor:
@@ -168,13 +200,16 @@ def checkpointed_cell(
     without checkpointing (in training the output uses batch statistics, never the running ones).
     """
     names = [n for n, _ in cell.named_parameters()]
+    # Buffers the forward runs without (the architect's side computations pass None batch-norm statistics): the
+    # recomputation must run without them too, or it records different tensors than the forward did.
+    absent = {n for n, t in _all_buffers(cell) if t is None}
     recomputing = [False]
 
     def run(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, e: torch.Tensor | None, *params: torch.Tensor):  # noqa: ANN202
         if not recomputing[0]:
             recomputing[0] = True
             return cell(a, b, w, e)
-        throwaway = {n: t.clone() for n, t in cell.named_buffers()}
+        throwaway = {n: None if n in absent else t.clone() for n, t in cell.named_buffers()}
         return torch.func.functional_call(cell, {**dict(zip(names, params)), **throwaway}, (a, b, w, e))
 
     params = [p for _, p in cell.named_parameters()]

@@ -105,6 +105,22 @@ def test_step_restores_weights_and_buffers_bit_exactly(setup) -> None:  # noqa: 
     assert all(p.grad is None for p in net.weights())
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_side_losses_equal_the_network_s_own_and_leave_its_statistics(setup, training: bool) -> None:  # noqa: ANN001
+    """The architect's losses give no running statistics in training mode (batch norm then normalizes with the
+    batch's own) and copies in eval mode: either way the loss the network itself computes, statistics untouched."""
+    net, opt, (tx, ty, _, _) = setup
+    net.train(training)
+    reference = copy.deepcopy(net)
+    want = F.cross_entropy(reference(tx), ty)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    got = Architect(net, opt, xi=LR).loss(list(net.weights()), list(net.alphas()), tx, ty)
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    moved = [k for k, v in reference.state_dict().items() if not torch.equal(before[k], v)]
+    assert bool(moved) == training  # the reference's own forward did move its statistics in training mode
+
+
 def test_first_order_is_the_plain_validation_gradient(setup) -> None:  # noqa: ANN001
     net, opt, (tx, ty, vx, vy) = setup
     arch = Architect(net, opt, xi=0.0)

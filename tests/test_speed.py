@@ -108,14 +108,30 @@ def test_forward_after_relu_is_the_op_on_relu_x(stride: int) -> None:
         assert torch.equal(forward_after_relu(op, torch.relu(x)), op(x)), name
 
 
-def test_skip_none_and_shared_relu_mixed_op_equals_eq_1_with_gradients() -> None:
+NONE_INSIDE = ("max_pool_3x3", "sep_conv_3x3", "none", "skip_connect", "dil_conv_3x3")  # active: not one run
+
+
+@pytest.mark.parametrize(
+    ("primitives", "speed"),
+    [
+        (PRIMITIVES, SpeedConfig(skip_none=True, shared_relu=True, stacked_mixture=False)),
+        (PRIMITIVES, SpeedConfig(skip_none=False, shared_relu=False, stacked_mixture=True)),
+        (PRIMITIVES, SpeedConfig(skip_none=True, shared_relu=True, stacked_mixture=True)),
+        (NONE_INSIDE, SpeedConfig(skip_none=True, shared_relu=False, stacked_mixture=True)),
+    ],
+    ids=["skip_none+shared_relu", "stacked", "all", "stacked-none-inside"],
+)
+def test_the_fast_mixed_op_equals_eq_1_with_gradients(primitives: tuple[str, ...], speed: SpeedConfig) -> None:
     torch.manual_seed(0)
-    plain = MixedOp(4, 2, PRIMITIVES)
-    fast = MixedOp(4, 2, PRIMITIVES, SpeedConfig(skip_none=True, shared_relu=True))
+    plain = MixedOp(4, 2, primitives)
+    fast = MixedOp(4, 2, primitives, speed)
     fast.load_state_dict(plain.state_dict())
-    assert PRIMITIVES.index("none") not in fast.active and sum(fast.after_relu) == 5
+    none_skipped = primitives.index("none") not in fast.active
+    assert none_skipped == speed.skip_none
+    assert sum(fast.after_relu) == (sum(map(starts_with_relu, fast.ops)) if speed.shared_relu else 0)
+    assert not (speed.shared_relu and primitives == PRIMITIVES) or sum(fast.after_relu) == 5  # 4 convs + reduce
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
-    alpha = torch.randn(len(PRIMITIVES), requires_grad=True)
+    alpha = torch.randn(len(primitives), requires_grad=True)
     outs, grads = [], []
     for op in (plain, fast):
         y = op(x, torch.softmax(alpha, 0))
