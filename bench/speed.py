@@ -84,6 +84,7 @@ def cases() -> list[Case]:
         Case("default+checkpoint", "second", {**default, "checkpoint_cells": True}),
         Case("default+bf16", "first", default, precision="bf16"),
         Case("default+bf16", "second", default, precision="bf16"),
+        Case("default+compile", "first", compiled),
         Case("default+compile", "second", compiled),
         Case("default+compile+bf16", "second", compiled, precision="bf16"),
         Case("pc-darts K=4", "second", default, partial_channels=4),
@@ -236,7 +237,8 @@ def format_table(rows: list[Row], matmul: dict[str, float]) -> str:
             f"{r.name:24} {r.order:6} {r.hessian:7} {r.ms_per_step:9.0f} {r.images_per_second:7.1f} {r.gflops:8.1f} "
             f"{r.fraction_of_matmul:6.1%} {r.peak_mb:8.0f} {ops:>8} {speedup:10.2f}"
         )
-    lines.append(f"matmul rate: fp32 {matmul['fp32']:.1f} GFLOP/s, bf16 {matmul['bf16']:.1f} GFLOP/s")
+    rates = ", ".join(f"{kind} {rate:.1f} GFLOP/s" for kind, rate in matmul.items())
+    lines.append(f"matmul rate: {rates}")
     return "\n".join(lines)
 
 
@@ -263,15 +265,23 @@ def main(argv: list[str] | None = None) -> list[Row]:
     selected = [c for c in cases() if args.only is None or c.name in args.only]
     if not selected:
         raise SystemExit(f"--only names no case (cases: {', '.join(dict.fromkeys(c.name for c in cases()))})")
-    matmul = {
-        "fp32": matmul_gflops(args.threads, args.device),
-        "bf16": matmul_gflops(args.threads, args.device, dtype=torch.bfloat16),
-    }
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    precisions = dict.fromkeys(["fp32", *(c.precision for c in selected)])  # bf16 only where a row needs its rate
+    matmul = {p: matmul_gflops(args.threads, args.device, dtype=dtypes[p]) for p in precisions}
     rows = []
+    print(format_table(rows, matmul).splitlines()[0], flush=True)
     for case in selected:
         rows.append(in_fresh_process(case, args, matmul))
         print(format_table(rows, matmul).splitlines()[-2], flush=True)
+        write_report(args, matmul, rows)  # after every row: a run stopped by a timeout keeps the rows it finished
     print(format_table(rows, matmul))
+    if args.json is not None:
+        print(f"wrote {args.json}")
+    return rows
+
+
+def write_report(args: argparse.Namespace, matmul: dict[str, float], rows: list[Row]) -> None:
+    """The JSON report of the rows so far (nothing without ``--json``)."""
     if args.json is not None:
         report = {
             "setting": {k: v for k, v in vars(args).items() if k not in ("json", "only")},
@@ -280,15 +290,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 "cpus": multiprocessing.cpu_count(),
                 "torch": torch.__version__,
             },
-            "matmul_gflops": matmul,  # fp32 and bf16
+            "matmul_gflops": matmul,  # fp32, and bf16 where a bf16 row was run
             "flops_per_image_forward": supernet_flops(
                 args.in_channels, args.channels, args.classes, args.layers, input_size=args.input_size
             ),
             "rows": [asdict(r) for r in rows],
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return rows
 
 
 if __name__ == "__main__":

@@ -57,9 +57,26 @@ def test_the_speed_table_times_bf16_rows_against_the_bf16_matmul_rate(tmp_path: 
         speed_table([*tiny, "--only", "no-such-case"])
 
 
+def test_the_speed_table_counts_fewer_operators_on_the_default_path_than_on_the_plain_one(tmp_path: Path) -> None:
+    """The operator count (what a launch-bound GPU step's time follows) is a property of the code, not of the
+    machine: the default switches must dispatch fewer operators per step, first and second order."""
+    tiny = ["--batch", "2", "--layers", "3", "--channels", "4", "--input-size", "8", "--threads", "1"]
+    rows = speed_table(
+        [*tiny, "--iters", "1", "--warmup", "0", "--only", "plain", "default", "--json", str(tmp_path / "s.json")]
+    )
+    ops = {(r.name, r.order): r.ops_per_step for r in rows}
+    assert set(json.loads((tmp_path / "s.json").read_text())["matmul_gflops"]) == {"fp32"}  # no bf16 row, no bf16 rate
+    for order in ("first", "second"):
+        assert 0 < ops[("default", order)] < 0.8 * ops[("plain", order)], ops
+    assert ops[("plain", "second")] > 2 * ops[("plain", "first")]  # 5 passes against 2
+
+
 def test_the_gpu_script_parses_and_names_only_existing_cases() -> None:
     """bench/gpu.sh runs only where a GPU is lent: what can be checked without one is checked here."""
     script = Path(__file__).resolve().parents[1] / "bench" / "gpu.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    words = shlex.split(script.read_text().split("--only", 1)[1].split("\n\n", 1)[0].replace("\\\n", " "))
-    assert set(words) <= {c.name for c in cases()} and len(words) == 7
+    text = script.read_text()
+    selections = [shlex.split(part.split("||", 1)[0].replace("\\\n", " ")) for part in text.split("--only")[1:]]
+    assert [len(names) for names in selections] == [5, 1]  # the eager rows, then the compiled ones
+    assert {name for names in selections for name in names} <= {c.name for c in cases()}
+    assert "speed_gpu.json" in text and "speed_gpu_compiled.json" in text
