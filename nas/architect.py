@@ -66,9 +66,10 @@ def finite_difference_hessian_vector_product(
     eps: float | Tensor,
 ) -> list[Tensor]:
     """Eq. 8: (∇α L(w + ε·v, α) − ∇α L(w − ε·v, α)) / (2ε) ≈ ∇²_{α,w} L · v; ``grad_alpha(w)`` is ∇α L(w, α)."""
-    with torch.no_grad():
-        w_plus = [w + eps * v for w, v in zip(weights, vector)]
-        w_minus = [w - eps * v for w, v in zip(weights, vector)]
+    with torch.no_grad():  # multi-tensor operators: three for all the weights, not three per weight tensor
+        step = torch._foreach_mul(list(vector), eps)
+        w_plus = torch._foreach_add(list(weights), step)
+        w_minus = torch._foreach_sub(list(weights), step)
     g_plus = grad_alpha(w_plus)
     g_minus = grad_alpha(w_minus)
     return [(p - m) / (2 * eps) for p, m in zip(g_plus, g_minus)]
@@ -164,25 +165,44 @@ class Architect:
         grads = list(torch.autograd.grad(train_loss, weights))
         self.reduce(grads)
         with torch.no_grad():
-            return [w - xi * self._sgd_direction(w, g) for w, g in zip(self.weights, grads)]
+            return torch._foreach_add(self.weights, self._sgd_directions(grads), alpha=-xi)
 
     def _aliases(self) -> list[Tensor]:
         """The weights as new leaves sharing their storage: gradients taken through them never reach the
         parameters' own autograd nodes, so hooks on those (DDP's gradient reducer) see only the weight step."""
         return [w.detach().requires_grad_() for w in self.weights]
 
-    def _sgd_direction(self, w: Tensor, g: Tensor) -> Tensor:
-        """What ``torch.optim.SGD.step`` would subtract from w divided by lr: μ·v + g + λ·w for dampening 0."""
-        group = self._group_of.get(id(w))
-        if group is None:
-            return g
-        d = g + group.get("weight_decay", 0.0) * w
-        momentum = group.get("momentum", 0.0)
-        if momentum:
-            buf = self.w_optimizer.state.get(w, {}).get("momentum_buffer")
-            buf = d if buf is None else momentum * buf + (1.0 - group.get("dampening", 0.0)) * d
-            d = d + momentum * buf if group.get("nesterov", False) else buf
-        return d
+    def _sgd_directions(self, grads: Sequence[Tensor]) -> list[Tensor]:
+        """What ``torch.optim.SGD.step`` would subtract from each weight divided by lr: μ·v + g + λ·w for dampening
+        0 (a weight outside the optimizer: g). Multi-tensor operators over the weights that share a parameter
+        group and a momentum state, so the count of operators does not grow with the number of weight tensors."""
+        directions: list[Tensor | None] = [None] * len(self.weights)
+        parts: dict[tuple[int, bool], list[int]] = {}
+        for i, w in enumerate(self.weights):
+            group = self._group_of.get(id(w))
+            has_buffer = group is not None and self.w_optimizer.state.get(w, {}).get("momentum_buffer") is not None
+            parts.setdefault((id(group) if group is not None else 0, has_buffer), []).append(i)
+        for (_, has_buffer), indices in parts.items():
+            weights, g = [self.weights[i] for i in indices], [grads[i] for i in indices]
+            group = self._group_of.get(id(weights[0]))
+            if group is None:
+                d = list(g)
+            else:
+                decay = group.get("weight_decay", 0.0)
+                d = torch._foreach_add(g, weights, alpha=decay) if decay else list(g)
+                momentum = group.get("momentum", 0.0)
+                if momentum:
+                    if has_buffer:
+                        buf = torch._foreach_mul(
+                            [self.w_optimizer.state[w]["momentum_buffer"] for w in weights], momentum
+                        )
+                        torch._foreach_add_(buf, d, alpha=1.0 - group.get("dampening", 0.0))
+                    else:
+                        buf = d
+                    d = torch._foreach_add(d, buf, alpha=momentum) if group.get("nesterov", False) else buf
+            for i, direction in zip(indices, d):
+                directions[i] = direction
+        return directions  # type: ignore[return-value]
 
     def _unrolled_gradient(
         self, train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, xi: float

@@ -110,6 +110,11 @@ class SpeedConfig(_Section):
         description="eq. 1's weighted sum as one product of softmax(α) with the stacked candidate outputs, not a "
         "multiply and an add per candidate (a few operators per edge instead of about twenty: on a GPU, launches)",
     )
+    batched_edges: bool = Field(
+        True,
+        description="the edges leaving one state computed together: each candidate as one grouped operator over "
+        "all of them (nas/batched.py); not with PC-DARTS or ray.sync_bn, which run edge by edge",
+    )
     channels_last: bool = Field(False, description="supernet weights and inputs in channels_last memory format")
     checkpoint_cells: bool = Field(
         False, description="activation checkpointing per cell: less memory, one more cell forward per backward"

@@ -6,6 +6,7 @@ so the weight optimizer never sees α and the α optimizer never sees the weight
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nas.batched import RunningStats, batchable, batched
 from nas.config import SearchConfig, SpeedConfig
 from nas.genotypes import Genotype, derive_genotype
 from nas.ops import PRIMITIVES, FactorizedReduce, ReLUConvBN, build_op, forward_after_relu, starts_with_relu
@@ -165,12 +167,18 @@ class SearchCell(nn.Module):
             for i in range(nodes)
             for j in range(2 + i)
         )
+        self.batch_edges = speed.batched_edges and partial == 1
+        self.groups = edge_groups(nodes)
+        self._index: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._batchable: tuple[int, bool] | None = None
 
     def forward(
         self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor, edge_weights: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``weights``: softmax(α), a row per edge; ``edge_weights``: PC-DARTS edge normalization, a weight per edge
         (softmax(β) within each node), or None."""
+        if self.batch_edges and self.can_batch():
+            return self.forward_batched(s0, s1, weights, edge_weights)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
         for _ in range(self.nodes):
@@ -180,6 +188,71 @@ class SearchCell(nn.Module):
             states.append(sum(terms))
             offset += len(states) - 1
         return torch.cat(states[2:], dim=1)
+
+    def can_batch(self) -> bool:
+        """Whether every batch norm is a plain one (``ray.sync_bn`` swaps in cross-rank ones, which run edge by
+        edge); looked at again only when the modules were swapped."""
+        key = id(self.preprocess1[-1])
+        if self._batchable is None or self._batchable[0] != key:
+            self._batchable = (key, all(batchable(edge) for edge in self.edges))
+        return self._batchable[1]
+
+    def forward_batched(
+        self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor, edge_weights: torch.Tensor | None
+    ) -> torch.Tensor:
+        """:meth:`forward` with the edges leaving each state computed together (nas/batched.py): the cell inputs'
+        edges first, then node by node the edges leaving it, each node summed once its last edge is in."""
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        stats = RunningStats()
+        incoming: list[list[torch.Tensor]] = [[] for _ in range(self.nodes)]
+        for g, group in enumerate(self.groups):
+            stack = torch.cat([states[source] for source, _ in group], dim=1)
+            mixed = self.mixture(group, stack, weights, stats)
+            if edge_weights is not None:
+                mixed = mixed * self.gather(edge_weights, group).view(1, -1, 1, 1, 1)
+            for (_, edge), output in zip(group, mixed.unbind(1)):  # unbind: one backward operator, not one per edge
+                incoming[self.target[edge]].append(output)
+            states.append(functools.reduce(torch.add, incoming[g]))
+        stats.apply()
+        return torch.cat(states[2:], dim=1)
+
+    @functools.cached_property
+    def target(self) -> tuple[int, ...]:
+        """The node each edge enters, by edge index."""
+        return tuple(i for i in range(self.nodes) for _ in range(2 + i))
+
+    def mixture(
+        self, group: EdgeGroup, stack: torch.Tensor, weights: torch.Tensor, stats: RunningStats
+    ) -> torch.Tensor:
+        """Eq. 1 for the m edges of ``group`` at once: (N, m, C, H, W), given their inputs stacked edge by edge."""
+        first = self.edges[group[0][1]]
+        outputs = [
+            batched([self.edges[edge].ops[k] for _, edge in group], stack, stats).unflatten(1, (len(group), -1))
+            for k in first.active
+        ]
+        w = first.active_weights(self.gather(weights, group).t())  # (candidates, m)
+        k, m = w.shape
+        return (torch.stack(outputs) * w.to(outputs[0].dtype).view(k, 1, m, 1, 1, 1)).sum(0)
+
+    def gather(self, rows: torch.Tensor, group: EdgeGroup) -> torch.Tensor:
+        """``rows[[edge for each edge of group]]``, with the index tensor kept per device."""
+        key = (id(group), rows.device)
+        index = self._index.get(key)
+        if index is None:
+            index = self._index[key] = torch.tensor([edge for _, edge in group], device=rows.device)
+        return rows.index_select(0, index)
+
+
+EdgeGroup = tuple[tuple[int, int], ...]  # (source state, edge index) per edge, in stacking order
+
+
+def edge_groups(nodes: int) -> tuple[EdgeGroup, ...]:
+    """The edges of a cell grouped by when their input is ready: first every edge leaving the two cell inputs, then
+    for each intermediate node but the last the edges leaving it. Group g completes node g."""
+    offsets = [sum(2 + k for k in range(i)) for i in range(nodes)]
+    first = tuple((source, offsets[i] + source) for source in (0, 1) for i in range(nodes))
+    rest = tuple(tuple((2 + j, offsets[i] + 2 + j) for i in range(j + 1, nodes)) for j in range(nodes - 1))
+    return (first, *rest)
 
 
 def _all_buffers(module: nn.Module) -> Iterator[tuple[str, torch.Tensor | None]]:

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from nas import SearchNetwork
+from nas.batched import RunningStats, batched
 from nas.config import SearchConfig, SpeedConfig
-from nas.ops import PRIMITIVES, build_op, forward_after_relu, starts_with_relu
+from nas.ops import PRIMITIVES, build_op, forward_after_relu, registered_ops, starts_with_relu
 from nas.search import Searcher
-from nas.search_model import PLAIN, MixedOp
+from nas.search_model import PLAIN, MixedOp, edge_groups
 
 SWITCHES = [name for name in SpeedConfig.model_fields]
 
@@ -195,3 +196,60 @@ def test_the_finite_difference_hessian_runs_in_fp32_under_bf16() -> None:
         products.append(searcher.architect.hessian_vector_product(vector, x, y))
     for fp32, bf16 in zip(*products):
         assert torch.equal(fp32, bf16)
+
+
+@pytest.mark.parametrize("name", registered_ops())
+@pytest.mark.parametrize("stride", [1, 2])
+def test_batched_runs_each_registered_op_on_m_edges_as_they_run_alone(name: str, stride: int) -> None:
+    """nas/batched.py on the same candidate of 3 edges (own weights), against each edge's module on its block of
+    channels: outputs and gradients in training, outputs in eval, and the running statistics the modules keep."""
+    torch.manual_seed(0)
+    alone = [build_op(name, 4, stride, affine=False) for _ in range(3)]
+    together = [build_op(name, 4, stride, affine=False) for _ in range(3)]
+    for a, b in zip(alone, together):
+        b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 12, 8, 8, requires_grad=True)
+    for training in (True, True, False):
+        for m in (*alone, *together):
+            m.train(training)
+        want = torch.cat([m(block) for m, block in zip(alone, x.chunk(3, dim=1))], dim=1)
+        stats = RunningStats()
+        got = batched(together, x, stats)
+        stats.apply()
+        torch.testing.assert_close(got, want)
+        params = [p for m in alone for p in m.parameters()]
+        if training and params:
+            g_want = torch.autograd.grad(want.square().sum(), [x, *params])
+            g_got = torch.autograd.grad(got.square().sum(), [x, *(p for m in together for p in m.parameters())])
+            for a, b in zip(g_got, g_want):  # float32 sums over the batch in another order: 1e-5-ish apart
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for a, b in zip(together, alone):
+        for (key, got_buffer), want_buffer in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(got_buffer, want_buffer, msg=key)
+
+
+def test_edge_groups_take_every_edge_once_after_its_input_is_ready() -> None:
+    for nodes in (1, 2, 4, 5):
+        groups = edge_groups(nodes)
+        edges = [edge for group in groups for _, edge in group]
+        assert sorted(edges) == list(range(sum(2 + i for i in range(nodes))))
+        targets = [i for i in range(nodes) for _ in range(2 + i)]
+        sources = [j for i in range(nodes) for j in range(2 + i)]
+        for g, group in enumerate(groups):
+            assert all(sources[edge] == source for source, edge in group)
+            assert all(source < 2 + g for source, _ in group)  # ready: a cell input or a node of an earlier group
+            assert len({source for source, _ in group}) == (2 if g == 0 else 1)
+            assert g not in [targets[e] for later in groups[g + 1 :] for _, e in later]  # node g complete after g
+
+
+def test_cross_rank_batch_norm_cells_run_edge_by_edge() -> None:
+    """``ray.sync_bn`` swaps in batch norms whose statistics span ranks: nas/batched.py must not stand in for them."""
+    from components.distributed import convert_to_global_batchnorm
+
+    torch.manual_seed(0)
+    net = SearchNetwork(in_channels=1, channels=4, num_classes=3, layers=3, nodes=2, speed=SpeedConfig())
+    assert all(cell.batch_edges and cell.can_batch() for cell in net.cells)
+    convert_to_global_batchnorm(net)
+    assert not any(cell.can_batch() for cell in net.cells)
+    pc = SearchNetwork(in_channels=1, channels=4, num_classes=3, layers=3, nodes=2, partial_channels=2)
+    assert not any(cell.batch_edges for cell in pc.cells)  # PC-DARTS: its own per-edge channel split
