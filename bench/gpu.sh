@@ -6,8 +6,8 @@
 #
 # 1. python -m components.search with ray.use_gpu=true on a local Ray: Train's NCCL process group, the supernet on
 #    cuda:0, a checkpoint and the genotype written; its epoch lines give images/s through Ray.
-# 2. bench/speed.py at the paper's batch of 64 (8 cells, C=16, 32x32): plain against default path, fp32 against
-#    bf16, the exact Hessian product and PC-DARTS; CUDA-event timing, peak = max_memory_allocated, shares of the
+# 2. bench/speed.py at the paper's batch of 64 (8 cells, C=16, 32x32): plain against default path, batched edges
+#    (search.speed.batched_edges, for GPUs), fp32 against bf16 and PC-DARTS; CUDA-event timing, peak = max_memory_allocated, shares of the
 #    measured fp32 and bf16 matmul rates, operators per step. Every row in a fresh process.
 # 3. The compiled rows on their own clock: compiling the second-order step takes minutes, so the first-order row
 #    comes first and each row is written to the JSON as it finishes.
@@ -27,7 +27,7 @@ if test -s "$store/gpu-stage/outputs/genotype.json"; then echo "gpu-stage: genot
 else echo "gpu-stage: no genotype under $store"; status=1; fi
 
 timeout 260 python bench/speed.py --device cuda --batch 64 --threads 4 --warmup 1 --iters 2 --json bench/speed_gpu.json \
-  --only plain default default+bf16 default+exact "pc-darts K=4" || status=1
+  --only plain default default+batched default+bf16 "pc-darts K=4" || status=1
 
 timeout 100 python bench/speed.py --device cuda --batch 64 --threads 4 --warmup 3 --iters 3 \
   --json bench/speed_gpu_compiled.json --only default+compile || status=1

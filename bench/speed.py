@@ -79,6 +79,8 @@ def cases() -> list[Case]:
         Case("default", "first", default),
         Case("plain", "second", plain),
         Case("default", "second", default),
+        Case("default+batched", "first", {**default, "batched_edges": True}),
+        Case("default+batched", "second", {**default, "batched_edges": True}),
         Case("default+exact", "second", default, "exact"),
         Case("default+channels_last", "second", {**default, "channels_last": True}),
         Case("default+checkpoint", "second", {**default, "checkpoint_cells": True}),

@@ -111,9 +111,10 @@ class SpeedConfig(_Section):
         "multiply and an add per candidate (a few operators per edge instead of about twenty: on a GPU, launches)",
     )
     batched_edges: bool = Field(
-        True,
+        False,
         description="the edges leaving one state computed together: each candidate as one grouped operator over "
-        "all of them (nas/batched.py); not with PC-DARTS or ray.sync_bn, which run edge by edge",
+        "all of them (nas/batched.py; 2.4x fewer operators, for GPUs, where the step is launch-bound; off: 14% "
+        "slower on CPU); not with PC-DARTS or ray.sync_bn, which run edge by edge",
     )
     channels_last: bool = Field(False, description="supernet weights and inputs in channels_last memory format")
     checkpoint_cells: bool = Field(
