@@ -247,9 +247,10 @@ def test_cross_rank_batch_norm_cells_run_edge_by_edge() -> None:
     from components.distributed import convert_to_global_batchnorm
 
     torch.manual_seed(0)
-    net = SearchNetwork(in_channels=1, channels=4, num_classes=3, layers=3, nodes=2, speed=SpeedConfig())
+    batched = SpeedConfig(batched_edges=True)
+    net = SearchNetwork(in_channels=1, channels=4, num_classes=3, layers=3, nodes=2, speed=batched)
     assert all(cell.batch_edges and cell.can_batch() for cell in net.cells)
     convert_to_global_batchnorm(net)
     assert not any(cell.can_batch() for cell in net.cells)
-    pc = SearchNetwork(in_channels=1, channels=4, num_classes=3, layers=3, nodes=2, partial_channels=2)
+    pc = SearchNetwork(in_channels=1, channels=4, num_classes=3, layers=3, nodes=2, speed=batched, partial_channels=2)
     assert not any(cell.batch_edges for cell in pc.cells)  # PC-DARTS: its own per-edge channel split
