@@ -136,10 +136,9 @@ class Architect:
         they are. In training mode batch norm normalizes with the batch's statistics, so running statistics of None
         give the same output and nothing to update; that spares a copy of every buffer per call (over a thousand
         kernel launches on the paper's supernet). In eval mode (running statistics used), copies."""
-        if not self.network.training:
-            return {n: b.clone() for n, b in self.network.named_buffers()}
+        drop = self.network.training
         return {
-            n: None if n.rsplit(".", 1)[-1] in BATCH_NORM_STATISTICS else b.clone()
+            n: None if drop and n.rsplit(".", 1)[-1] in BATCH_NORM_STATISTICS else b.clone()
             for n, b in self.network.named_buffers()
         }
 
@@ -176,33 +175,35 @@ class Architect:
         """What ``torch.optim.SGD.step`` would subtract from each weight divided by lr: μ·v + g + λ·w for dampening
         0 (a weight outside the optimizer: g). Multi-tensor operators over the weights that share a parameter
         group and a momentum state, so the count of operators does not grow with the number of weight tensors."""
-        directions: list[Tensor | None] = [None] * len(self.weights)
-        parts: dict[tuple[int, bool], list[int]] = {}
+        parts: dict[tuple[int, bool], tuple[dict | None, list[int]]] = {}
         for i, w in enumerate(self.weights):
             group = self._group_of.get(id(w))
             has_buffer = group is not None and self.w_optimizer.state.get(w, {}).get("momentum_buffer") is not None
-            parts.setdefault((id(group) if group is not None else 0, has_buffer), []).append(i)
-        for (_, has_buffer), indices in parts.items():
-            weights, g = [self.weights[i] for i in indices], [grads[i] for i in indices]
-            group = self._group_of.get(id(weights[0]))
-            if group is None:
-                d = list(g)
-            else:
-                decay = group.get("weight_decay", 0.0)
-                d = torch._foreach_add(g, weights, alpha=decay) if decay else list(g)
-                momentum = group.get("momentum", 0.0)
-                if momentum:
-                    if has_buffer:
-                        buf = torch._foreach_mul(
-                            [self.w_optimizer.state[w]["momentum_buffer"] for w in weights], momentum
-                        )
-                        torch._foreach_add_(buf, d, alpha=1.0 - group.get("dampening", 0.0))
-                    else:
-                        buf = d
-                    d = torch._foreach_add(d, buf, alpha=momentum) if group.get("nesterov", False) else buf
-            for i, direction in zip(indices, d):
-                directions[i] = direction
-        return directions  # type: ignore[return-value]
+            parts.setdefault((id(group), has_buffer), (group, []))[1].append(i)
+        directions: list[Tensor] = list(grads)
+        for (_, has_buffer), (group, indices) in parts.items():
+            if group is not None:
+                d = self._group_directions(
+                    group, [self.weights[i] for i in indices], [grads[i] for i in indices], has_buffer
+                )
+                for i, direction in zip(indices, d):
+                    directions[i] = direction
+        return directions
+
+    def _group_directions(
+        self, group: dict, weights: list[Tensor], grads: list[Tensor], has_buffer: bool
+    ) -> list[Tensor]:
+        """:meth:`_sgd_directions` for weights of one parameter group that all have a momentum buffer or none."""
+        decay = group.get("weight_decay", 0.0)
+        d = torch._foreach_add(grads, weights, alpha=decay) if decay else grads
+        momentum = group.get("momentum", 0.0)
+        if not momentum:
+            return d
+        buf = d
+        if has_buffer:
+            buf = torch._foreach_mul([self.w_optimizer.state[w]["momentum_buffer"] for w in weights], momentum)
+            torch._foreach_add_(buf, d, alpha=1.0 - group.get("dampening", 0.0))
+        return torch._foreach_add(d, buf, alpha=momentum) if group.get("nesterov", False) else buf
 
     def _unrolled_gradient(
         self, train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, xi: float

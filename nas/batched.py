@@ -45,7 +45,8 @@ class RunningStats:
         """``mean``, ``variance``: the batch's per-channel statistics over all of ``norms``' channels, in order (cast
         to the statistics' own dtype: under bf16 autocast they come in bf16, the running statistics stay fp32)."""
         mean, variance = mean.to(norms[0].running_mean.dtype), variance.to(norms[0].running_var.dtype)
-        for norm, m, v in zip(norms, mean.split(norm_width(norms)), variance.split(norm_width(norms))):
+        width = norms[0].num_features
+        for norm, m, v in zip(norms, mean.split(width), variance.split(width)):
             self.momentum.append(float(norm.momentum))
             self.means.append(norm.running_mean)
             self.variances.append(norm.running_var)
@@ -64,10 +65,6 @@ class RunningStats:
                     [self.variances[i] for i in chosen], [self.new_variances[i] for i in chosen], momentum
                 )
             torch._foreach_add_(self.counters, 1)
-
-
-def norm_width(norms: Sequence[nn.BatchNorm2d]) -> int:
-    return norms[0].num_features
 
 
 def batchable(module: nn.Module) -> bool:

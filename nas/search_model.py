@@ -65,6 +65,17 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
+def index_on(
+    cache: dict[tuple[object, torch.device], torch.Tensor], key: object, values: Sequence[int], device: torch.device
+) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``device``, made once per key and device: an index built per call would be a
+    host-to-device copy on every forward."""
+    index = cache.get((key, device))
+    if index is None:
+        index = cache[(key, device)] = torch.tensor(list(values), device=device)
+    return index
+
+
 def weighted_sum(weights: torch.Tensor, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """Σ_k weights[k] · outputs[k] in a few operators: a matrix-vector product over the stacked outputs (or, for
     outputs in another memory format such as channels_last, a broadcast multiply and a sum, which keep it)."""
@@ -100,7 +111,7 @@ class MixedOp(nn.Module):
         self.after_relu = tuple(speed.shared_relu and starts_with_relu(op) for op in self.ops)
         self.stacked = speed.stacked_mixture
         self.fast = speed.skip_none or speed.shared_relu or speed.stacked_mixture
-        self._active_index: dict[torch.device, torch.Tensor] = {}  # for a non-contiguous set of active candidates
+        self._index: dict[tuple[object, torch.device], torch.Tensor] = {}  # for a non-contiguous set of candidates
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Eq. 1; with PC-DARTS partial channels (K > 1), eq. 1 on the first C/K channels, the rest passed by
@@ -133,10 +144,7 @@ class MixedOp(nn.Module):
         first, last = self.active[0], self.active[-1]
         if last - first + 1 == len(self.active):
             return weights[first : last + 1]
-        index = self._active_index.get(weights.device)
-        if index is None:
-            index = self._active_index[weights.device] = torch.tensor(self.active, device=weights.device)
-        return weights.index_select(0, index)
+        return weights.index_select(0, index_on(self._index, None, self.active, weights.device))
 
 
 class SearchCell(nn.Module):
@@ -169,7 +177,7 @@ class SearchCell(nn.Module):
         )
         self.batch_edges = speed.batched_edges and partial == 1
         self.groups = edge_groups(nodes)
-        self._index: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._index: dict[tuple[object, torch.device], torch.Tensor] = {}
         self._batchable: tuple[int, bool] | None = None
 
     def forward(
@@ -236,11 +244,7 @@ class SearchCell(nn.Module):
 
     def gather(self, rows: torch.Tensor, group: EdgeGroup) -> torch.Tensor:
         """``rows[[edge for each edge of group]]``, with the index tensor kept per device."""
-        key = (id(group), rows.device)
-        index = self._index.get(key)
-        if index is None:
-            index = self._index[key] = torch.tensor([edge for _, edge in group], device=rows.device)
-        return rows.index_select(0, index)
+        return rows.index_select(0, index_on(self._index, group, [edge for _, edge in group], rows.device))
 
 
 EdgeGroup = tuple[tuple[int, int], ...]  # (source state, edge index) per edge, in stacking order
