@@ -260,7 +260,10 @@ def forward_flops(network: nn.Module, spec: NetworkSpec) -> int:
 
 def image_flops(network: nn.Module, in_channels: int, image_size: int) -> int:
     """:func:`forward_flops` of any network (a supernet too) on one ``in_channels`` x ``image_size``² image, on the
-    network's own device: one built on the meta device is costed without allocating or computing anything."""
+    network's own device: one built on the meta device is costed without allocating or computing anything.
+
+    Only convolutions and linear layers count, as in bench/flops.py: a supernet's α-weighted sum of its candidates
+    is elementwise-sized work whichever operator computes it (a matrix product when ``stacked_mixture`` is on)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     device = next(network.parameters()).device
@@ -272,4 +275,5 @@ def image_flops(network: nn.Module, in_channels: int, image_size: int) -> int:
             network(image)
     finally:
         network.train(was_training)
-    return int(counter.get_total_flops())
+    counted = {torch.ops.aten.convolution, torch.ops.aten.addmm}
+    return int(sum(flops for op, flops in counter.get_flop_counts()["Global"].items() if op in counted))
