@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas.ops import FactorizedReduce, Zero
+from nas.ops import DepthwiseConv2d, FactorizedReduce, Zero, dilated_as_dense, offset_grids
 
 CHANNEL_WISE = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Identity, Zero)
 
@@ -88,7 +88,7 @@ def batched(modules: Sequence[nn.Module], x: torch.Tensor, stats: RunningStats) 
         for layer in range(len(first)):
             x = batched([m[layer] for m in modules], x, stats)
         return x
-    if type(first) is nn.Conv2d:
+    if type(first) in (nn.Conv2d, DepthwiseConv2d):
         return _conv(modules, x)
     if type(first) is nn.BatchNorm2d:
         return _batch_norm(modules, x, stats)
@@ -104,6 +104,8 @@ def _conv(convs: Sequence[nn.Conv2d], x: torch.Tensor) -> torch.Tensor:
     padding = c.padding if c.padding_mode == "zeros" else 0
     if c.padding_mode != "zeros":
         x = F.pad(x, c._reversed_padding_repeated_twice, mode=c.padding_mode)
+    if isinstance(c, DepthwiseConv2d) and c.dense and c.dilation[0] > 1:
+        return dilated_as_dense(x, weight, c.stride[0], c.padding[0], c.dilation[0])
     return F.conv2d(x, weight, bias, c.stride, padding, c.dilation, c.groups * len(convs))
 
 
@@ -125,10 +127,9 @@ def _batch_norm(norms: Sequence[nn.BatchNorm2d], x: torch.Tensor, stats: Running
 
 def _factorized_reduce(reduces: Sequence[FactorizedReduce], x: torch.Tensor, stats: RunningStats) -> torch.Tensor:
     m = len(reduces)
-    x = F.relu(x)
-    shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
-    a = _conv([r.conv_1 for r in reduces], x)
-    b = _conv([r.conv_2 for r in reduces], shifted)
+    even, odd = offset_grids(F.relu(x))
+    a = _conv([r.conv_1 for r in reduces], even)
+    b = _conv([r.conv_2 for r in reduces], odd)
     # Each edge's output is its two halves side by side: interleave the two stacks edge by edge.
     both = torch.stack([a.unflatten(1, (m, -1)), b.unflatten(1, (m, -1))], dim=2).flatten(1, 3)
     return _batch_norm([r.bn for r in reduces], both, stats)

@@ -116,7 +116,17 @@ class SpeedConfig(_Section):
         "all of them (nas/batched.py; 2.4x fewer operators, for GPUs, where the step is launch-bound; off: 14% "
         "slower on CPU); not with PC-DARTS or ray.sync_bn, which run edge by edge",
     )
-    channels_last: bool = Field(False, description="supernet weights and inputs in channels_last memory format")
+    dense_dilation: bool = Field(
+        True,
+        description="each dilated depthwise convolution (dil_conv_*) as a dense one over the interleaved sub-grids of "
+        "its input (nas.ops.dilated_as_dense): the same products; PyTorch's CPU backward of a dilated depthwise "
+        "convolution is several times slower than a dense one's",
+    )
+    channels_last: bool = Field(
+        True,
+        description="supernet weights and activations in channels_last memory format (CPU: PyTorch's pooling and "
+        "depthwise convolution backward are several times faster in it; 1.7-1.9x per step, bench/README.md)",
+    )
     checkpoint_cells: bool = Field(
         False, description="activation checkpointing per cell: less memory, one more cell forward per backward"
     )

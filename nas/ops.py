@@ -107,6 +107,69 @@ class ReLUConvBN(nn.Sequential):
         )
 
 
+def dilated_as_dense(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:
+    """The depthwise ``conv2d(x, weight, stride, padding, dilation, groups=channels)`` computed as a dense (dilation 1)
+    convolution, where the shapes allow: the same products and sums, in operators PyTorch runs several times faster
+    on CPU (its backward of a dilated depthwise convolution is slow there).
+
+    A dilated kernel only ever touches input pixels of one residue class (row mod d, column mod d) per output pixel:
+    - stride 1: the d×d interleaved sub-grids are stacked along the batch (:func:`_grids_to_batch`), convolved
+      densely with padding p/d, and interleaved back;
+    - stride d: only the sub-grid of residue (0, 0) is read, so it is one dense convolution of ``x[:, :, ::d, ::d]``.
+    Other shapes (padding not a multiple of d, a size not divisible by d at stride 1) run the dilated convolution.
+    The result keeps the input's memory layout (channels_last or not).
+    """
+    groups, d = weight.shape[0], dilation
+    divisible = d > 1 and padding % d == 0
+    if divisible and stride == d:
+        out = F.conv2d(x[:, :, ::d, ::d], weight, None, 1, padding // d, 1, groups)
+        if _channels_last(x):
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+    if divisible and stride == 1 and x.shape[-2] % d == 0 and x.shape[-1] % d == 0:
+        return _batch_to_grids(F.conv2d(_grids_to_batch(x, d), weight, None, 1, padding // d, 1, groups), d)
+    return F.conv2d(x, weight, None, stride, padding, d, groups)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _grids_to_batch(x: torch.Tensor, d: int) -> torch.Tensor:
+    """(N, C, H, W) -> (d·d·N, C, H/d, W/d): sub-grid (r, q) = ``x[:, :, r::d, q::d]`` is batch block r·d + q. One
+    copy, in the input's layout (moving whole channel vectors when it is channels_last)."""
+    n, c, h, w = x.shape
+    if _channels_last(x):
+        grids = x.permute(0, 2, 3, 1).reshape(n, h // d, d, w // d, d, c).permute(2, 4, 0, 1, 3, 5)
+        return grids.reshape(d * d * n, h // d, w // d, c).permute(0, 3, 1, 2)
+    return x.reshape(n, c, h // d, d, w // d, d).permute(3, 5, 0, 1, 2, 4).reshape(d * d * n, c, h // d, w // d)
+
+
+def _batch_to_grids(y: torch.Tensor, d: int) -> torch.Tensor:
+    """The inverse of :func:`_grids_to_batch`: interleave the d·d batch blocks back into one image each."""
+    m, c, h, w = y.shape
+    n = m // (d * d)
+    if _channels_last(y):
+        grids = y.permute(0, 2, 3, 1).reshape(d, d, n, h, w, c).permute(2, 3, 0, 4, 1, 5)
+        return grids.reshape(n, h * d, w * d, c).permute(0, 3, 1, 2)
+    return y.reshape(d, d, n, c, h, w).permute(2, 3, 4, 0, 5, 1).reshape(n, c, h * d, w * d)
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """One filter per channel (groups = channels, no bias), optionally dilated. ``dense`` (off by default; the
+    supernet sets it from ``search.speed.dense_dilation``) computes a dilated one with :func:`dilated_as_dense`.
+    The parameters and state dict are those of the ``nn.Conv2d`` it extends."""
+
+    def __init__(self, channels: int, kernel: int, stride: int, padding: int, dilation: int):
+        super().__init__(channels, channels, kernel, stride, padding, dilation=dilation, groups=channels, bias=False)
+        self.dense = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense and self.dilation[0] > 1:
+            return dilated_as_dense(x, self.weight, self.stride[0], self.padding[0], self.dilation[0])
+        return super().forward(x)
+
+
 class DilConv(nn.Sequential):
     """ReLU -> dilated depthwise conv -> pointwise conv -> batch norm."""
 
@@ -115,7 +178,7 @@ class DilConv(nn.Sequential):
     ):
         super().__init__(
             nn.ReLU(inplace=False),
-            nn.Conv2d(c_in, c_in, kernel, stride, padding, dilation=dilation, groups=c_in, bias=False),
+            DepthwiseConv2d(c_in, kernel, stride, padding, dilation),
             nn.Conv2d(c_in, c_out, 1, bias=False),
             nn.BatchNorm2d(c_out, affine=affine),
         )
@@ -149,6 +212,11 @@ class FactorizedReduce(nn.Module):
 
     The offset branch pads one row and column at the far edge, which equals the authors' ``x[:, :, 1:, 1:]`` on
     even sizes and keeps both branches the same shape on odd sizes (the authors' version fails there).
+
+    A stride-2 1x1 convolution reads only the even sub-grid of its input, so each branch runs as a stride-1 1x1
+    convolution of its sub-grid (:func:`offset_grids`): the same products, and it keeps clear of PyTorch's CPU
+    backward of a channels_last stride-2 1x1 convolution with few input channels, which corrupts the heap (seen
+    with 2-4 input channels, torch 2.14.1).
     """
 
     def __init__(self, c_in: int, c_out: int, affine: bool = True):
@@ -156,8 +224,8 @@ class FactorizedReduce(nn.Module):
         if c_out % 2:
             raise ValueError(f"FactorizedReduce needs an even number of output channels, got {c_out}")
         self.relu = nn.ReLU(inplace=False)
-        self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, padding=0, bias=False)
-        self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, padding=0, bias=False)
+        self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, padding=0, bias=False)
+        self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, padding=0, bias=False)
         self.bn = nn.BatchNorm2d(c_out, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,8 +233,14 @@ class FactorizedReduce(nn.Module):
 
     def forward_after_relu(self, x: torch.Tensor) -> torch.Tensor:
         """The rest of :meth:`forward`, given ReLU(x) (a supernet edge computes that ReLU once for all its ops)."""
-        shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
-        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+        even, odd = offset_grids(x)
+        return self.bn(torch.cat([self.conv_1(even), self.conv_2(odd)], dim=1))
+
+
+def offset_grids(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :class:`FactorizedReduce`'s two branches read: ``x[:, :, ::2, ::2]`` and, one pixel down and right
+    (zero-padded at the far edge), ``pad(x)[:, :, 1::2, 1::2]``; both ceil(H/2) × ceil(W/2)."""
+    return x[:, :, ::2, ::2], F.pad(x, (0, 1, 0, 1))[:, :, 1::2, 1::2]
 
 
 def starts_with_relu(op: nn.Module) -> bool:

@@ -18,7 +18,15 @@ from torch import nn
 from nas.batched import RunningStats, batchable, batched
 from nas.config import SearchConfig, SpeedConfig
 from nas.genotypes import Genotype, derive_genotype
-from nas.ops import PRIMITIVES, FactorizedReduce, ReLUConvBN, build_op, forward_after_relu, starts_with_relu
+from nas.ops import (
+    PRIMITIVES,
+    DepthwiseConv2d,
+    FactorizedReduce,
+    ReLUConvBN,
+    build_op,
+    forward_after_relu,
+    starts_with_relu,
+)
 
 PLAIN = SpeedConfig(**dict.fromkeys(SpeedConfig.model_fields, False))  # every speed switch off
 
@@ -77,12 +85,18 @@ def index_on(
 
 
 def weighted_sum(weights: torch.Tensor, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Σ_k weights[k] · outputs[k] in a few operators: a matrix-vector product over the stacked outputs (or, for
-    outputs in another memory format such as channels_last, a broadcast multiply and a sum, which keep it)."""
+    """Σ_k weights[k] · outputs[k] in a few operators: a matrix-vector product over the stacked outputs. Outputs in
+    channels_last are stacked as (N, H, W, C) views, so that the sum (and the gradients flowing back into every
+    candidate) keep that layout: a stack of 4-d channels_last tensors is laid out channels-first."""
+    if (
+        outputs[0].dim() == 4
+        and not outputs[0].is_contiguous()
+        and outputs[0].is_contiguous(memory_format=torch.channels_last)
+    ):
+        stacked = torch.stack([y.permute(0, 2, 3, 1) for y in outputs])
+        return torch.tensordot(weights.to(stacked.dtype), stacked, dims=1).permute(0, 3, 1, 2)
     stacked = torch.stack(list(outputs))
-    if outputs[0].is_contiguous():
-        return torch.tensordot(weights.to(stacked.dtype), stacked, dims=1)
-    return (stacked * weights.to(stacked.dtype).view(-1, *([1] * outputs[0].dim()))).sum(0)
+    return torch.tensordot(weights.to(stacked.dtype), stacked, dims=1)
 
 
 class MixedOp(nn.Module):
@@ -107,6 +121,9 @@ class MixedOp(nn.Module):
                 op = nn.Sequential(op, nn.BatchNorm2d(channels, affine=False))
             ops.append(op)
         self.ops = nn.ModuleList(ops)
+        for module in self.ops.modules():
+            if isinstance(module, DepthwiseConv2d):
+                module.dense = speed.dense_dilation
         self.active = tuple(i for i, name in enumerate(primitives) if not (speed.skip_none and name == "none"))
         self.after_relu = tuple(speed.shared_relu and starts_with_relu(op) for op in self.ops)
         self.stacked = speed.stacked_mixture

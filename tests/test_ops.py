@@ -96,13 +96,32 @@ def test_none_is_zero_of_the_output_shape() -> None:
 def test_factorized_reduce_odd_input_and_offset_branch() -> None:
     fr = FactorizedReduce(C, 2 * C)
     assert fr(torch.randn(2, C, 7, 7)).shape == (2, 2 * C, 4, 4)
-    # On even sizes the offset branch sees x[:, :, 1:, 1:] exactly as in the authors' code.
+    # On even sizes it is the authors' two stride-2 1x1 convolutions, the second on x[:, :, 1:, 1:].
     x = torch.randn(2, C, 8, 8)
     fr.eval()
+    conv = torch.nn.functional.conv2d
     with torch.no_grad():
-        got = fr.conv_2(torch.nn.functional.pad(torch.relu(x), (0, 1, 0, 1))[:, :, 1:, 1:])
-        want = fr.conv_2(torch.relu(x)[:, :, 1:, 1:])
-    assert torch.equal(got, want)
+        relu_x = torch.relu(x)
+        want = fr.bn(
+            torch.cat(
+                [conv(relu_x, fr.conv_1.weight, stride=2), conv(relu_x[:, :, 1:, 1:], fr.conv_2.weight, stride=2)], 1
+            )
+        )
+        torch.testing.assert_close(fr(x), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("c_in", [2, 4])
+def test_factorized_reduce_in_channels_last_with_few_channels_runs_backward_cleanly(c_in: int) -> None:
+    """A channels_last stride-2 1x1 convolution with 2-4 input channels corrupts the heap in PyTorch's CPU backward
+    (torch 2.14.1; the process aborted within a few hundred steps). FactorizedReduce must not reach that kernel."""
+    fr = FactorizedReduce(c_in, c_in).to(memory_format=torch.channels_last)
+    for _ in range(300):
+        x = torch.randn(8, c_in, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+        fr(x).square().sum().backward()
+    plain = FactorizedReduce(c_in, c_in)
+    plain.load_state_dict(fr.state_dict())
+    x = torch.randn(4, c_in, 6, 6)
+    torch.testing.assert_close(fr(x.contiguous(memory_format=torch.channels_last)), plain(x), rtol=0, atol=1e-5)
 
 
 def test_register_custom_op_and_use_it_in_a_search() -> None:

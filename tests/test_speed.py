@@ -10,7 +10,15 @@ from torch import nn
 from nas import SearchNetwork
 from nas.batched import RunningStats, batched
 from nas.config import SearchConfig, SpeedConfig
-from nas.ops import PRIMITIVES, build_op, forward_after_relu, registered_ops, starts_with_relu
+from nas.ops import (
+    PRIMITIVES,
+    DepthwiseConv2d,
+    build_op,
+    dilated_as_dense,
+    forward_after_relu,
+    registered_ops,
+    starts_with_relu,
+)
 from nas.search import Searcher
 from nas.search_model import PLAIN, MixedOp, edge_groups
 
@@ -143,6 +151,52 @@ def test_the_fast_mixed_op_equals_eq_1_with_gradients(primitives: tuple[str, ...
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "dilation", "size"),
+    [
+        (3, 1, 2, 2, 8),  # dil_conv_3x3: interleaved sub-grids
+        (5, 1, 4, 2, 6),  # dil_conv_5x5
+        (5, 2, 4, 2, 8),  # reduction: the even sub-grid alone
+        (3, 2, 2, 2, 7),  # reduction on an odd size
+        (3, 3, 3, 3, 9),  # dilation 3, stride 3
+        (3, 1, 3, 3, 9),  # dilation 3, 9 sub-grids
+        (3, 1, 2, 2, 7),  # odd size at stride 1: runs dilated
+        (3, 1, 1, 2, 8),  # padding not a multiple of the dilation: runs dilated
+    ],
+)
+def test_a_dilated_depthwise_convolution_computed_dense_equals_it_with_gradients(
+    kernel: int, stride: int, padding: int, dilation: int, size: int, channels_last: bool
+) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, size, size + 2 * (size % 2 == 0))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    weight = torch.randn(4, 1, kernel, kernel, requires_grad=True)
+    want = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, 4)
+    got = dilated_as_dense(x, weight, stride, padding, dilation)
+    assert got.shape == want.shape
+    assert got.is_contiguous(memory_format=torch.channels_last) == want.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, [x, weight], g), torch.autograd.grad(want, [x, weight], g)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_dense_dilation_reaches_every_dilated_convolution_and_keeps_the_state_dict() -> None:
+    dense = MixedOp(4, 1, PRIMITIVES, SpeedConfig(dense_dilation=True))
+    dilated = MixedOp(4, 1, PRIMITIVES, SpeedConfig(dense_dilation=False))
+    depthwise = [m for m in dense.modules() if isinstance(m, DepthwiseConv2d)]
+    assert sum(m.dilation[0] > 1 for m in depthwise) == 2  # dil_conv_3x3 and dil_conv_5x5
+    assert all(m.dense for m in depthwise)
+    assert not any(m.dense for m in dilated.modules() if isinstance(m, DepthwiseConv2d))
+    assert dense.state_dict().keys() == dilated.state_dict().keys()
+    assert all(
+        key.endswith(("weight", "running_mean", "running_var", "num_batches_tracked")) for key in dense.state_dict()
+    )
+
+
 def test_channels_last_network_keeps_its_state_dict_and_deepcopies() -> None:
     import copy
 
@@ -154,6 +208,22 @@ def test_channels_last_network_keeps_its_state_dict_and_deepcopies() -> None:
     plain = SearchNetwork(in_channels=1, channels=4, num_classes=3, layers=3, nodes=2)
     assert net.state_dict().keys() == plain.state_dict().keys()
     assert copy.deepcopy(net)(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_a_channels_last_supernet_keeps_the_layout_through_every_mixed_op() -> None:
+    """A mixed op that handed back channels-first tensors would leave the network in mixed layouts, where every
+    elementwise operator and its gradient runs on a slow strided path."""
+    net = SearchNetwork(
+        in_channels=1, channels=4, num_classes=3, layers=3, nodes=2, speed=SpeedConfig(channels_last=True)
+    )
+    layouts: list[bool] = []
+    for module in net.modules():
+        if isinstance(module, MixedOp):
+            module.register_forward_hook(
+                lambda m, args, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last))
+            )
+    net(torch.randn(2, 1, 8, 8))
+    assert layouts == [True] * sum(isinstance(m, MixedOp) for m in net.modules())
 
 
 def one_step_gradients(precision: str, xi: float | None) -> tuple[torch.Tensor, torch.Tensor, Searcher]:
