@@ -123,7 +123,7 @@ def dilated_as_dense(x: torch.Tensor, weight: torch.Tensor, stride: int, padding
     divisible = d > 1 and padding % d == 0
     if divisible and stride == d:
         out = F.conv2d(x[:, :, ::d, ::d], weight, None, 1, padding // d, 1, groups)
-        if _channels_last(x):
+        if is_channels_last(x):
             out = out.contiguous(memory_format=torch.channels_last)
         return out
     if divisible and stride == 1 and x.shape[-2] % d == 0 and x.shape[-1] % d == 0:
@@ -131,7 +131,8 @@ def dilated_as_dense(x: torch.Tensor, weight: torch.Tensor, stride: int, padding
     return F.conv2d(x, weight, None, stride, padding, d, groups)
 
 
-def _channels_last(x: torch.Tensor) -> bool:
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Laid out channels_last and not also plainly contiguous (a tensor with one channel or one pixel is both)."""
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -139,7 +140,7 @@ def _grids_to_batch(x: torch.Tensor, d: int) -> torch.Tensor:
     """(N, C, H, W) -> (d·d·N, C, H/d, W/d): sub-grid (r, q) = ``x[:, :, r::d, q::d]`` is batch block r·d + q. One
     copy, in the input's layout (moving whole channel vectors when it is channels_last)."""
     n, c, h, w = x.shape
-    if _channels_last(x):
+    if is_channels_last(x):
         grids = x.permute(0, 2, 3, 1).reshape(n, h // d, d, w // d, d, c).permute(2, 4, 0, 1, 3, 5)
         return grids.reshape(d * d * n, h // d, w // d, c).permute(0, 3, 1, 2)
     return x.reshape(n, c, h // d, d, w // d, d).permute(3, 5, 0, 1, 2, 4).reshape(d * d * n, c, h // d, w // d)
@@ -149,7 +150,7 @@ def _batch_to_grids(y: torch.Tensor, d: int) -> torch.Tensor:
     """The inverse of :func:`_grids_to_batch`: interleave the d·d batch blocks back into one image each."""
     m, c, h, w = y.shape
     n = m // (d * d)
-    if _channels_last(y):
+    if is_channels_last(y):
         grids = y.permute(0, 2, 3, 1).reshape(d, d, n, h, w, c).permute(2, 3, 0, 4, 1, 5)
         return grids.reshape(n, h * d, w * d, c).permute(0, 3, 1, 2)
     return y.reshape(d, d, n, c, h, w).permute(2, 3, 4, 0, 5, 1).reshape(n, c, h * d, w * d)

@@ -25,6 +25,7 @@ from nas.ops import (
     ReLUConvBN,
     build_op,
     forward_after_relu,
+    is_channels_last,
     starts_with_relu,
 )
 
@@ -88,11 +89,7 @@ def weighted_sum(weights: torch.Tensor, outputs: Sequence[torch.Tensor]) -> torc
     """Σ_k weights[k] · outputs[k] in a few operators: a matrix-vector product over the stacked outputs. Outputs in
     channels_last are stacked as (N, H, W, C) views, so that the sum (and the gradients flowing back into every
     candidate) keep that layout: a stack of 4-d channels_last tensors is laid out channels-first."""
-    if (
-        outputs[0].dim() == 4
-        and not outputs[0].is_contiguous()
-        and outputs[0].is_contiguous(memory_format=torch.channels_last)
-    ):
+    if outputs[0].dim() == 4 and is_channels_last(outputs[0]):
         stacked = torch.stack([y.permute(0, 2, 3, 1) for y in outputs])
         return torch.tensordot(weights.to(stacked.dtype), stacked, dims=1).permute(0, 3, 1, 2)
     stacked = torch.stack(list(outputs))
