@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import ray.cloudpickle
 import stage_callbacks
+from processes import start_local_ray
 
 # Ray's workers cannot import this folder: the test callbacks travel by value.
 ray.cloudpickle.register_pickle_by_value(stage_callbacks)
@@ -19,7 +20,7 @@ def local_ray() -> Iterator[Any]:
     """A local Ray of 2 CPUs (this machine's size), so fractional worker CPUs are what keeps the tests running."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    start_local_ray()
     yield ray
     ray.shutdown()
 

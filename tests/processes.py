@@ -6,8 +6,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 
 def _table() -> dict[int, tuple[int, str]]:
@@ -26,16 +30,21 @@ def _table() -> dict[int, tuple[int, str]]:
     return table
 
 
+def _with_descendants(table: dict[int, tuple[int, str]], roots: set[int]) -> set[int]:
+    found = set(roots)
+    frontier = set(roots)
+    while frontier:
+        frontier = {pid for pid, (parent, _) in table.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
 def processes_with(marker: str) -> list[int]:
     """The processes whose command line holds ``marker``, and all their descendants."""
     table = _table()
-    found = {pid for pid, (_, cmdline) in table.items() if marker in cmdline and pid != os.getpid()}
-    grew = True
-    while grew:
-        children = {pid for pid, (parent, _) in table.items() if parent in found} - found
-        found |= children
-        grew = bool(children)
-    return sorted(found)
+    return sorted(
+        _with_descendants(table, {pid for pid, (_, cmd) in table.items() if marker in cmd and pid != os.getpid()})
+    )
 
 
 def end_processes_with(marker: str, timeout: float = 20.0) -> None:
@@ -51,3 +60,62 @@ def end_processes_with(marker: str, timeout: float = 20.0) -> None:
         pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
         if not pids:
             return
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...), as they are now."""
+    return sorted(_with_descendants(_table(), {pid}) - {pid})
+
+
+def _ray_worker_stacks(pids: list[int]) -> str:
+    """Where each Ray task and actor process among ``pids`` stands (py-spy, which ``ray[default]`` installs), so that a
+    hang inside a worker can be read from the test's failure."""
+    import shutil
+    import sys
+
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    table = _table()
+    dumps = []
+    for pid in pids:
+        name = table.get(pid, (0, ""))[1]
+        if spy and name.startswith("ray::") and "Agent" not in name:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=20)
+                dumps.append(f"--- {name.strip()} (pid {pid})\n{dump.stdout[-2000:]}{dump.stderr[-500:]}")
+    return "\n".join(dumps)
+
+
+def run_bounded(command: list[str], timeout: float, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run(command, capture_output=True, text=True)``, except that a command still running after
+    ``timeout`` seconds fails the test with what it printed and where its Python threads stood (faulthandler's dump on
+    SIGABRT), and ends with every process it started: a Ray it brought up would otherwise outlive it, and the next
+    test's ``ray.init()`` would join that stale cluster."""
+    env = {**(kwargs.pop("env", None) or os.environ), "PYTHONFAULTHANDLER": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        below = descendants(process.pid)  # before the command ends and they are handed to init
+        stacks = _ray_worker_stacks(below)
+        process.send_signal(signal.SIGABRT)
+        try:
+            stdout, stderr = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in below:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            time.sleep(2)
+        output = f"--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-6000:]}\n{stacks[-8000:]}"
+        pytest.fail(f"{command} ran past {timeout:g}s\n{output}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def start_local_ray() -> None:
+    """A Ray of its own for this test process (2 CPUs, this machine's size; no dashboard): ``address="local"``, so that
+    a cluster some other test left behind is never joined."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)

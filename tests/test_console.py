@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from processes import run_bounded
 
 from components.config import load_pipeline_config, search_label, trial_configs
 from components.console import PipelineProgress, WorkPlan
@@ -114,11 +115,12 @@ def _search(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
         "search.channels=4",
         "data.limit=200",
         "ray.cpus_per_worker=0.5",
+        "ray.address=local",  # a Ray of its own, even with a cluster up on this machine
         f"ray.storage_path={tmp_path / 'store'}",
     ):
         command += ["--set", override]
     env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*command, *extra], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    return run_bounded([*command, *extra], timeout=300, cwd=ROOT, env=env)
 
 
 def test_a_stage_prints_only_its_own_lines_unless_verbose(tmp_path: Path) -> None:

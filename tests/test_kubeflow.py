@@ -73,7 +73,8 @@ def test_the_pipeline_runs_locally_and_registers_a_champion(tmp_path: Path, monk
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.chdir(tmp_path)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
-    run = build_pipeline()(preset="quick", overrides=overrides, name="kfp", ray_address="")
+    # "local": each step starts a Ray of its own, as in its pod, even with a cluster up on this machine
+    run = build_pipeline()(preset="quick", overrides=overrides, name="kfp", ray_address="local")
     assert run.output == "models:/kfp/1"
     lineage = walk_lineage(uri, "kfp")  # the model is named after the pipeline
     assert lineage["pipeline"] == "kfp" and lineage["role"] == "champion" and lineage["search_run"]

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from processes import start_local_ray
 
 from components.config import PipelineConfig, load_pipeline_config
 from components.driver import prepare
@@ -159,7 +160,7 @@ def pipeline_on_a_server(root: Path) -> Iterator[TrackedPipeline]:
             env.setenv("NO_PROXY", "127.0.0.1,localhost")
             overrides = [*SHRINK, "sweep.seeds=[1,2]", "sweep.xi=[0]", f"mlflow.tracking_uri={server.uri}"]
             config = load_pipeline_config("quick", [*overrides, f"ray.storage_path={workdir / 'store'}"])
-            ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+            start_local_ray()
             try:
                 result = run_pipeline(prepare(config, sweep=True), log=lambda line: None)
             finally:

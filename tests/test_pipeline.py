@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from processes import end_processes_with
+from processes import end_processes_with, start_local_ray
 
 from components.config import load_pipeline_config, search_label
 from components.driver import prepare
@@ -63,7 +63,7 @@ def test_the_quick_pipeline_on_s3_registers_a_champion_with_its_lineage(tmp_path
     overrides = [*SHRINK, f"mlflow.tracking_uri={uri}", f"ray.storage_path={store}", "sweep.seeds=[1]", "sweep.top_k=2"]
     overrides += ["champion.baselines=[DARTS_V2]", "champion.max_concurrent=2", "champion.random_baselines=2"]
     config = load_pipeline_config("quick", overrides)
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)  # inherits the S3 env
+    start_local_ray()  # inherits the S3 env
     try:
         result = run_pipeline(prepare(config, sweep=True), log=lambda line: None)
         runs_after_first = _count_runs(uri)

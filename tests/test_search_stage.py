@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from processes import run_bounded
 from stage_callbacks import FailOnStart, KillOnce, RankSync
 
 from components.config import PipelineConfig
@@ -100,7 +100,7 @@ def test_bad_config_fails_before_any_worker_with_one_line(tmp_path: Path, overri
     cmd = [sys.executable, "-m", "components.search", "--config", "digits", "--set", "ray.cpus_per_worker=1"]
     cmd += ["--set", f"ray.storage_path={tmp_path / 'store'}", "--set", override]
     env = {"RAY_ADDRESS": "", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1], env=env, timeout=300)
+    proc = run_bounded(cmd, timeout=300, cwd=Path(__file__).parents[1], env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pytest
+from processes import start_local_ray
 from s3 import S3Server
 
 from components import storage
@@ -220,7 +221,7 @@ def test_ray_train_checkpoints_to_s3(s3: S3Server) -> None:
             ray.train.report({"step": 1}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     root = Location(s3.uri(_unique("ray")))
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    start_local_ray()
     try:
         result = TorchTrainer(
             loop,

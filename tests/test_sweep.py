@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import start_local_ray
 from stage_callbacks import InterruptDriver, StartLog
 
 from components.config import PipelineConfig
@@ -45,7 +46,7 @@ def test_two_seeds_by_two_xi_on_two_cpus(tmp_path: Path, monkeypatch) -> None:  
     import ray
 
     monkeypatch.setenv(KEY_ENV, "the key of this test's pipeline")
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    start_local_ray()
     try:
         cfg = load_config("digits", [*TINY, f"ray.storage_path={tmp_path}", "sweep.top_k=2"], model=PipelineConfig)
         starts = StartLog(tmp_path / "starts")
@@ -106,7 +107,7 @@ def _alpha_history(trial: TrialResult) -> list[list]:
 def test_same_seed_and_xi_give_the_same_genotype_and_extra_axes_change_alpha(tmp_path: Path) -> None:
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    start_local_ray()
     try:
         overrides = [*TINY, f"ray.storage_path={tmp_path}", "sweep.seeds=[3,3]", "sweep.xi=[null]"]
         overrides += ["sweep.alpha_lr=[0.006,0.3]", "sweep.top_k=4"]
@@ -132,7 +133,7 @@ def test_same_seed_and_xi_give_the_same_genotype_and_extra_axes_change_alpha(tmp
 def test_asha_stops_a_trailing_search_at_its_first_rung(tmp_path: Path) -> None:
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    start_local_ray()
     try:
         overrides = [*TINY, f"ray.storage_path={tmp_path}", "search.epochs=2", "search.steps_per_epoch=6"]
         overrides += ["sweep.seeds=[1]", "sweep.xi=[0]", "sweep.w_lr=[0.1,0.00001]", "sweep.scheduler=asha"]
@@ -203,7 +204,7 @@ def test_a_ctrl_c_stops_the_sweep_in_one_line_and_the_same_command_resumes_it(tm
     monkeypatch.setenv(KEY_ENV, "the key of this test's pipeline")
     overrides = [*TINY, "search.epochs=2", "sweep.seeds=[1]", "sweep.xi=[0]", f"ray.storage_path={tmp_path}"]
     marker = tmp_path / "interrupted"
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    start_local_ray()
     try:
         prepared = prepare(load_config("digits", overrides, model=PipelineConfig), sweep=True)
         ctrl_c = InterruptDriver(os.getpid(), epoch=1, marker=marker)
