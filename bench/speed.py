@@ -86,6 +86,7 @@ def cases() -> list[Case]:
         Case("default-channels_last", "second", {**default, "channels_last": False}),
         Case("default-dense_dilation", "first", {**default, "dense_dilation": False}),
         Case("default-dense_dilation", "second", {**default, "dense_dilation": False}),
+        Case("default+checkpoint", "first", {**default, "checkpoint_cells": True}),
         Case("default+checkpoint", "second", {**default, "checkpoint_cells": True}),
         Case("default+bf16", "first", default, precision="bf16"),
         Case("default+bf16", "second", default, precision="bf16"),
