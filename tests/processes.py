@@ -1,5 +1,6 @@
-"""End only the processes a test started: found by a marker in their command line (a temp folder of their own),
-with every descendant, never by name (``ray stop --force`` would end every Ray on the machine)."""
+"""The processes a test starts, and only those: found by a marker in their command line (a temp folder of their own)
+or as a command's descendants, never by name (``ray stop --force`` would end every Ray on the machine); a local Ray
+of the test's own; command lines run with a bound that leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -48,8 +49,12 @@ def processes_with(marker: str) -> list[int]:
 
 
 def end_processes_with(marker: str, timeout: float = 20.0) -> None:
-    """SIGTERM the processes :func:`processes_with` finds, then SIGKILL what is left after ``timeout`` seconds."""
-    pids = processes_with(marker)
+    """End the processes :func:`processes_with` finds (:func:`end_processes`)."""
+    end_processes(processes_with(marker), timeout)
+
+
+def end_processes(pids: list[int], timeout: float = 20.0) -> None:
+    """SIGTERM ``pids``, then SIGKILL what is left after ``timeout`` seconds."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -103,11 +108,7 @@ def run_bounded(command: list[str], timeout: float, **kwargs: Any) -> subprocess
         except subprocess.TimeoutExpired:
             process.kill()
             stdout, stderr = process.communicate()
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in below:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            time.sleep(2)
+        end_processes(below, timeout=5)
         output = f"--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-6000:]}\n{stacks[-8000:]}"
         pytest.fail(f"{command} ran past {timeout:g}s\n{output}")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
