@@ -107,8 +107,9 @@ class SpeedConfig(_Section):
     )
     stacked_mixture: bool = Field(
         True,
-        description="eq. 1's weighted sum as one product of softmax(α) with the stacked candidate outputs, not a "
-        "multiply and an add per candidate (a few operators per edge instead of about twenty: on a GPU, launches)",
+        description="eq. 1's weighted sum as one operator with a hand-written gradient (a multiply-add per candidate "
+        "into one tensor; the gradient of each weight a dot product), not a multiply and an add per candidate that "
+        "autograd differentiates one by one",
     )
     batched_edges: bool = Field(
         False,

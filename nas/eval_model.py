@@ -263,7 +263,7 @@ def image_flops(network: nn.Module, in_channels: int, image_size: int) -> int:
     network's own device: one built on the meta device is costed without allocating or computing anything.
 
     Only convolutions and linear layers count, as in bench/flops.py: a supernet's α-weighted sum of its candidates
-    is elementwise-sized work whichever operator computes it (a matrix product when ``stacked_mixture`` is on)."""
+    is elementwise-sized work, not counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
     device = next(network.parameters()).device

@@ -25,6 +25,7 @@ from nas.ops import (
     ReLUConvBN,
     build_op,
     forward_after_relu,
+    global_average_pool,
     is_channels_last,
     starts_with_relu,
 )
@@ -86,14 +87,42 @@ def index_on(
 
 
 def weighted_sum(weights: torch.Tensor, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Σ_k weights[k] · outputs[k] in a few operators: a matrix-vector product over the stacked outputs. Outputs in
-    channels_last are stacked as (N, H, W, C) views, so that the sum (and the gradients flowing back into every
-    candidate) keep that layout: a stack of 4-d channels_last tensors is laid out channels-first."""
-    if outputs[0].dim() == 4 and is_channels_last(outputs[0]):
-        stacked = torch.stack([y.permute(0, 2, 3, 1) for y in outputs])
-        return torch.tensordot(weights.to(stacked.dtype), stacked, dims=1).permute(0, 3, 1, 2)
-    stacked = torch.stack(list(outputs))
-    return torch.tensordot(weights.to(stacked.dtype), stacked, dims=1)
+    """Σ_k weights[k] · outputs[k], in place into one tensor (:class:`_WeightedSum`): no stack of the outputs, and
+    the gradients keep each output's memory layout."""
+    return _WeightedSum.apply(weights.to(outputs[0].dtype), *outputs)
+
+
+class _WeightedSum(torch.autograd.Function):
+    """Eq. 1's sum as one multiply and a fused multiply-add per candidate, with a hand-written gradient: outputs[k]
+    gets weights[k] · grad and weights[k] gets ⟨grad, outputs[k]⟩, a dot product over the tensors' memory (autograd's
+    gradient of a stacked product is an outer product with an inner size of 1, which CPU matrix kernels run at a few
+    GB/s). The backward is made of differentiable operators, so a double backward (the exact Hessian) goes through
+    it."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, *outputs: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        total = outputs[0] * weights[0]
+        for k in range(1, len(outputs)):
+            total.addcmul_(outputs[k], weights[k])
+        ctx.save_for_backward(weights, *outputs)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        weights, *outputs = ctx.saved_tensors
+        d_weights = None
+        if ctx.needs_input_grad[0]:
+            d_weights = torch.stack([torch.dot(flat_like(grad, y), flat_like(y, y)) for y in outputs])
+        d_outputs = [grad * weights[k] if ctx.needs_input_grad[1 + k] else None for k in range(len(outputs))]
+        return (d_weights, *d_outputs)
+
+
+def flat_like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``x`` as one dimension in the memory order of ``like`` (a view when ``x`` is laid out as ``like``), so that a
+    dot product of two tensors of the same layout reads both in order."""
+    if like.dim() == 4 and is_channels_last(like):
+        return x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1)
+    return x.contiguous().reshape(-1)
 
 
 class MixedOp(nn.Module):
@@ -360,7 +389,6 @@ class SearchNetwork(nn.Module):
             reduction_prev = reduction
             c_prev_prev, c_prev = c_prev, nodes * c_curr
         self.cells = nn.ModuleList(cells)
-        self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c_prev, num_classes)
         k, n_ops = num_edges(nodes), len(self.primitives)
         # Small random α (as in the paper) so the first softmax is near uniform but not tied.
@@ -426,7 +454,7 @@ class SearchNetwork(nn.Module):
         for cell in self.cells:
             w, e = (w_reduce, e_reduce) if cell.reduction else (w_normal, e_normal)
             s0, s1 = s1, checkpointed_cell(cell, s0, s1, w, e) if checkpointed else cell(s0, s1, w, e)
-        return self.classifier(self.global_pooling(s1).flatten(1))
+        return self.classifier(global_average_pool(s1))
 
     def alpha_names(self) -> tuple[str, ...]:
         return tuple(f"alpha.{name}" for name in self.alpha)

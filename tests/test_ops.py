@@ -11,7 +11,9 @@ from nas.ops import (
     FactorizedReduce,
     _weightless,
     build_op,
+    global_average_pool,
     is_parameter_free,
+    offset_grids,
     register_op,
     registered_ops,
     unregister_op,
@@ -122,6 +124,49 @@ def test_factorized_reduce_in_channels_last_with_few_channels_runs_backward_clea
     plain.load_state_dict(fr.state_dict())
     x = torch.randn(4, c_in, 6, 6)
     torch.testing.assert_close(fr(x.contiguous(memory_format=torch.channels_last)), plain(x), rtol=0, atol=1e-5)
+
+
+def torch_offset_grids(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[:, :, ::2, ::2], nn.functional.pad(x, (0, 1, 0, 1))[:, :, 1::2, 1::2]
+
+
+def first_and_second_backward(fn, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:  # noqa: ANN001
+    """fn(x)'s outputs, the gradient for random output gradients v, and the gradient of ⟨that gradient, u⟩ with
+    respect to v (what a double backward, the exact Hessian's, takes through fn's backward)."""
+    gen = torch.Generator().manual_seed(0)
+    outs = fn(x.requires_grad_())
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    vs = [torch.randn(o.shape, generator=gen).requires_grad_() for o in outs]
+    (grad,) = torch.autograd.grad(outs, x, vs, create_graph=True)
+    u = torch.randn(x.shape, generator=gen)
+    return list(outs), grad, list(torch.autograd.grad((grad * u).sum(), vs))
+
+
+@pytest.mark.parametrize("size", [(8, 8), (7, 6)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [(offset_grids, torch_offset_grids), (global_average_pool, lambda x: nn.AdaptiveAvgPool2d(1)(x).flatten(1))],
+    ids=["offset_grids", "global_average_pool"],
+)
+def test_layout_keeping_operators_equal_torchs_with_gradients_in_the_input_layout(
+    ours,
+    theirs,
+    channels_last: bool,
+    size: tuple[int, int],  # noqa: ANN001
+) -> None:
+    """The sub-grids FactorizedReduce reads and the supernet's global pooling: PyTorch's own versions hand back
+    channels-first gradients; ours give the same values and gradients (twice differentiated too) in the input's
+    layout."""
+    x = torch.randn(3, C, *size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    (outs, grad, second), (want_outs, want_grad, want_second) = (
+        first_and_second_backward(fn, x.clone()) for fn in (ours, theirs)
+    )
+    for a, b in zip([*outs, grad, *second], [*want_outs, want_grad, *want_second], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert grad.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def test_register_custom_op_and_use_it_in_a_search() -> None:
