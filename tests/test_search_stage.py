@@ -98,7 +98,7 @@ def test_same_name_resumes_instead_of_starting_over(local_ray, tmp_path: Path) -
 )
 def test_bad_config_fails_before_any_worker_with_one_line(tmp_path: Path, override: str, message: str) -> None:
     cmd = [sys.executable, "-m", "components.search", "--config", "digits", "--set", "ray.cpus_per_worker=1"]
-    cmd += ["--set", f"ray.storage_path={tmp_path / 'store'}", "--set", override]
+    cmd += ["--set", f"ray.storage_path={tmp_path / 'store'}", "--set", "ray.address=local", "--set", override]
     env = {"RAY_ADDRESS": "", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
     proc = run_bounded(cmd, timeout=300, cwd=Path(__file__).parents[1], env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -22,7 +22,7 @@ from nas.ops import (
     starts_with_relu,
 )
 from nas.search import Searcher
-from nas.search_model import PLAIN, MixedOp, edge_groups
+from nas.search_model import PLAIN, MixedOp, edge_groups, stacked_weighted_sum, weighted_sum
 
 SWITCHES = [name for name in SpeedConfig.model_fields]
 
@@ -151,6 +151,29 @@ def test_the_fast_mixed_op_equals_eq_1_with_gradients(primitives: tuple[str, ...
     torch.testing.assert_close(outs[0], outs[1])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_cpu_weighted_sum_equals_the_stacked_product_twice_differentiated(channels_last: bool) -> None:
+    """Eq. 1's sum on CPU (in place, hand-written gradient) against the stacked product a GPU runs: the same values,
+    gradients for the weights and every output, and the same second derivatives through the gradient (the exact
+    Hessian's double backward)."""
+    gen = torch.Generator().manual_seed(0)
+    outputs = [torch.randn(2, 4, 3, 3, generator=gen) for _ in range(5)]
+    if channels_last:
+        outputs = [y.contiguous(memory_format=torch.channels_last) for y in outputs]
+    weights = torch.softmax(torch.randn(5, generator=gen), 0)
+    upstream, probe = torch.randn(2, 4, 3, 3, generator=gen), torch.randn(5, generator=gen)
+    results = []
+    for fn in (weighted_sum, stacked_weighted_sum):
+        ws, ys = weights.clone().requires_grad_(), [y.clone().requires_grad_() for y in outputs]
+        total = fn(ws, ys)
+        grads = torch.autograd.grad(total, [ws, *ys], upstream, create_graph=True)
+        second = torch.autograd.grad((grads[0] * probe).sum(), ys)  # d⟨∂/∂weights, probe⟩ / d outputs
+        results.append([total, *grads, *second])
+        assert total.is_contiguous(memory_format=torch.channels_last) == channels_last
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from processes import start_local_ray
+from processes import run_bounded, start_local_ray
 from stage_callbacks import InterruptDriver, StartLog
 
 from components.config import PipelineConfig
@@ -155,7 +155,7 @@ def test_asha_stops_a_trailing_search_at_its_first_rung(tmp_path: Path) -> None:
 
 def test_an_interrupted_sweep_restores_without_rerunning_finished_trials(tmp_path: Path) -> None:
     starts = tmp_path / "starts"
-    overrides = [*TINY, f"ray.storage_path={tmp_path}", "sweep.max_concurrent_trials=1"]
+    overrides = [*TINY, f"ray.storage_path={tmp_path}", "sweep.max_concurrent_trials=1", "ray.address=local"]
     script = (
         "import sys; sys.path.insert(0, 'tests'); import conftest; from stage_callbacks import StartLog; "
         "from components.config import PipelineConfig; from components.driver import prepare; "
@@ -184,9 +184,7 @@ def test_an_interrupted_sweep_restores_without_rerunning_finished_trials(tmp_pat
         proc.wait()
     first_run = starts.read_text().split()
     assert len(set(first_run)) < 4, "the sweep finished before it was interrupted"
-    rerun = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
-    )
+    rerun = run_bounded([sys.executable, "-c", script], timeout=900, cwd=ROOT, env=env)
     assert "TRIALS 4 0" in rerun.stdout, rerun.stderr[-3000:]
     check_state(Location(str(tmp_path)), "restore", state_key())  # the restored run signed what it wrote too
     all_starts = starts.read_text().split()
