@@ -131,7 +131,11 @@ class SpeedConfig(_Section):
     checkpoint_cells: bool = Field(
         False, description="activation checkpointing per cell: less memory, one more cell forward per backward"
     )
-    compile: bool = Field(False, description="torch.compile each mixed op (falls back to eager if compiling fails)")
+    compile: bool = Field(
+        False,
+        description="torch.compile the supernet's forward (falls back to eager if compiling fails; for GPUs: on a "
+        "2-core CPU inductor's compile did not finish in 25 minutes, bench/README.md)",
+    )
 
 
 class SearchConfig(_Section):

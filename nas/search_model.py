@@ -70,8 +70,12 @@ def node_softmax(beta: torch.Tensor, nodes: int) -> torch.Tensor:
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """Interleave ``groups`` channel groups (ShuffleNet): channel g·(C/groups) + i moves to i·groups + g."""
+    """Interleave ``groups`` channel groups (ShuffleNet): channel g·(C/groups) + i moves to i·groups + g. A
+    channels_last input is shuffled as (N, H, W, C), so that the result (and its gradient) stay channels_last."""
     n, c, h, w = x.shape
+    if is_channels_last(x):
+        pixels = x.permute(0, 2, 3, 1)
+        return pixels.reshape(n, h, w, groups, c // groups).transpose(3, 4).reshape(n, h, w, c).permute(0, 3, 1, 2)
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
@@ -177,7 +181,8 @@ class MixedOp(nn.Module):
         if self.partial == 1:
             return self.mixture(x, weights)
         k = x.shape[1] // self.partial
-        mixed, bypass = self.mixture(x[:, :k], weights), x[:, k:]
+        through, bypass = x.split([k, x.shape[1] - k], dim=1)  # split: a gradient in x's layout (a slice's is not)
+        mixed = self.mixture(through, weights)
         if self.stride == 2:
             bypass = F.max_pool2d(bypass, 2, 2, ceil_mode=True)
         return channel_shuffle(torch.cat([mixed, bypass], dim=1), self.partial)

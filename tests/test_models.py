@@ -200,6 +200,10 @@ def test_channel_shuffle_interleaves_the_groups() -> None:
     x = torch.arange(8.0).view(1, 8, 1, 1)
     assert channel_shuffle(x, 4).flatten().tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
     assert channel_shuffle(x, 1).flatten().tolist() == list(range(8))
+    images = torch.randn(2, 8, 3, 3)
+    shuffled = channel_shuffle(images.contiguous(memory_format=torch.channels_last), 4)
+    assert torch.equal(shuffled, channel_shuffle(images, 4))
+    assert shuffled.is_contiguous(memory_format=torch.channels_last)  # a channels_last network stays so
 
 
 @pytest.mark.parametrize("stride", [1, 2])

@@ -270,12 +270,23 @@ def channels_first(t: torch.Tensor) -> bool:
     return t.shape[1] > 1 and t.shape[2] * t.shape[3] > 1 and t.is_contiguous() and not is_channels_last(t)
 
 
-def test_a_channels_last_supernets_backward_never_meets_a_channels_first_gradient() -> None:
-    """Forward and backward of the default path stay channels_last: slicing a sub-grid and global average pooling
-    hand back channels-first gradients in PyTorch, and an elementwise gradient (ReLU's, a sum's) over one operand of
-    each layout runs 10-20 times slower on CPU than over two of the same."""
+@pytest.mark.parametrize("partial_channels", [1, 4], ids=["darts", "pc-darts"])
+def test_a_channels_last_supernets_backward_never_meets_a_channels_first_gradient(partial_channels: int) -> None:
+    """Forward and backward of the default path stay channels_last: slicing a sub-grid or PC-DARTS's channels,
+    global average pooling and a channel shuffle by view and reshape all hand back channels-first tensors in
+    PyTorch, and an elementwise operator (ReLU's gradient, a sum) over one operand of each layout runs 10-20 times
+    slower on CPU than over two of the same."""
     torch.manual_seed(0)
-    net = SearchNetwork(in_channels=1, channels=4, num_classes=3, layers=3, nodes=2, speed=SpeedConfig())
+    net = SearchNetwork(
+        in_channels=1,
+        channels=4 * partial_channels,
+        num_classes=3,
+        layers=3,
+        nodes=2,
+        speed=SpeedConfig(),
+        partial_channels=partial_channels,
+        edge_normalization=partial_channels > 1,
+    )
     assert SpeedConfig().channels_last and SpeedConfig().dense_dilation
     x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))
     with ChannelsFirstOperands() as mode:
