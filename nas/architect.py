@@ -59,6 +59,13 @@ def exact_hessian_vector_product(
     return list(torch.autograd.grad(dot, alphas, materialize_grads=True))
 
 
+def laid_out_as(tensors: Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
+    """Each tensor in the memory layout of its counterpart in ``like`` (a copy only where the strides differ).
+    Multi-tensor arithmetic on channels_last weights can hand back channels-first results, and a network run with
+    them would leave channels_last for the whole pass (its CPU kernels are several times slower there)."""
+    return [t if t.stride() == w.stride() else torch.empty_like(w).copy_(t) for t, w in zip(tensors, like)]
+
+
 def finite_difference_hessian_vector_product(
     grad_alpha: Callable[[Sequence[Tensor]], Sequence[Tensor]],
     weights: Sequence[Tensor],
@@ -68,8 +75,8 @@ def finite_difference_hessian_vector_product(
     """Eq. 8: (∇α L(w + ε·v, α) − ∇α L(w − ε·v, α)) / (2ε) ≈ ∇²_{α,w} L · v; ``grad_alpha(w)`` is ∇α L(w, α)."""
     with torch.no_grad():  # multi-tensor operators: three for all the weights, not three per weight tensor
         step = torch._foreach_mul(list(vector), eps)
-        w_plus = torch._foreach_add(list(weights), step)
-        w_minus = torch._foreach_sub(list(weights), step)
+        w_plus = laid_out_as(torch._foreach_add(list(weights), step), weights)
+        w_minus = laid_out_as(torch._foreach_sub(list(weights), step), weights)
     g_plus = grad_alpha(w_plus)
     g_minus = grad_alpha(w_minus)
     return [(p - m) / (2 * eps) for p, m in zip(g_plus, g_minus)]
@@ -164,7 +171,7 @@ class Architect:
         grads = list(torch.autograd.grad(train_loss, weights))
         self.reduce(grads)
         with torch.no_grad():
-            return torch._foreach_add(self.weights, self._sgd_directions(grads), alpha=-xi)
+            return laid_out_as(torch._foreach_add(self.weights, self._sgd_directions(grads), alpha=-xi), self.weights)
 
     def _aliases(self) -> list[Tensor]:
         """The weights as new leaves sharing their storage: gradients taken through them never reach the

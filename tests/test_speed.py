@@ -294,6 +294,18 @@ def test_a_channels_last_supernets_backward_never_meets_a_channels_first_gradien
     assert mode.found == []
 
 
+def test_every_pass_of_a_second_order_step_stays_channels_last() -> None:
+    """The virtual step's w' and the finite difference's w ± ε·v come from multi-tensor arithmetic, which can hand
+    back channels-first tensors for channels_last weights; a pass run with those (here, on a one-channel input,
+    whose layout is ambiguous) would run channels-first from the stem on."""
+    torch.manual_seed(0)
+    searcher = Searcher(tiny_config(SpeedConfig(), xi=0.025), in_channels=1, num_classes=3)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    with ChannelsFirstOperands() as mode:
+        searcher.step(x, y, x, y)
+    assert mode.found == []
+
+
 def one_step_gradients(precision: str, xi: float | None) -> tuple[torch.Tensor, torch.Tensor, Searcher]:
     """The α gradient and the weight gradient of one search step, flattened."""
     torch.manual_seed(0)
