@@ -114,8 +114,9 @@ def stacked_weighted_sum(weights: torch.Tensor, outputs: Sequence[torch.Tensor])
 class _WeightedSum(torch.autograd.Function):
     """Eq. 1's sum as one multiply and a fused multiply-add per candidate, with a hand-written gradient: outputs[k]
     gets weights[k] · grad and weights[k] gets ⟨grad, outputs[k]⟩, a dot product over the tensors' memory. On CPU
-    that is 4x faster than :func:`stacked_weighted_sum`: the stack copies every output, and autograd's gradient of
-    the stacked product is an outer product with an inner size of 1, which CPU matrix kernels run at a few GB/s. The
+    that is several times faster than :func:`stacked_weighted_sum` on the 32x32 cells (4.5 against 1.1 ms forward
+    and backward, 7 candidates of 16 x 16 x 32 x 32): the stack copies every output, and autograd's gradient of the
+    stacked product is an outer product with an inner size of 1, which CPU matrix kernels run at a few GB/s. The
     backward is made of differentiable operators, so a double backward (the exact Hessian) goes through it."""
 
     @staticmethod
