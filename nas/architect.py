@@ -60,10 +60,27 @@ def exact_hessian_vector_product(
 
 
 def laid_out_as(tensors: Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
-    """Each tensor in the memory layout of its counterpart in ``like`` (a copy only where the strides differ).
-    Multi-tensor arithmetic on channels_last weights can hand back channels-first results, and a network run with
-    them would leave channels_last for the whole pass (its CPU kernels are several times slower there)."""
-    return [t if t.stride() == w.stride() else torch.empty_like(w).copy_(t) for t, w in zip(tensors, like)]
+    """Each tensor with the strides of its counterpart in ``like``: a view where only the strides of dimensions of
+    size 1 differ, else a copy. Multi-tensor arithmetic on channels_last weights can hand back channels-first
+    results, and a network run with them would leave channels_last for the whole pass (its CPU kernels are several
+    times slower there); PyTorch reads the layout from the strides, even those of a dimension of size 1 (a
+    one-channel input's convolution takes it from the weight's)."""
+    return [
+        t
+        if t.stride() == w.stride()
+        else t.as_strided(w.shape, w.stride())
+        if same_layout(t, w)
+        else torch.empty_like(w).copy_(t)
+        for t, w in zip(tensors, like)
+    ]
+
+
+def same_layout(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` (of one shape, each dense) lay their elements out in the same order: a depthwise
+    (C, 1, k, k) or a pointwise (C, C, 1, 1) weight does in both layouts, whose strides differ only where the size
+    is 1."""
+    formats = (torch.contiguous_format, torch.channels_last) if a.dim() == 4 else (torch.contiguous_format,)
+    return any(a.is_contiguous(memory_format=f) and b.is_contiguous(memory_format=f) for f in formats)
 
 
 def finite_difference_hessian_vector_product(

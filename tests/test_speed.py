@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nas import SearchNetwork
+from nas.architect import laid_out_as
 from nas.batched import RunningStats, batched
 from nas.config import SearchConfig, SpeedConfig
 from nas.ops import (
@@ -304,6 +305,18 @@ def test_every_pass_of_a_second_order_step_stays_channels_last() -> None:
     with ChannelsFirstOperands() as mode:
         searcher.step(x, y, x, y)
     assert mode.found == []
+
+
+def test_laid_out_as_gives_the_weights_strides_by_a_view_where_memory_agrees_and_a_copy_where_not() -> None:
+    cl = torch.channels_last
+    depthwise, stem = torch.randn(16, 1, 5, 5), torch.randn(12, 3, 3, 3)
+    like = [depthwise.contiguous(memory_format=cl), stem.contiguous(memory_format=cl), torch.randn(7)]
+    results = [depthwise * 2, stem * 2, torch.arange(7.0)]  # channels-first, as multi-tensor arithmetic may give
+    out = laid_out_as(results, like)
+    assert [o.stride() for o in out] == [w.stride() for w in like]
+    assert all(torch.equal(o, r) for o, r in zip(out, results))
+    assert out[0].data_ptr() == results[0].data_ptr()  # same memory order: a view
+    assert out[1].data_ptr() != results[1].data_ptr() and out[2] is results[2]
 
 
 def one_step_gradients(precision: str, xi: float | None) -> tuple[torch.Tensor, torch.Tensor, Searcher]:
