@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import ray.cloudpickle
 import stage_callbacks
-from processes import start_local_ray
+from processes import start_local_ray, stop_local_ray
 
 # Ray's workers cannot import this folder: the test callbacks travel by value.
 ray.cloudpickle.register_pickle_by_value(stage_callbacks)
@@ -22,7 +22,7 @@ def local_ray() -> Iterator[Any]:
 
     start_local_ray()
     yield ray
-    ray.shutdown()
+    stop_local_ray()
 
 
 # --- a real S3 API (moto's server) for any test module: see tests/s3.py -----------------------------------------------

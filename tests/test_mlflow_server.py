@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from processes import start_local_ray
+from processes import start_local_ray, stop_local_ray
 
 from components.config import PipelineConfig, load_pipeline_config
 from components.driver import prepare
@@ -146,7 +146,6 @@ def pipeline_on_a_server(root: Path) -> Iterator[TrackedPipeline]:
     """The tiny quick pipeline with two searches (seeds 1 and 2), run in-process on a local Ray and tracked to a live
     ``mlflow server`` over HTTP; the server stays up while the caller reads the records back. Shared by the tests
     through the session fixture ``tracked_pipeline`` (tests/conftest.py), so the suite runs it once."""
-    import ray
 
     from pipelines.full import run_pipeline
 
@@ -164,7 +163,7 @@ def pipeline_on_a_server(root: Path) -> Iterator[TrackedPipeline]:
             try:
                 result = run_pipeline(prepare(config, sweep=True), log=lambda line: None)
             finally:
-                ray.shutdown()
+                stop_local_ray()
         yield TrackedPipeline(server, result, config, workdir)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from processes import end_processes_with, start_local_ray
+from processes import end_processes_with, start_local_ray, stop_local_ray
 
 from components.config import load_pipeline_config, search_label
 from components.driver import prepare
@@ -52,7 +52,6 @@ def _count_runs(uri: str) -> int:
 
 def test_the_quick_pipeline_on_s3_registers_a_champion_with_its_lineage(tmp_path: Path, monkeypatch, s3) -> None:  # noqa: ANN001
     """Storage on a real S3 API (moto): sweep, retrain and registration, with every stage's artifacts in MLflow."""
-    import ray
     from mlflow import MlflowClient
 
     from components.config import PipelineConfig
@@ -69,7 +68,7 @@ def test_the_quick_pipeline_on_s3_registers_a_champion_with_its_lineage(tmp_path
         runs_after_first = _count_runs(uri)
         again = run_pipeline(prepare(config, sweep=True), log=lambda line: None)  # a rerun of the finished pipeline
     finally:
-        ray.shutdown()
+        stop_local_ray()
     assert not (tmp_path / "runs").exists() and not Path("runs/ray/quick-sweep").exists()  # all of it went to S3
     objects = [o["Key"] for o in s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="quick-store/")["Contents"]]
     assert any(key.endswith("quick-sweep/selection/selection.csv") for key in objects)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pytest
-from processes import start_local_ray
+from processes import start_local_ray, stop_local_ray
 from s3 import S3Server
 
 from components import storage
@@ -207,7 +207,6 @@ def test_a_missing_bucket_is_one_line(s3: S3Server) -> None:
 
 def test_ray_train_checkpoints_to_s3(s3: S3Server) -> None:
     """Ray Train (V2) takes s3:// on moto as its storage_path: the env is set before ray.init, so workers see it."""
-    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -229,7 +228,7 @@ def test_ray_train_checkpoints_to_s3(s3: S3Server) -> None:
             run_config=RunConfig(name="tiny", storage_path=str(root)),
         ).fit()
     finally:
-        ray.shutdown()
+        stop_local_ray()
     assert result.checkpoint is not None and result.checkpoint.filesystem.type_name == "s3"
     checkpoint = PurePosixPath(result.checkpoint.path).name
     run = root.join("tiny")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from processes import run_bounded, start_local_ray
+from processes import run_bounded, start_local_ray, stop_local_ray
 from stage_callbacks import InterruptDriver, StartLog
 
 from components.config import PipelineConfig
@@ -43,7 +43,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_two_seeds_by_two_xi_on_two_cpus(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    import ray
 
     monkeypatch.setenv(KEY_ENV, "the key of this test's pipeline")
     start_local_ray()
@@ -52,7 +51,7 @@ def test_two_seeds_by_two_xi_on_two_cpus(tmp_path: Path, monkeypatch) -> None:  
         starts = StartLog(tmp_path / "starts")
         result, selected, where = sweep_and_select(prepare(cfg, sweep=True), name="grid", callback=starts)
     finally:
-        ray.shutdown()
+        stop_local_ray()
     assert not result.errors
     assert sorted((t.seed, str(t.xi)) for t in result.trials) == [(1, "0.0"), (1, "None"), (2, "0.0"), (2, "None")]
     for t in result.trials:
@@ -105,7 +104,6 @@ def _alpha_history(trial: TrialResult) -> list[list]:
 
 
 def test_same_seed_and_xi_give_the_same_genotype_and_extra_axes_change_alpha(tmp_path: Path) -> None:
-    import ray
 
     start_local_ray()
     try:
@@ -114,7 +112,7 @@ def test_same_seed_and_xi_give_the_same_genotype_and_extra_axes_change_alpha(tmp
         config = prepare(load_config("digits", overrides, model=PipelineConfig), sweep=True)
         result, selected, where = sweep_and_select(config, name="repeat")
     finally:
-        ray.shutdown()
+        stop_local_ray()
     assert not result.errors and len(result.trials) == 4
     by_lr: dict[float, list[TrialResult]] = {}
     for t in result.trials:
@@ -131,7 +129,6 @@ def test_same_seed_and_xi_give_the_same_genotype_and_extra_axes_change_alpha(tmp
 
 
 def test_asha_stops_a_trailing_search_at_its_first_rung(tmp_path: Path) -> None:
-    import ray
 
     start_local_ray()
     try:
@@ -141,7 +138,7 @@ def test_asha_stops_a_trailing_search_at_its_first_rung(tmp_path: Path) -> None:
         cfg = prepare(load_config("digits", overrides, model=PipelineConfig), sweep=True)
         result, selected, _ = sweep_and_select(cfg, name="asha", callback=StartLog(tmp_path / "starts"))
     finally:
-        ray.shutdown()
+        stop_local_ray()
     order = (tmp_path / "starts").read_text().split()
     first, second = (next(t for t in result.trials if t.trial == trial_id) for trial_id in order)
     assert first.complete and first.metrics["epoch"] == 2  # nothing to compare with at the rung: it runs on
@@ -197,7 +194,6 @@ def test_an_interrupted_sweep_restores_without_rerunning_finished_trials(tmp_pat
 def test_a_ctrl_c_stops_the_sweep_in_one_line_and_the_same_command_resumes_it(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     """Tune catches the first SIGINT, saves its state and returns as if it were done: the sweep must say that it was
     interrupted (a half-trained search must never pass for a finished one and be selected), and a rerun finishes it."""
-    import ray
 
     monkeypatch.setenv(KEY_ENV, "the key of this test's pipeline")
     overrides = [*TINY, "search.epochs=2", "sweep.seeds=[1]", "sweep.xi=[0]", f"ray.storage_path={tmp_path}"]
@@ -211,7 +207,7 @@ def test_a_ctrl_c_stops_the_sweep_in_one_line_and_the_same_command_resumes_it(tm
         assert marker.exists()
         resumed = run_sweep(prepared, name="ctrl-c", callback=ctrl_c)
     finally:
-        ray.shutdown()
+        stop_local_ray()
     [trial] = resumed.trials
     assert trial.complete and [row.epoch for row in read_history(trial.location)] == [1, 2]
 
