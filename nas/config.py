@@ -107,9 +107,9 @@ class SpeedConfig(_Section):
     )
     stacked_mixture: bool = Field(
         True,
-        description="eq. 1's weighted sum as one operator with a hand-written gradient (a multiply-add per candidate "
-        "into one tensor; the gradient of each weight a dot product), not a multiply and an add per candidate that "
-        "autograd differentiates one by one",
+        description="eq. 1's weighted sum as one operator, not a multiply and an add per candidate that autograd "
+        "differentiates one by one: on CPU in place with a hand-written gradient (each weight's a dot product), on a "
+        "GPU one product over the stacked candidates (fewer launches)",
     )
     batched_edges: bool = Field(
         False,

@@ -138,14 +138,13 @@ class _SubGrid(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, step: int, row: int, col: int) -> torch.Tensor:  # noqa: ANN001
-        ctx.shape, ctx.grid, ctx.channels_last = x.shape, (step, row, col), is_channels_last(x)
+        ctx.shape, ctx.grid, ctx.layout = x.shape, (step, row, col), memory_layout(x)
         return x[:, :, row::step, col::step]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
         step, row, col = ctx.grid
-        layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        full = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=layout).zero_()
+        full = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.layout).zero_()
         full[:, :, row::step, col::step] = grad  # a tracked copy: differentiable again (the exact Hessian's backward)
         return full, None, None, None
 
@@ -156,14 +155,13 @@ class _GlobalAveragePool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        ctx.shape, ctx.channels_last = x.shape, is_channels_last(x)
+        ctx.shape, ctx.layout = x.shape, memory_layout(x)
         return x.mean((2, 3))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         n, c, h, w = ctx.shape
-        layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        spread = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=layout)
+        spread = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.layout)
         return spread.copy_((grad / (h * w)).view(n, c, 1, 1).expand(ctx.shape))  # tracked: differentiable again
 
 
@@ -177,6 +175,11 @@ def sub_grid(x: torch.Tensor, step: int, row: int = 0, col: int = 0) -> torch.Te
     """The pixels (row + i·step, col + j·step) of every image and channel: a strided view whose gradient keeps the
     input's memory layout (:class:`_SubGrid`)."""
     return _SubGrid.apply(x, step, row, col)
+
+
+def memory_layout(x: torch.Tensor) -> torch.memory_format:
+    """The memory format a tensor laid out as ``x`` is made in: channels_last for a channels_last ``x``, else plain."""
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
 def is_channels_last(x: torch.Tensor) -> bool:

@@ -128,6 +128,7 @@ def stop_local_ray() -> None:
     import ray
 
     table = _table()
-    workers = [pid for pid in descendants(os.getpid()) if table.get(pid, (0, ""))[1].startswith("ray::")]
+    below = _with_descendants(table, {os.getpid()}) - {os.getpid()}
+    workers = [pid for pid in below if table[pid][1].startswith("ray::")]
     ray.shutdown()
     end_processes([pid for pid in workers if Path(f"/proc/{pid}").exists()], timeout=5)
