@@ -101,15 +101,21 @@ class SpeedConfig(_Section):
         True, description="skip computing 'none' (its output is zeros; its α stays in the softmax, so gradients agree)"
     )
     shared_relu: bool = Field(
-        False,
-        description="one ReLU per edge input shared by the conv candidates that all begin with ReLU (off: no measured "
-        "gain on CPU, and with ray.sync_bn two workers no longer equal one worker on the global batch)",
+        True,
+        description="one ReLU per edge input shared by the conv candidates that all begin with ReLU: one saved "
+        "activation per edge instead of four (12% less peak memory on CPU, the same time; bench/README.md)",
     )
     stacked_mixture: bool = Field(
         True,
         description="eq. 1's weighted sum as one operator, not a multiply and an add per candidate that autograd "
         "differentiates one by one: on CPU in place with a hand-written gradient (each weight's a dot product), on a "
         "GPU one product over the stacked candidates (fewer launches)",
+    )
+    norm_in_sum: bool = Field(
+        True,
+        description="each candidate's closing batch norm computed inside eq. 1's sum on CPU (fp32, in training): its "
+        "normalized output is added and dropped, the backward works from the norm's input, so one saved activation "
+        "less per candidate; not with ray.sync_bn, whose cross-rank norms run as they are",
     )
     batched_edges: bool = Field(
         False,

@@ -130,11 +130,20 @@ class _WeightedSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
         weights, *outputs = ctx.saved_tensors
+        grad = dense_as(grad, outputs[0])
         d_weights = None
         if ctx.needs_input_grad[0]:
             d_weights = torch.stack([torch.dot(flat_like(grad, y), flat_like(y, y)) for y in outputs])
         d_outputs = [grad * weights[k] if ctx.needs_input_grad[1 + k] else None for k in range(len(outputs))]
         return (d_weights, *d_outputs)
+
+
+def dense_as(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``grad`` dense in ``like``'s memory layout: one copy where it is not. The gradient reaching an edge's sum is
+    often a channel slice of the cell output's (the backward of the nodes' concatenation), and every candidate's
+    gradient operators would otherwise read that strided view on a slow path, or copy it once each."""
+    layout = torch.channels_last if like.dim() == 4 and is_channels_last(like) else torch.contiguous_format
+    return grad.contiguous(memory_format=layout)
 
 
 def flat_like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -143,6 +152,84 @@ def flat_like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if like.dim() == 4 and is_channels_last(like):
         return x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1)
     return x.contiguous().reshape(-1)
+
+
+def closing_norm(op: nn.Module, after_relu: bool) -> tuple[list[nn.Module], nn.BatchNorm2d] | None:
+    """``op`` as the modules it runs before its closing batch norm, and that norm, where ``op`` is nested plain
+    ``nn.Sequential`` (SepConv, DilConv, a pooling with its norm) ending in an affine-free ``nn.BatchNorm2d`` in
+    training; None otherwise (skip_connect, FactorizedReduce, a cross-rank norm). ``after_relu``: its leading ReLU
+    is left out (computed once for the edge)."""
+    leaves: list[nn.Module] = []
+
+    def flatten(module: nn.Module) -> None:
+        if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+            for child in module:
+                flatten(child)
+        else:
+            leaves.append(module)
+
+    flatten(op)
+    if not leaves or type(leaves[-1]) is not nn.BatchNorm2d or leaves[-1].affine or not leaves[-1].training:
+        return None
+    return leaves[1 if after_relu else 0 : -1], leaves[-1]
+
+
+def norm_arguments(norm: nn.BatchNorm2d) -> tuple[torch.Tensor | None, torch.Tensor | None, float, float]:
+    """What ``norm``'s training forward hands ``F.batch_norm`` (running mean and variance, or None where it runs
+    without them; the averaging factor; ε), counting the batch as ``nn.BatchNorm2d.forward`` does."""
+    factor = 0.0 if norm.momentum is None else norm.momentum
+    if norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    running = (norm.running_mean, norm.running_var) if norm.track_running_stats else (None, None)
+    return (*running, factor, norm.eps)
+
+
+class _NormalizedWeightedSum(torch.autograd.Function):
+    """Σ_k weights[k] · BN_k(inputs[k]) (eq. 1 with each candidate's closing batch norm inside the sum; a candidate
+    without one, ``norms[k]`` None, adds ``inputs[k]`` as it is). Each normalized output is added to the sum and
+    dropped, and only the batch norm's input and its per-channel mean and 1/σ are kept for the backward: one saved
+    activation less per candidate than the batch norm followed by :class:`_WeightedSum`. The backward is the batch
+    norm's own (``native_batch_norm_backward``, linear in the incoming gradient), whose per-channel Σ grad · x̂ is
+    also weights[k]'s gradient summed; it is made of differentiable operators, so the exact Hessian goes through."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, norms: tuple, *inputs: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        total, means, invstds = None, [], []
+        for k, (x, norm) in enumerate(zip(inputs, norms)):
+            if norm is None:
+                y, mean, invstd = x, None, None
+            else:
+                running_mean, running_var, factor, eps = norm
+                y, mean, invstd = torch.native_batch_norm(x, None, None, running_mean, running_var, True, factor, eps)
+            total = y * weights[k] if total is None else total.addcmul_(y, weights[k])
+            means.append(mean)
+            invstds.append(invstd)
+        ctx.eps = [None if norm is None else norm[3] for norm in norms]
+        ctx.save_for_backward(weights, *inputs, *means, *invstds)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        weights, *rest = ctx.saved_tensors
+        n = len(ctx.eps)
+        inputs, means, invstds = rest[:n], rest[n : 2 * n], rest[2 * n :]
+        grad = dense_as(grad, inputs[0])
+        want_weights = ctx.needs_input_grad[0]
+        d_weights, d_inputs = [], []
+        for k, (x, mean, invstd, eps) in enumerate(zip(inputs, means, invstds, ctx.eps)):
+            want_x = ctx.needs_input_grad[2 + k]
+            if eps is None:
+                d_weights.append(torch.dot(flat_like(grad, x), flat_like(x, x)) if want_weights else None)
+                d_inputs.append(grad * weights[k] if want_x else None)
+                continue
+            unit = torch.ones_like(mean)  # a scale of 1 (the norm is affine-free): its gradient is Σ grad · x̂
+            d_x, d_scale, _ = torch.ops.aten.native_batch_norm_backward(
+                grad, x, unit, None, None, mean, invstd, True, eps, [want_x, want_weights, False]
+            )
+            d_weights.append(d_scale.sum() if want_weights else None)
+            d_inputs.append(d_x * weights[k] if want_x else None)
+        return (torch.stack(d_weights) if want_weights else None, None, *d_inputs)
 
 
 class MixedOp(nn.Module):
@@ -173,7 +260,8 @@ class MixedOp(nn.Module):
         self.active = tuple(i for i, name in enumerate(primitives) if not (speed.skip_none and name == "none"))
         self.after_relu = tuple(speed.shared_relu and starts_with_relu(op) for op in self.ops)
         self.stacked = speed.stacked_mixture
-        self.fast = speed.skip_none or speed.shared_relu or speed.stacked_mixture
+        self.norm_in_sum = speed.norm_in_sum
+        self.fast = speed.skip_none or speed.shared_relu or speed.stacked_mixture or speed.norm_in_sum
         self._index: dict[tuple[object, torch.device], torch.Tensor] = {}  # for a non-contiguous set of candidates
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -193,6 +281,8 @@ class MixedOp(nn.Module):
         if not self.fast:
             return sum(w * op(x) for w, op in zip(weights, self.ops))
         relu_x = F.relu(x) if any(self.after_relu) else x
+        if self.norm_in_sum and x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled():
+            return self.normalized_mixture(x, relu_x, weights)
         ys = [forward_after_relu(self.ops[i], relu_x) if self.after_relu[i] else self.ops[i](x) for i in self.active]
         if self.stacked:
             return weighted_sum(self.active_weights(weights), ys)
@@ -200,6 +290,23 @@ class MixedOp(nn.Module):
         for i, y in zip(self.active, ys):
             out = weights[i] * y if out is None else out + weights[i] * y
         return out
+
+    def normalized_mixture(self, x: torch.Tensor, relu_x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Eq. 1 with each candidate's closing batch norm computed inside the sum (``search.speed.norm_in_sum``)."""
+        inputs, norms = [], []
+        for i in self.active:
+            split = closing_norm(self.ops[i], self.after_relu[i])
+            if split is None:
+                op = self.ops[i]
+                inputs.append(forward_after_relu(op, relu_x) if self.after_relu[i] else op(x))
+                norms.append(None)
+                continue
+            y = relu_x if self.after_relu[i] else x
+            for module in split[0]:
+                y = module(y)
+            inputs.append(y)
+            norms.append(norm_arguments(split[1]))
+        return _NormalizedWeightedSum.apply(self.active_weights(weights), tuple(norms), *inputs)
 
     def active_weights(self, weights: torch.Tensor) -> torch.Tensor:
         """The softmax weights of the candidates computed: a view when they are a contiguous run (the usual case,

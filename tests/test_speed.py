@@ -23,7 +23,7 @@ from nas.ops import (
     starts_with_relu,
 )
 from nas.search import Searcher
-from nas.search_model import PLAIN, MixedOp, edge_groups, stacked_weighted_sum, weighted_sum
+from nas.search_model import PLAIN, MixedOp, closing_norm, edge_groups, stacked_weighted_sum, weighted_sum
 
 SWITCHES = [name for name in SpeedConfig.model_fields]
 
@@ -175,6 +175,80 @@ def test_the_cpu_weighted_sum_equals_the_stacked_product_twice_differentiated(ch
         assert total.is_contiguous(memory_format=torch.channels_last) == channels_last
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def two_mixed_ops(stride: int, channels_last: bool) -> tuple[MixedOp, MixedOp]:
+    """The same edge with each candidate's closing batch norm outside eq. 1's sum and inside it."""
+    torch.manual_seed(0)
+    outside = MixedOp(4, stride, PRIMITIVES, SpeedConfig(norm_in_sum=False))
+    inside = MixedOp(4, stride, PRIMITIVES, SpeedConfig(norm_in_sum=True))
+    inside.load_state_dict(outside.state_dict())
+    if channels_last:
+        outside, inside = (m.to(memory_format=torch.channels_last) for m in (outside, inside))
+    return outside, inside
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_batch_norm_inside_the_sum_equals_it_outside_twice_differentiated(stride: int, channels_last: bool) -> None:
+    """Values, first derivatives (input, α, every weight), the second derivatives the exact Hessian takes (of the
+    α-gradient through the weights and the input), and the running statistics after the forward."""
+    outside, inside = two_mixed_ops(stride, channels_last)
+    fused = [closing_norm(op, after) is not None for op, after in zip(inside.ops, inside.after_relu)]
+    assert sum(fused) == 6  # both pools, both sep convs, both dil convs; not skip_connect nor 'none'
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 8, 8, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    alpha = torch.randn(len(PRIMITIVES), generator=gen)
+    probe = torch.randn(len(PRIMITIVES), generator=gen)
+    results = []
+    for op in (outside, inside):
+        xs, a = x.clone().requires_grad_(), alpha.clone().requires_grad_()
+        y = op(xs, torch.softmax(a, 0))
+        assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+        first = torch.autograd.grad((y * y).sum(), [xs, a, *op.parameters()], create_graph=True)
+        second = torch.autograd.grad((first[1] * probe).sum(), [xs, *op.parameters()])
+        results.append([y, *first, *second, *op.state_dict().values()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_batch_norm_inside_the_sum_keeps_one_activation_less_per_candidate() -> None:
+    """What the forward keeps for the backward (distinct storages): the six normalized candidate outputs are no
+    longer among it, and nothing of that size is added."""
+    outside, inside = two_mixed_ops(1, channels_last=True)
+    x = torch.randn(4, 4, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weights = torch.softmax(torch.randn(len(PRIMITIVES)), 0).requires_grad_()
+    kept = []
+    for op in (outside, inside):
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor, storages: dict[int, int] = storages) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            op(x, weights)
+        kept.append(sum(storages.values()))
+    output = x.numel() * x.element_size()
+    assert 6 * output <= kept[0] - kept[1] <= 6 * output + 1024  # (the outside norms also keep running statistics)
+
+
+def test_only_a_plain_closing_batch_norm_in_training_goes_inside_the_sum() -> None:
+    class CrossRank(nn.BatchNorm2d):  # as ray.sync_bn's norm: its statistics come from every rank
+        pass
+
+    def candidate(norm: nn.Module) -> nn.Sequential:
+        return nn.Sequential(nn.ReLU(), nn.Conv2d(4, 4, 1), norm)
+
+    op = candidate(nn.BatchNorm2d(4, affine=False))
+    assert closing_norm(op, after_relu=False) == ([op[0], op[1]], op[2])
+    assert closing_norm(op, after_relu=True) == ([op[1]], op[2])
+    assert closing_norm(op.eval(), after_relu=False) is None  # eval: running statistics, no batch statistics
+    assert closing_norm(candidate(CrossRank(4, affine=False)), after_relu=False) is None
+    assert closing_norm(candidate(nn.BatchNorm2d(4)), after_relu=False) is None  # affine: not in the supernet
+    assert closing_norm(nn.Sequential(nn.Conv2d(4, 4, 1)), after_relu=False) is None
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
