@@ -84,6 +84,8 @@ def cases() -> list[Case]:
         Case("default+exact", "second", default, "exact"),
         Case("default-channels_last", "first", {**default, "channels_last": False}),
         Case("default-channels_last", "second", {**default, "channels_last": False}),
+        Case("default+recompute_depthwise", "first", {**default, "recompute_depthwise": True}),
+        Case("default+recompute_depthwise", "second", {**default, "recompute_depthwise": True}),
         Case("default-norm_in_sum", "first", {**default, "norm_in_sum": False}),
         Case("default-norm_in_sum", "second", {**default, "norm_in_sum": False}),
         Case("default-norm_in_sum-shared_relu", "first", {**default, "norm_in_sum": False, "shared_relu": False}),

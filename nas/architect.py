@@ -170,7 +170,9 @@ class Architect:
         """Set ``α.grad`` to the (first- or second-order) α gradient; return the validation loss used."""
         xi = self.current_xi()
         if xi == 0.0:
-            val_loss = self.loss(self._aliases(), self.alphas, val_x, val_y)
+            # The weights as constants: no operator works out a weight gradient nobody asked for (autograd's own
+            # skip those anyway; a hand-written backward only knows what requires a gradient).
+            val_loss = self.loss([w.detach() for w in self.weights], self.alphas, val_x, val_y)
             grads = list(torch.autograd.grad(val_loss, self.alphas, materialize_grads=True))
             self.first_order_steps += 1
         else:

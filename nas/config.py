@@ -115,7 +115,14 @@ class SpeedConfig(_Section):
         True,
         description="each candidate's closing batch norm computed inside eq. 1's sum on CPU (fp32, in training): its "
         "normalized output is added and dropped, the backward works from the norm's input, so one saved activation "
-        "less per candidate; not with ray.sync_bn, whose cross-rank norms run as they are",
+        "less per candidate (13-19% less peak memory, the same time); not with ray.sync_bn, whose cross-rank norms "
+        "run as they are",
+    )
+    recompute_depthwise: bool = Field(
+        False,
+        description="a memory option, with norm_in_sum: the depthwise output of each separable and dilated convolution "
+        "(sep_conv_*, dil_conv_*) recomputed in the backward instead of kept, where a weight gradient needs it "
+        "(nas.ops.separable): 13-23% less peak memory for 8-13% more time on CPU (bench/README.md)",
     )
     batched_edges: bool = Field(
         False,

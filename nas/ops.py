@@ -16,7 +16,7 @@ Add an operation by name and it can be listed in a search's primitives or used i
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -217,9 +217,125 @@ class DepthwiseConv2d(nn.Conv2d):
         self.dense = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convolve(x, self.weight)
+
+    def convolve(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """This convolution with ``weight`` for its own (a separable convolution's backward recomputes it)."""
         if self.dense and self.dilation[0] > 1:
-            return dilated_as_dense(x, self.weight, self.stride[0], self.padding[0], self.dilation[0])
-        return super().forward(x)
+            return dilated_as_dense(x, weight, self.stride[0], self.padding[0], self.dilation[0])
+        return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _SeparableRecomputed(torch.autograd.Function):
+    """``pointwise(depthwise(x))`` keeping only ``x`` and the weights for the backward, which recomputes the depthwise
+    output where it needs it: one or two activations less kept per separable or dilated convolution (the dense
+    dilation's two re-laid copies), for one more depthwise convolution per backward that asks for a weight gradient.
+
+    ``depthwise``: the :class:`DepthwiseConv2d`. An undilated one goes back by ``convolution_backward`` directly,
+    recomputing nothing when only the input's gradient is asked (an α-only pass); a dilated one recomputes its
+    forward with a graph and differentiates that. Under ``create_graph`` (the exact Hessian) every kind does, so the
+    gradient can be differentiated again."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, pointwise: torch.Tensor, depthwise: DepthwiseConv2d):  # noqa: ANN001, ANN205
+        ctx.depthwise = depthwise
+        ctx.save_for_backward(x, weight, pointwise)
+        return F.conv2d(depthwise.convolve(x, weight), pointwise)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        x, weight, pointwise = ctx.saved_tensors
+        depthwise: DepthwiseConv2d = ctx.depthwise
+        wanted = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled() or (depthwise.dilation[0] != 1 and (wanted[1] or wanted[2])):
+            create_graph = torch.is_grad_enabled()  # a gradient that will be differentiated again
+            with torch.enable_grad():
+                leaves = [
+                    t if create_graph else t.detach().requires_grad_(want)
+                    for t, want in zip((x, weight, pointwise), wanted)
+                ]
+                z = F.conv2d(depthwise.convolve(leaves[0], leaves[1]), leaves[2])
+            found = iter(
+                torch.autograd.grad(z, [t for t, want in zip(leaves, wanted) if want], grad, create_graph=create_graph)
+            )
+            return (*(next(found) if want else None for want in wanted), None)
+        # The depthwise output is needed only for the pointwise weight's gradient; the input gradients read the
+        # weights alone, so otherwise an unfilled tensor stands in for its shape.
+        shape = (grad.shape[0], pointwise.shape[1], *grad.shape[2:])
+        layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+        y = (
+            depthwise.convolve(x, weight)
+            if wanted[2]
+            else torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
+        )
+        d_y, d_pointwise, _ = torch.ops.aten.convolution_backward(
+            grad,
+            y,
+            pointwise,
+            None,
+            [1, 1],
+            [0, 0],
+            [1, 1],
+            False,
+            [0, 0],
+            1,
+            [wanted[0] or wanted[1], wanted[2], False],
+        )
+        d_x = d_weight = None
+        if depthwise.dilation[0] != 1:  # only the input's gradient is asked (above): no forward to recompute
+            return depthwise_input_gradient(depthwise, d_y, x, weight), None, None, None
+        if wanted[0] or wanted[1]:
+            stride, padding = list(depthwise.stride), list(depthwise.padding)
+            d_x, d_weight, _ = torch.ops.aten.convolution_backward(
+                d_y,
+                x,
+                weight,
+                None,
+                stride,
+                padding,
+                [1, 1],
+                False,
+                [0, 0],
+                weight.shape[0],
+                [wanted[0], wanted[1], False],
+            )
+        return d_x, d_weight, d_pointwise, None
+
+
+def depthwise_input_gradient(
+    depthwise: DepthwiseConv2d, d_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """The gradient of ``depthwise.convolve(x, weight)`` for ``x``, given the output's ``d_y``, by the operators its
+    own backward runs (the same values) but without its forward: the input's values are never read, only its
+    shape. A stride-d dense dilation (a reduction cell) takes the general way: it recomputes."""
+    groups, d = weight.shape[0], depthwise.dilation[0]
+    stride, padding = depthwise.stride[0], depthwise.padding[0]
+    layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+
+    def input_gradient(grad: torch.Tensor, shape: Sequence[int], s: int, p: int, dilation: int) -> torch.Tensor:
+        stand_in = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
+        return torch.ops.aten.convolution_backward(
+            grad, stand_in, weight, None, [s] * 2, [p] * 2, [dilation] * 2, False, [0, 0], groups, [True, False, False]
+        )[0]
+
+    dense = depthwise.dense and d > 1 and padding % d == 0
+    if dense and stride == 1 and x.shape[-2] % d == 0 and x.shape[-1] % d == 0:
+        n, c, h, w = x.shape
+        grids = input_gradient(_grids_to_batch(d_y, d), (d * d * n, c, h // d, w // d), 1, padding // d, 1)
+        return _batch_to_grids(grids, d)
+    if dense and stride == d:
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_()
+            return torch.autograd.grad(depthwise.convolve(leaf, weight), leaf, d_y)[0]
+    return input_gradient(d_y, x.shape, stride, padding, d)
+
+
+def separable(depthwise: DepthwiseConv2d, pointwise: nn.Conv2d, x: torch.Tensor, recompute: bool) -> torch.Tensor:
+    """``pointwise(depthwise(x))``; with ``recompute`` (and a bias-free 1x1 ``pointwise``), the depthwise output is
+    recomputed in the backward instead of kept (:class:`_SeparableRecomputed`)."""
+    if not recompute or pointwise.kernel_size != (1, 1) or pointwise.bias is not None or pointwise.stride != (1, 1):
+        return pointwise(depthwise(x))
+    return _SeparableRecomputed.apply(x, depthwise.weight, pointwise.weight, depthwise)
 
 
 class DilConv(nn.Sequential):

@@ -27,6 +27,7 @@ from nas.ops import (
     forward_after_relu,
     global_average_pool,
     is_channels_last,
+    separable,
     starts_with_relu,
 )
 
@@ -174,6 +175,20 @@ def closing_norm(op: nn.Module, after_relu: bool) -> tuple[list[nn.Module], nn.B
     return leaves[1 if after_relu else 0 : -1], leaves[-1]
 
 
+def run_leaves(modules: Sequence[nn.Module], x: torch.Tensor, recompute_depthwise: bool) -> torch.Tensor:
+    """``x`` through ``modules`` in turn, each depthwise convolution and the pointwise one after it as one
+    :func:`separable` convolution."""
+    i = 0
+    while i < len(modules):
+        if isinstance(modules[i], DepthwiseConv2d) and i + 1 < len(modules) and type(modules[i + 1]) is nn.Conv2d:
+            x = separable(modules[i], modules[i + 1], x, recompute_depthwise)
+            i += 2
+        else:
+            x = modules[i](x)
+            i += 1
+    return x
+
+
 def norm_arguments(norm: nn.BatchNorm2d) -> tuple[torch.Tensor | None, torch.Tensor | None, float, float]:
     """What ``norm``'s training forward hands ``F.batch_norm`` (running mean and variance, or None where it runs
     without them; the averaging factor; ε), counting the batch as ``nn.BatchNorm2d.forward`` does."""
@@ -261,6 +276,7 @@ class MixedOp(nn.Module):
         self.after_relu = tuple(speed.shared_relu and starts_with_relu(op) for op in self.ops)
         self.stacked = speed.stacked_mixture
         self.norm_in_sum = speed.norm_in_sum
+        self.recompute_depthwise = speed.recompute_depthwise
         self.fast = speed.skip_none or speed.shared_relu or speed.stacked_mixture or speed.norm_in_sum
         self._index: dict[tuple[object, torch.device], torch.Tensor] = {}  # for a non-contiguous set of candidates
 
@@ -301,10 +317,7 @@ class MixedOp(nn.Module):
                 inputs.append(forward_after_relu(op, relu_x) if self.after_relu[i] else op(x))
                 norms.append(None)
                 continue
-            y = relu_x if self.after_relu[i] else x
-            for module in split[0]:
-                y = module(y)
-            inputs.append(y)
+            inputs.append(run_leaves(split[0], relu_x if self.after_relu[i] else x, self.recompute_depthwise))
             norms.append(norm_arguments(split[1]))
         return _NormalizedWeightedSum.apply(self.active_weights(weights), tuple(norms), *inputs)
 

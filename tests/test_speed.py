@@ -3,9 +3,12 @@ the plain path's α and w after 3 steps (within 1e-4)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nas import SearchNetwork
@@ -73,6 +76,12 @@ def test_the_default_switches_give_the_plain_path_first_and_second_order(plain_s
     assert SpeedConfig() != PLAIN  # something is on by default
     assert_same(three_steps(tiny_config(SpeedConfig())), plain_second_order)
     assert_same(three_steps(tiny_config(SpeedConfig(), xi=0.0)), three_steps(tiny_config(PLAIN, xi=0.0)))
+
+
+def test_every_switch_at_once_first_and_second_order(plain_second_order: tuple) -> None:
+    every = SpeedConfig(**{s: s != "compile" for s in SWITCHES})
+    assert_same(three_steps(tiny_config(every)), plain_second_order)
+    assert_same(three_steps(tiny_config(every, xi=0.0)), three_steps(tiny_config(PLAIN, xi=0.0)))
 
 
 def test_every_switch_at_once_with_the_exact_hessian() -> None:
@@ -177,11 +186,14 @@ def test_the_cpu_weighted_sum_equals_the_stacked_product_twice_differentiated(ch
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def two_mixed_ops(stride: int, channels_last: bool) -> tuple[MixedOp, MixedOp]:
-    """The same edge with each candidate's closing batch norm outside eq. 1's sum and inside it."""
+def two_mixed_ops(
+    stride: int, channels_last: bool, switch: str = "norm_in_sum", **common: bool
+) -> tuple[MixedOp, MixedOp]:
+    """The same edge with ``switch`` off and on (each candidate's closing batch norm outside eq. 1's sum and inside
+    it, by default)."""
     torch.manual_seed(0)
-    outside = MixedOp(4, stride, PRIMITIVES, SpeedConfig(norm_in_sum=False))
-    inside = MixedOp(4, stride, PRIMITIVES, SpeedConfig(norm_in_sum=True))
+    outside = MixedOp(4, stride, PRIMITIVES, SpeedConfig(**{**common, switch: False}))
+    inside = MixedOp(4, stride, PRIMITIVES, SpeedConfig(**{**common, switch: True}))
     inside.load_state_dict(outside.state_dict())
     if channels_last:
         outside, inside = (m.to(memory_format=torch.channels_last) for m in (outside, inside))
@@ -214,14 +226,11 @@ def test_batch_norm_inside_the_sum_equals_it_outside_twice_differentiated(stride
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-5)
 
 
-def test_batch_norm_inside_the_sum_keeps_one_activation_less_per_candidate() -> None:
-    """What the forward keeps for the backward (distinct storages): the six normalized candidate outputs are no
-    longer among it, and nothing of that size is added."""
-    outside, inside = two_mixed_ops(1, channels_last=True)
-    x = torch.randn(4, 4, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_()
+def kept_for_the_backward(ops: Sequence[MixedOp], x: torch.Tensor) -> list[int]:
+    """Bytes each op's forward keeps for its backward (distinct storages)."""
     weights = torch.softmax(torch.randn(len(PRIMITIVES)), 0).requires_grad_()
     kept = []
-    for op in (outside, inside):
+    for op in ops:
         storages: dict[int, int] = {}
 
         def pack(t: torch.Tensor, storages: dict[int, int] = storages) -> torch.Tensor:
@@ -231,8 +240,70 @@ def test_batch_norm_inside_the_sum_keeps_one_activation_less_per_candidate() -> 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             op(x, weights)
         kept.append(sum(storages.values()))
+    return kept
+
+
+def test_batch_norm_inside_the_sum_keeps_one_activation_less_per_candidate() -> None:
+    """The six normalized candidate outputs are no longer kept, and nothing of that size is added."""
+    outside, inside = two_mixed_ops(1, channels_last=True, recompute_depthwise=False)
+    x = torch.randn(4, 4, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    kept = kept_for_the_backward((outside, inside), x)
     output = x.numel() * x.element_size()
     assert 6 * output <= kept[0] - kept[1] <= 6 * output + 1024  # (the outside norms also keep running statistics)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_recomputing_the_depthwise_outputs_keeps_eight_or_six_activations_less_per_edge(stride: int) -> None:
+    """sep_conv_3x3 and sep_conv_5x5 each keep neither of their two depthwise outputs; dil_conv_3x3 and dil_conv_5x5
+    keep neither the input's sub-grids stacked along the batch nor the output interleaved back (stride 1), nor the
+    output of the stride-d sub-grid (stride 2)."""
+    outside, inside = two_mixed_ops(stride, channels_last=True, switch="recompute_depthwise")
+    x = torch.randn(4, 4, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    kept = kept_for_the_backward((outside, inside), x)
+    depthwise_output = x.numel() // stride**2 * x.element_size()  # both at the output's size (the first has the stride)
+    assert kept[0] - kept[1] == (8 if stride == 1 else 6) * depthwise_output
+
+
+@pytest.mark.parametrize("dense_dilation", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_recomputed_depthwise_outputs_give_the_same_values_and_derivatives(
+    stride: int, channels_last: bool, dense_dilation: bool
+) -> None:
+    """Values, first and second derivatives, and an α pass's (the weights constant: the input's gradient alone)."""
+    outside, inside = two_mixed_ops(stride, channels_last, "recompute_depthwise", dense_dilation=dense_dilation)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 8, 8, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    alpha, probe = torch.randn(len(PRIMITIVES), generator=gen), torch.randn(len(PRIMITIVES), generator=gen)
+    results = []
+    for op in (outside, inside):
+        xs, a = x.clone().requires_grad_(), alpha.clone().requires_grad_()
+        y = op(xs, torch.softmax(a, 0))
+        first = torch.autograd.grad((y * y).sum(), [xs, a, *op.parameters()], create_graph=True)
+        second = torch.autograd.grad((first[1] * probe).sum(), [xs, *op.parameters()])
+        constants = {n: p.detach() for n, p in op.named_parameters()}  # as the architect's α pass: no weight gradient
+        again = functional_call(op, constants, (xs, torch.softmax(a, 0)))
+        alpha_only = torch.autograd.grad((again**2).sum(), [xs, a])
+        results.append([y, *first, *second, *alpha_only])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_default_mixed_op_under_activation_checkpointing_gives_the_same_gradients() -> None:
+    """Its hand-written backwards read their saved tensors once, as recomputed ones may be read only once."""
+    torch.manual_seed(0)
+    op = MixedOp(4, 1, PRIMITIVES, SpeedConfig())
+    x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    alpha = torch.randn(len(PRIMITIVES), requires_grad=True)
+    grads = []
+    for checkpointed in (False, True):
+        run = torch.utils.checkpoint.checkpoint if checkpointed else lambda f, *a, **_: f(*a)
+        y = run(op, x, torch.softmax(alpha, 0), use_reentrant=False)
+        grads.append(torch.autograd.grad((y * y).sum(), [x, alpha, *op.parameters()]))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_only_a_plain_closing_batch_norm_in_training_goes_inside_the_sum() -> None:
