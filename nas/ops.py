@@ -331,9 +331,16 @@ def depthwise_input_gradient(
 
 
 def separable(depthwise: DepthwiseConv2d, pointwise: nn.Conv2d, x: torch.Tensor, recompute: bool) -> torch.Tensor:
-    """``pointwise(depthwise(x))``; with ``recompute`` (and a bias-free 1x1 ``pointwise``), the depthwise output is
-    recomputed in the backward instead of kept (:class:`_SeparableRecomputed`)."""
-    if not recompute or pointwise.kernel_size != (1, 1) or pointwise.bias is not None or pointwise.stride != (1, 1):
+    """``pointwise(depthwise(x))``; with ``recompute`` (and a plain 1x1 ``pointwise``: stride 1, no padding, groups or
+    bias), the depthwise output is recomputed in the backward instead of kept (:class:`_SeparableRecomputed`)."""
+    plain_pointwise = (
+        pointwise.kernel_size == (1, 1)
+        and pointwise.stride == (1, 1)
+        and pointwise.padding == (0, 0)
+        and pointwise.groups == 1
+        and pointwise.bias is None
+    )
+    if not recompute or not plain_pointwise:
         return pointwise(depthwise(x))
     return _SeparableRecomputed.apply(x, depthwise.weight, pointwise.weight, depthwise)
 
