@@ -299,7 +299,7 @@ class MixedOp(nn.Module):
         relu_x = F.relu(x) if any(self.after_relu) else x
         if self.norm_in_sum and x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled():
             return self.normalized_mixture(x, relu_x, weights)
-        ys = [forward_after_relu(self.ops[i], relu_x) if self.after_relu[i] else self.ops[i](x) for i in self.active]
+        ys = [self.candidate(i, x, relu_x) for i in self.active]
         if self.stacked:
             return weighted_sum(self.active_weights(weights), ys)
         out = None
@@ -307,14 +307,17 @@ class MixedOp(nn.Module):
             out = weights[i] * y if out is None else out + weights[i] * y
         return out
 
+    def candidate(self, i: int, x: torch.Tensor, relu_x: torch.Tensor) -> torch.Tensor:
+        """Candidate ``i`` on the edge's input, from the shared ReLU(x) where it begins with one."""
+        return forward_after_relu(self.ops[i], relu_x) if self.after_relu[i] else self.ops[i](x)
+
     def normalized_mixture(self, x: torch.Tensor, relu_x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Eq. 1 with each candidate's closing batch norm computed inside the sum (``search.speed.norm_in_sum``)."""
         inputs, norms = [], []
         for i in self.active:
             split = closing_norm(self.ops[i], self.after_relu[i])
             if split is None:
-                op = self.ops[i]
-                inputs.append(forward_after_relu(op, relu_x) if self.after_relu[i] else op(x))
+                inputs.append(self.candidate(i, x, relu_x))
                 norms.append(None)
                 continue
             inputs.append(run_leaves(split[0], relu_x if self.after_relu[i] else x, self.recompute_depthwise))

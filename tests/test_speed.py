@@ -68,7 +68,8 @@ def plain_second_order() -> tuple:
 
 @pytest.mark.parametrize("switch", [s for s in SWITCHES if s != "compile"])
 def test_each_switch_alone_gives_the_plain_paths_alpha_and_weights(switch: str, plain_second_order: tuple) -> None:
-    speed = PLAIN.model_copy(update={switch: True})
+    needs = {"recompute_depthwise": {"norm_in_sum": True}}  # it acts inside norm_in_sum's sum, so alone it would not
+    speed = PLAIN.model_copy(update={switch: True, **needs.get(switch, {})})
     assert_same(three_steps(tiny_config(speed)), plain_second_order)
 
 
