@@ -19,9 +19,10 @@ achieved FLOP/s as a fraction of the measured matmul rate, and peak memory. Ever
 - Operators per step: the aten operators one more (untimed) step dispatches, views and bare allocations left out.
   On a GPU each launches at least one kernel, and at the paper's supernet size the launches, not the arithmetic,
   set the step's time (bench/README.md), so this count is the figure a faster GPU step must shrink. Not counted
-  for compiled rows (their kernels are fused, not dispatched one by one).
-- Compiled rows (``search.speed.compile``, inductor) spend their first steps compiling: their warmup is at least 3
-  steps, and on CPU the compile itself takes minutes.
+  for compiled rows (their kernels are fused, not dispatched one by one) nor for captured ones (one graph launch).
+- Compiled rows (``search.speed.compile``, inductor) spend their first steps compiling, and CUDA-graph rows
+  (``search.speed.cuda_graph``, GPU only) run two steps eagerly and capture the third: their warmup is at least 3
+  steps. On CPU the compile itself takes minutes.
 
     python bench/speed.py --threads 2 --json bench/speed.json          # the setting: batch 16, 8 cells, C=16
     python bench/speed.py --batch 4 --layers 3 --channels 4 --input-size 8 --iters 2 --warmup 1   # seconds
@@ -100,6 +101,10 @@ def cases() -> list[Case]:
         Case("default+compile", "second", compiled),
         Case("default+compile+bf16", "second", compiled, precision="bf16"),
         Case("pc-darts K=4", "second", default, partial_channels=4),
+        Case("default+cuda_graph", "first", {**default, "cuda_graph": True}),
+        Case("default+cuda_graph", "second", {**default, "cuda_graph": True}),
+        Case("default+batched+cuda_graph", "first", {**default, "batched_edges": True, "cuda_graph": True}),
+        Case("default+batched+cuda_graph", "second", {**default, "batched_edges": True, "cuda_graph": True}),
     ]
 
 
@@ -199,7 +204,9 @@ def measure(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> R
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     clock, times = StepClock(device), []
-    warmup = max(args.warmup, 3) if case.speed.get("compile") else args.warmup  # the first steps compile
+    # The first steps compile, or run eagerly and then capture the step's CUDA graph (nas/graphed.py).
+    captured = case.speed.get("compile") or case.speed.get("cuda_graph")
+    warmup = max(args.warmup, 3) if captured else args.warmup
     for i in range(warmup + args.iters):
         seconds = clock.time(lambda: searcher.step(x_w, y_w, x_a, y_a))
         if i >= warmup:
@@ -207,7 +214,7 @@ def measure(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> R
     synchronize(device)
     peak = (torch.cuda.max_memory_allocated(device) - allocated) if cuda else peak_rss_bytes() - (rss_after_build or 0)
     ops = None
-    if not case.speed.get("compile"):
+    if not captured:
         with OperatorCount() as counter:
             searcher.step(x_w, y_w, x_a, y_a)
         ops = counter.count
@@ -267,7 +274,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--only", nargs="*", default=None, help="case names to run (default: all)")
+    parser.add_argument("--only", nargs="*", default=None, help="case names to run, in this order (default: all)")
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args(argv)
 
@@ -275,6 +282,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
     selected = [c for c in cases() if args.only is None or c.name in args.only]
+    if args.only is not None:  # in the order asked for: a run stopped by its timeout has the first ones
+        selected.sort(key=lambda c: args.only.index(c.name))
     if not selected:
         raise SystemExit(f"--only names no case (cases: {', '.join(dict.fromkeys(c.name for c in cases()))})")
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -116,6 +116,12 @@ class PipelineConfig(Config):
     champion: ChampionConfig = Field(default_factory=ChampionConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
+    @model_validator(mode="after")
+    def _cuda_graph_on_one_gpu(self) -> PipelineConfig:
+        if self.search.speed.cuda_graph and (not self.ray.use_gpu or self.ray.num_workers > 1):
+            raise ValueError("search.speed.cuda_graph needs ray.use_gpu=true and ray.num_workers=1 (one GPU worker)")
+        return self
+
 
 def search_label(config: PipelineConfig) -> str:
     """A search trial as people tell them apart: ``search s2 ξ=lr 2nd`` (seed, virtual-step lr, order) and any

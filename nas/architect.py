@@ -186,7 +186,8 @@ class Architect:
     def virtual_step(self, train_x: Tensor, train_y: Tensor, xi: float) -> list[Tensor]:
         """w' = w − ξ·d, where d is the exact update direction of the SGD weight optimizer (eq. 6)."""
         weights = self._aliases()
-        train_loss = self.loss(weights, self.alphas, train_x, train_y)
+        # α as constants: only ∇w is wanted here, and a hand-written backward only knows what requires a gradient.
+        train_loss = self.loss(weights, [a.detach() for a in self.alphas], train_x, train_y)
         grads = list(torch.autograd.grad(train_loss, weights))
         self.reduce(grads)
         with torch.no_grad():
@@ -251,10 +252,11 @@ class Architect:
             return self.exact_hessian_vector_product(vector, train_x, train_y)
         scale = self.hessian_scale if scale is None else scale
         norm = torch.cat([v.reshape(-1) for v in vector]).norm()
-        if norm == 0:
-            return [torch.zeros_like(a) for a in self.alphas]
+        # For v = 0 any finite ε gives w± = w and a difference of exactly 0, the product's value. So ε is read from
+        # the tensor, never tested on the host: a CUDA graph cannot capture a host read (search.speed.cuda_graph).
+        eps = scale / torch.where(norm > 0, norm, torch.ones_like(norm))
         return finite_difference_hessian_vector_product(
-            lambda w: self._alpha_gradient(w, train_x, train_y), self.weights, vector, scale / norm
+            lambda w: self._alpha_gradient(w, train_x, train_y), self.weights, vector, eps
         )
 
     def exact_hessian_vector_product(self, vector: Sequence[Tensor], train_x: Tensor, train_y: Tensor) -> list[Tensor]:

@@ -149,6 +149,13 @@ class SpeedConfig(_Section):
         description="torch.compile the supernet's forward (falls back to eager if compiling fails; for GPUs: on a "
         "2-core CPU inductor's compile did not finish in 25 minutes, bench/README.md)",
     )
+    cuda_graph: bool = Field(
+        False,
+        description="GPU only: the whole search step (architect, α and weight updates) captured once as a CUDA graph "
+        "and replayed, one launch instead of tens of thousands (the GPU step is launch-bound, bench/README.md); "
+        "captured again when a learning rate, ξ or the batch shape changes (nas/graphed.py); one worker, fp32, not "
+        "with compile or checkpoint_cells",
+    )
 
 
 class SearchConfig(_Section):
@@ -229,6 +236,16 @@ class SearchConfig(_Section):
     def _exact_hessian_is_not_compiled(self) -> SearchConfig:
         if self.hessian == "exact" and self.speed.compile:
             raise ValueError("search.hessian=exact needs a double backward, which torch.compile does not support")
+        return self
+
+    @model_validator(mode="after")
+    def _cuda_graph_alone(self) -> SearchConfig:
+        if self.speed.cuda_graph:
+            clash = [f"search.speed.{name}" for name in ("compile", "checkpoint_cells") if getattr(self.speed, name)]
+            if self.precision != "fp32":
+                clash.append(f"search.precision={self.precision}")
+            if clash:
+                raise ValueError(f"search.speed.cuda_graph cannot be combined with {', '.join(clash)}")
         return self
 
     def is_second_order(self) -> bool:

@@ -25,6 +25,7 @@ from nas.architect import Architect
 from nas.config import Config, SearchConfig
 from nas.data import epoch_batches, load_dataset, make_loader, split_indices
 from nas.genotypes import Genotype, count_ops
+from nas.graphed import GraphedStep, step_key
 from nas.loop import (
     EpochRecord,
     GenotypeField,
@@ -122,6 +123,7 @@ class Searcher:
             betas=cfg.alpha_betas,
             weight_decay=cfg.alpha_weight_decay,
             foreach=True,
+            capturable=cfg.speed.cuda_graph,  # its step count on the device: no host read to capture
         )
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.w_optimizer, T_max=cfg.epochs, eta_min=cfg.w_lr_min
@@ -136,10 +138,28 @@ class Searcher:
             precision=cfg.precision,
         )
         self.train_model: nn.Module = self.context.wrap_model(self.network)
+        self.graphed: GraphedStep | None = None
+        if cfg.speed.cuda_graph:
+            if self.context.world_size > 1:
+                raise ValueError("search.speed.cuda_graph runs on one worker (ray.num_workers=1)")
+            self.graphed = GraphedStep(self.eager_step, self.context.device)
 
     def step(self, x_w: Tensor, y_w: Tensor, x_a: Tensor, y_a: Tensor) -> tuple[Tensor, Tensor]:
         """One search step: the α step (architect on both batches, then Adam), then the weight step on the weight
-        batch. Returns the weight step's (loss, logits), what :meth:`Meter.update` takes with ``y_w``."""
+        batch. Returns the weight step's (loss, logits), what :meth:`Meter.update` takes with ``y_w``. With
+        ``search.speed.cuda_graph``, a replay of the step's recorded CUDA graph (nas/graphed.py)."""
+        if self.graphed is None:
+            return self.eager_step(x_w, y_w, x_a, y_a)
+        architect, xi = self.architect, self.architect.current_xi()
+        counts = architect.first_order_steps, architect.second_order_steps
+        key = step_key((self.w_optimizer, self.a_optimizer), xi, (x_w, y_w, x_a, y_a))
+        loss, logits = self.graphed(key, x_w, y_w, x_a, y_a)
+        # The architect counts its steps in Python, which a replay skips and a capture runs without a real step.
+        architect.first_order_steps, architect.second_order_steps = counts[0] + (xi == 0), counts[1] + (xi != 0)
+        return loss, logits
+
+    def eager_step(self, x_w: Tensor, y_w: Tensor, x_a: Tensor, y_a: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`step`, operator by operator."""
         self.a_optimizer.zero_grad(set_to_none=True)
         self.architect.step(x_w, y_w, x_a, y_a)
         self.a_optimizer.step()
@@ -178,6 +198,8 @@ class Searcher:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scheduler.T_max = self.config.epochs  # a resumed run may have been given more epochs
         self.architect.first_order_steps, self.architect.second_order_steps = (int(n) for n in state["architect_steps"])
+        if self.graphed is not None:
+            self.graphed.reset()  # the optimizers' buffers are new tensors: a graph captured before reads the old ones
 
 
 class SearchRun:

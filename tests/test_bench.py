@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from components.config import load_pipeline_config
 from nas import GENOTYPES, EvalNetwork, SearchNetwork
 from nas.ops import PRIMITIVES
 
@@ -76,6 +77,12 @@ def test_the_gpu_script_parses_and_names_only_existing_cases() -> None:
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     text = script.read_text()
     selections = [shlex.split(part.split("||", 1)[0].replace("\\\n", " ")) for part in text.split("--only")[1:]]
-    assert [len(names) for names in selections] == [5, 1]  # the eager rows, then the compiled ones
+    assert [len(names) for names in selections] == [7]
     assert {name for names in selections for name in names} <= {c.name for c in cases()}
-    assert "speed_gpu.json" in text and "speed_gpu_compiled.json" in text
+    assert selections[0][0] == "default+batched+cuda_graph"  # the row the GPU target is about runs first
+    assert "speed_gpu.json" in text and "python bench/cuda_graph_check.py" in text
+    command = text.split("python -m components.search --config", 1)[1].split("||", 1)[0]
+    stage = shlex.split(command.replace("\\\n", " "))
+    overrides = [value.replace("$store", "/tmp/store") for flag, value in zip(stage, stage[1:]) if flag == "--set"]
+    config = load_pipeline_config(stage[0], overrides)  # a stage the config accepts
+    assert config.search.speed.cuda_graph and config.ray.use_gpu and config.ray.num_workers == 1

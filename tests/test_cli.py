@@ -104,6 +104,7 @@ def test_bad_input_is_one_line_on_stderr_exit_2_and_writes_nothing(tmp_path, com
         (["search", "--set", "search.epochs"], "search.epochs"),
         (["search", "--set", "search.layers=2"], "search.layers"),
         (["search", "--set", "data.source=bogus"], "data.source"),
+        (["search", "--set", "search.speed.cuda_graph=true"], "search.speed.cuda_graph needs a CUDA device, not cpu"),
         (["search", "--config", "no-such-preset"], "cifar10, cifar10-cpu, cifar10-proxy, digits, quick"),
     ],
 )

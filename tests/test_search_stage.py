@@ -93,6 +93,7 @@ def test_same_name_resumes_instead_of_starting_over(local_ray, tmp_path: Path) -
         ("ray.num_workers=3", "CPUs but the cluster has"),
         ("search.primitives=[none, conv_9x9]", "unknown primitive 'conv_9x9'"),
         ("search.xi=-0.1", "search.xi"),
+        ("search.speed.cuda_graph=true", "search.speed.cuda_graph needs ray.use_gpu=true and ray.num_workers=1"),
         ("data.source=parquet:/nonexistent/cifar", "/nonexistent/cifar"),
     ],
 )

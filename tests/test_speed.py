@@ -15,6 +15,7 @@ from nas import SearchNetwork
 from nas.architect import laid_out_as
 from nas.batched import RunningStats, batched
 from nas.config import SearchConfig, SpeedConfig
+from nas.graphed import step_key
 from nas.ops import (
     PRIMITIVES,
     DepthwiseConv2d,
@@ -29,6 +30,7 @@ from nas.search import Searcher
 from nas.search_model import PLAIN, MixedOp, closing_norm, edge_groups, stacked_weighted_sum, weighted_sum
 
 SWITCHES = [name for name in SpeedConfig.model_fields]
+CPU_SWITCHES = [name for name in SWITCHES if name not in ("compile", "cuda_graph")]  # these two: their own tests
 
 
 def tiny_config(
@@ -66,7 +68,7 @@ def plain_second_order() -> tuple:
     return three_steps(tiny_config(PLAIN))
 
 
-@pytest.mark.parametrize("switch", [s for s in SWITCHES if s != "compile"])
+@pytest.mark.parametrize("switch", CPU_SWITCHES)
 def test_each_switch_alone_gives_the_plain_paths_alpha_and_weights(switch: str, plain_second_order: tuple) -> None:
     needs = {"recompute_depthwise": {"norm_in_sum": True}}  # it acts inside norm_in_sum's sum, so alone it would not
     speed = PLAIN.model_copy(update={switch: True, **needs.get(switch, {})})
@@ -80,13 +82,13 @@ def test_the_default_switches_give_the_plain_path_first_and_second_order(plain_s
 
 
 def test_every_switch_at_once_first_and_second_order(plain_second_order: tuple) -> None:
-    every = SpeedConfig(**{s: s != "compile" for s in SWITCHES})
+    every = SpeedConfig(**dict.fromkeys(CPU_SWITCHES, True))
     assert_same(three_steps(tiny_config(every)), plain_second_order)
     assert_same(three_steps(tiny_config(every, xi=0.0)), three_steps(tiny_config(PLAIN, xi=0.0)))
 
 
 def test_every_switch_at_once_with_the_exact_hessian() -> None:
-    every = SpeedConfig(**{s: s != "compile" for s in SWITCHES})
+    every = SpeedConfig(**dict.fromkeys(CPU_SWITCHES, True))
     want = three_steps(tiny_config(PLAIN, hessian="exact"))
     assert_same(three_steps(tiny_config(every, hessian="exact")), want)
 
@@ -114,6 +116,94 @@ def test_compile_falls_back_to_eager_when_it_fails(monkeypatch: pytest.MonkeyPat
 def test_exact_hessian_with_compile_is_refused() -> None:
     with pytest.raises(ValueError, match="double backward"):
         SearchConfig(hessian="exact", speed=SpeedConfig(compile=True))
+
+
+class HostReads(TorchDispatchMode):
+    """Records every operator that reads a tensor's value on the host (``.item()``, ``float(t)``, ``if t:``): what
+    a CUDA graph cannot capture, and on a GPU a wait for the device."""
+
+    READS = (
+        torch.ops.aten._local_scalar_dense.default,  # .item(), float(t), int(t)
+        torch.ops.aten.is_nonzero.default,  # if t:
+        torch.ops.aten.equal.default,
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        if func in self.READS:
+            self.found.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("xi", "hessian", "speed"),
+    [
+        (0.0, "fd", SpeedConfig()),
+        (None, "fd", SpeedConfig()),
+        (None, "fd", SpeedConfig(batched_edges=True, norm_in_sum=False)),  # the switches a GPU search would take
+        (None, "exact", SpeedConfig()),
+        (None, "fd", PLAIN),
+    ],
+    ids=["first-order", "second-order", "gpu-switches", "exact-hessian", "plain"],
+)
+def test_the_step_never_reads_a_tensor_on_the_host(xi: float | None, hessian: str, speed: SpeedConfig) -> None:
+    """What search.speed.cuda_graph captures (the architect, the weight step with its gradient clipping) reads no
+    tensor's value on the host; Adam's part is torch's capturable mode."""
+    torch.manual_seed(0)
+    searcher = Searcher(tiny_config(speed, xi=xi, hessian=hessian), in_channels=1, num_classes=3)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    searcher.step(x, y, x, y)  # the momentum buffers exist from here on, as they do when a graph is captured
+    with HostReads() as reads:
+        searcher.architect.step(x, y, x, y)
+        searcher.weight_step(x, y)
+    assert reads.found == []
+
+
+def test_a_zero_vector_gives_a_zero_hessian_product() -> None:
+    """ε is not tested on the host: for v = 0 the finite difference itself gives exactly 0."""
+    torch.manual_seed(0)
+    searcher = Searcher(tiny_config(SpeedConfig()), in_channels=1, num_classes=3)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    zeros = [torch.zeros_like(w) for w in searcher.architect.weights]
+    for product in searcher.architect.hessian_vector_product(zeros, x, y):
+        assert torch.equal(product, torch.zeros_like(product))
+    nonzero = [torch.randn_like(w) for w in searcher.architect.weights]
+    assert any(p.abs().sum() > 0 for p in searcher.architect.hessian_vector_product(nonzero, x, y))
+
+
+@pytest.mark.parametrize(
+    ("update", "refused"),
+    [
+        ({"speed": SpeedConfig(cuda_graph=True, compile=True)}, "search.speed.compile"),
+        ({"speed": SpeedConfig(cuda_graph=True, checkpoint_cells=True)}, "search.speed.checkpoint_cells"),
+        ({"speed": SpeedConfig(cuda_graph=True), "precision": "bf16"}, "search.precision=bf16"),
+    ],
+)
+def test_cuda_graph_is_refused_with_what_it_cannot_capture(update: dict, refused: str) -> None:
+    with pytest.raises(ValueError, match=f"cuda_graph cannot be combined with {refused}"):
+        SearchConfig(**update)
+
+
+def test_cuda_graph_needs_a_cuda_device() -> None:
+    with pytest.raises(ValueError, match="needs a CUDA device, not cpu"):
+        Searcher(tiny_config(SpeedConfig(cuda_graph=True)), in_channels=1, num_classes=3)
+
+
+def test_a_captured_step_is_keyed_by_learning_rates_xi_and_batch_shape() -> None:
+    """A graph bakes in Python values: the key must change whenever one of them does, and only then."""
+    searcher = Searcher(tiny_config(SpeedConfig()), in_channels=1, num_classes=3)
+    optimizers = (searcher.w_optimizer, searcher.a_optimizer)
+    batch = (torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,)))
+    key = step_key(optimizers, 0.025, batch)
+    assert step_key(optimizers, 0.025, (torch.zeros(8, 1, 8, 8), torch.zeros(8, dtype=torch.long))) == key
+    assert step_key(optimizers, 0.01, batch) != key
+    assert step_key(optimizers, 0.025, (torch.randn(4, 1, 8, 8), batch[1][:4])) != key
+    assert step_key(optimizers, 0.025, (batch[0].double(), batch[1])) != key
+    searcher.w_optimizer.param_groups[0]["lr"] = 0.02  # a new weight lr, as the cosine schedule sets each epoch
+    assert step_key(optimizers, 0.025, batch) != key
 
 
 @pytest.mark.parametrize("stride", [1, 2])
