@@ -42,18 +42,23 @@ def step_key(optimizers: Sequence[torch.optim.Optimizer], xi: float, inputs: Seq
 class GraphedStep:
     """``step(*inputs)`` (returning a tuple of tensors) run eagerly for ``warmup`` calls, then captured as a CUDA
     graph and replayed, captured again when the key changes. If capturing fails, a warning says why and every later
-    call runs eagerly."""
+    call runs eagerly. ``before_capture`` runs before each capture: the step's caller drops what the last graph left
+    allocated (its gradients), so that it does not hold the old graph's memory through the new capture."""
 
-    def __init__(self, step: StepFn, device: torch.device, warmup: int = 2):
+    def __init__(
+        self, step: StepFn, device: torch.device, warmup: int = 2, before_capture: Callable[[], None] | None = None
+    ):
         if device.type != "cuda":
             raise ValueError(f"search.speed.cuda_graph needs a CUDA device, not {device}")
         self.step = step
         self.device = device
         self.warmup = warmup
+        self.before_capture = before_capture
         self.eager_calls = 0
         self.captures = 0
         self.replays = 0
         self.failed: str | None = None
+        self._stream: torch.cuda.Stream | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
         self._key: Hashable | None = None
         self._inputs: list[Tensor] = []
@@ -62,47 +67,64 @@ class GraphedStep:
     def __call__(self, key: Hashable, *inputs: Tensor) -> tuple[Tensor, ...]:
         if self.failed is not None:
             return self.step(*inputs)
-        if self.eager_calls < self.warmup:
-            self.eager_calls += 1
-            return self._on_side_stream(inputs)
-        if key != self._key:
-            try:
-                self._capture(key, inputs)
-            except Exception as err:  # noqa: BLE001 - an operator that cannot be captured: run eagerly from now on
-                self.reset()
-                self.failed = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                warnings.warn(f"CUDA graph capture failed, running eagerly: {self.failed}", stacklevel=2)
-                return self.step(*inputs)
-        for static, new in zip(self._inputs, inputs):
-            static.copy_(new, non_blocking=True)
-        assert self._graph is not None
-        self._graph.replay()
-        self.replays += 1
-        return tuple(t.clone() for t in self._outputs)  # the next replay overwrites the recorded outputs
+        # The step's device made current: a capture records only the current device's work (another device's
+        # kernels would run there and then, and the graph would replay nothing).
+        with torch.cuda.device(self.device):
+            if self.eager_calls < self.warmup:
+                self.eager_calls += 1
+                return self._on_side_stream(inputs)
+            if key != self._key:
+                try:
+                    self._capture(key, inputs)
+                except Exception as err:  # noqa: BLE001 - an operator that cannot be captured: eager from now on
+                    self.reset()
+                    self.failed = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                    warnings.warn(f"CUDA graph capture failed, running eagerly: {self.failed}", stacklevel=2)
+                    return self.step(*inputs)
+            for static, new in zip(self._inputs, inputs):
+                static.copy_(new, non_blocking=True)
+            assert self._graph is not None
+            self._graph.replay()
+            self.replays += 1
+            # Copies: the next replay overwrites the recorded outputs (detached: no link to the recorded autograd).
+            return tuple(t.detach().clone() for t in self._outputs)
 
     def _on_side_stream(self, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), warnings.catch_warnings():
-            # Adam, built capturable for the graph, warns when it steps uncaptured: here it does so on purpose.
-            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+        with torch.cuda.stream(side):
             outputs = self.step(*inputs)
         torch.cuda.current_stream(self.device).wait_stream(side)
         return outputs
 
     def _capture(self, key: Hashable, inputs: Sequence[Tensor]) -> None:
         """Record one step on copies of ``inputs``; nothing runs until the first replay."""
-        self.reset()  # the old graph's memory goes back before the new one takes its own
+        self.reset()  # the old graph goes before the new one takes its own memory
+        if self.before_capture is not None:
+            self.before_capture()
         self._inputs = [t.clone() for t in inputs]
+        self._stream = self._stream or torch.cuda.Stream(self.device)
         graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize(self.device)
-        # thread_local: CUDA calls of other threads (a data loader's, Ray's) do not spoil this thread's capture.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self._outputs = tuple(self.step(*self._inputs))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # thread_local: CUDA calls of other threads (a data loader's, Ray's) do not spoil this thread's capture.
+            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
+                self._outputs = tuple(self.step(*self._inputs))
+        empty = [str(w.message) for w in caught if "empty" in str(w.message).lower()]
+        if empty:  # nothing was recorded: every replay would do nothing
+            raise RuntimeError(f"the captured CUDA graph is empty ({empty[0]})")
+        for w in caught:  # the others, passed on
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         self._graph, self._key = graph, key
         self.captures += 1
 
     def reset(self) -> None:
-        """Forget the captured graph (the next call captures again): for when the step's tensors were replaced, as
-        loading an optimizer's state replaces its buffers, which the graph would go on reading."""
+        """Forget the captured graph: the next call captures again."""
         self._graph, self._key, self._inputs, self._outputs = None, None, [], ()
+
+    def restart(self) -> None:
+        """:meth:`reset` and the warmup again, for when the step's tensors were replaced (loading an optimizer's
+        state replaces its buffers, which a graph would go on reading): the eager calls build any state a capture
+        must find in place."""
+        self.reset()
+        self.eager_calls = 0

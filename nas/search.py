@@ -142,7 +142,7 @@ class Searcher:
         if cfg.speed.cuda_graph:
             if self.context.world_size > 1:
                 raise ValueError("search.speed.cuda_graph runs on one worker (ray.num_workers=1)")
-            self.graphed = GraphedStep(self.eager_step, self.context.device)
+            self.graphed = GraphedStep(self.eager_step, self.context.device, before_capture=self._drop_gradients)
 
     def step(self, x_w: Tensor, y_w: Tensor, x_a: Tensor, y_a: Tensor) -> tuple[Tensor, Tensor]:
         """One search step: the α step (architect on both batches, then Adam), then the weight step on the weight
@@ -152,11 +152,15 @@ class Searcher:
             return self.eager_step(x_w, y_w, x_a, y_a)
         architect, xi = self.architect, self.architect.current_xi()
         counts = architect.first_order_steps, architect.second_order_steps
-        key = step_key((self.w_optimizer, self.a_optimizer), xi, (x_w, y_w, x_a, y_a))
+        key = (step_key((self.w_optimizer, self.a_optimizer), xi, (x_w, y_w, x_a, y_a)), self.network.training)
         loss, logits = self.graphed(key, x_w, y_w, x_a, y_a)
         # The architect counts its steps in Python, which a replay skips and a capture runs without a real step.
         architect.first_order_steps, architect.second_order_steps = counts[0] + (xi == 0), counts[1] + (xi != 0)
         return loss, logits
+
+    def _drop_gradients(self) -> None:
+        self.w_optimizer.zero_grad(set_to_none=True)
+        self.a_optimizer.zero_grad(set_to_none=True)
 
     def eager_step(self, x_w: Tensor, y_w: Tensor, x_a: Tensor, y_a: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`step`, operator by operator."""
@@ -198,8 +202,15 @@ class Searcher:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scheduler.T_max = self.config.epochs  # a resumed run may have been given more epochs
         self.architect.first_order_steps, self.architect.second_order_steps = (int(n) for n in state["architect_steps"])
+        for group in self.a_optimizer.param_groups:  # as this run's config says, whatever the checkpoint's said
+            group["capturable"] = self.config.speed.cuda_graph
+        for alpha in self.network.alphas():  # where Adam's step count lives: on α's device if capturable, else CPU
+            state = self.a_optimizer.state.get(alpha, {})
+            if "step" in state:
+                device = alpha.device if self.config.speed.cuda_graph else torch.device("cpu")
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=device)
         if self.graphed is not None:
-            self.graphed.reset()  # the optimizers' buffers are new tensors: a graph captured before reads the old ones
+            self.graphed.restart()  # the optimizers' buffers are new tensors: a graph captured before reads the old
 
 
 class SearchRun:

@@ -126,6 +126,8 @@ class HostReads(TorchDispatchMode):
         torch.ops.aten._local_scalar_dense.default,  # .item(), float(t), int(t)
         torch.ops.aten.is_nonzero.default,  # if t:
         torch.ops.aten.equal.default,
+        torch.ops.aten.nonzero.default,  # data-dependent shapes: the host waits for the values
+        torch.ops.aten.masked_select.default,
     )
 
     def __init__(self) -> None:
@@ -190,6 +192,25 @@ def test_cuda_graph_is_refused_with_what_it_cannot_capture(update: dict, refused
 def test_cuda_graph_needs_a_cuda_device() -> None:
     with pytest.raises(ValueError, match="needs a CUDA device, not cpu"):
         Searcher(tiny_config(SpeedConfig(cuda_graph=True)), in_channels=1, num_classes=3)
+
+
+def test_a_resumed_search_builds_its_alpha_optimizer_as_its_own_config_says() -> None:
+    """A checkpoint of a graphed search holds a capturable Adam (its step count on the GPU): resumed without
+    search.speed.cuda_graph, Adam must step as an ordinary one (and the other way round, capturable again)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    searcher = Searcher(tiny_config(SpeedConfig()), in_channels=1, num_classes=3)
+    searcher.step(x, y, x, y)
+    state = searcher.state_dict()
+    for group in state["a_optimizer"]["param_groups"]:
+        group["capturable"] = True  # as a graphed search's checkpoint says
+    resumed = Searcher(tiny_config(SpeedConfig()), in_channels=1, num_classes=3)
+    resumed.load_state_dict(state)
+    assert [g["capturable"] for g in resumed.a_optimizer.param_groups] == [False]
+    steps = [resumed.a_optimizer.state[a]["step"] for a in resumed.network.alphas()]
+    assert all(s.device.type == "cpu" and s.dtype == torch.float32 and float(s) == 1.0 for s in steps)
+    resumed.step(x, y, x, y)  # a capturable Adam would refuse CPU parameters here
+    assert all(float(resumed.a_optimizer.state[a]["step"]) == 2.0 for a in resumed.network.alphas())
 
 
 def test_a_captured_step_is_keyed_by_learning_rates_xi_and_batch_shape() -> None:
