@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import multiprocessing
 import os
 import resource
@@ -172,7 +173,7 @@ def measure_mode(setting: Setting, mode: str, xi: float) -> Row:
     seconds = (time.perf_counter() - start) / setting.iters
     peak_rss = None if cuda else peak_rss_bytes()
     peak_mb = torch.cuda.max_memory_allocated(device) / MB if peak_rss is None else max(0, peak_rss - rss_before) / MB
-    if meter.count and meter.loss != meter.loss:  # NaN: the step is broken, and its timing means nothing
+    if meter.count and math.isnan(meter.result(LoopContext())[0]):  # the step is broken: its timing means nothing
         raise RuntimeError(f"{mode}: the training loss became NaN")
     return Row(
         mode=mode,

@@ -162,22 +162,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Meter:
-    """Running sums of loss, correct predictions and examples; reduced across ranks when read."""
+    """Running sums of loss, correct predictions and examples, kept on the loss's device and read (reduced across
+    ranks) once, in :meth:`result`: on a GPU a step's update does not wait for the step to finish, so the host can
+    queue the next step (or replay its CUDA graph) while this one runs."""
 
     def __init__(self) -> None:
-        self.loss = 0.0
-        self.correct = 0
+        self.sums: Tensor | None = None  # Σ loss·n, Σ correct (float64)
         self.count = 0
 
     def update(self, loss: Tensor, logits: Tensor, target: Tensor) -> None:
         n = target.size(0)
-        self.loss += float(loss.detach()) * n
-        self.correct += int((logits.detach().argmax(dim=1) == target).sum())
+        correct = (logits.detach().argmax(dim=1) == target).sum()
+        step = torch.stack([loss.detach().double() * n, correct.double()])
+        self.sums = step if self.sums is None else self.sums.add_(step)
         self.count += n
 
     def result(self, context: LoopContext) -> tuple[float, float, int]:
         """(mean loss, accuracy, examples) over every rank."""
-        totals = torch.tensor([self.loss, float(self.correct), float(self.count)], dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64) if self.sums is None else self.sums.cpu()
+        totals = torch.cat([sums, torch.tensor([float(self.count)], dtype=torch.float64)])
         if context.world_size > 1:
             totals = totals.to(context.device)
             context.sum_reducer([totals])

@@ -16,6 +16,7 @@ from nas.architect import laid_out_as
 from nas.batched import RunningStats, batched
 from nas.config import SearchConfig, SpeedConfig
 from nas.graphed import step_key
+from nas.loop import LoopContext, Meter
 from nas.ops import (
     PRIMITIVES,
     DepthwiseConv2d,
@@ -162,6 +163,22 @@ def test_the_step_never_reads_a_tensor_on_the_host(xi: float | None, hessian: st
         searcher.architect.step(x, y, x, y)
         searcher.weight_step(x, y)
     assert reads.found == []
+
+
+def test_the_meter_reads_nothing_on_the_host_until_its_result() -> None:
+    """The epoch loop's running sums stay on the device: a GPU step (or a graph replay) is not waited for."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(n, 3, generator=gen), torch.randint(0, 3, (n,), generator=gen)) for n in (4, 6)]
+    losses = [torch.nn.functional.cross_entropy(logits, target) for logits, target in batches]
+    meter = Meter()
+    with HostReads() as reads:
+        for loss, (logits, target) in zip(losses, batches):
+            meter.update(loss, logits, target)
+    assert reads.found == []
+    mean_loss, accuracy, count = meter.result(LoopContext())
+    assert count == 10
+    assert mean_loss == pytest.approx((4 * float(losses[0]) + 6 * float(losses[1])) / 10)
+    assert accuracy == sum(int((logits.argmax(1) == target).sum()) for logits, target in batches) / 10
 
 
 def test_a_zero_vector_gives_a_zero_hessian_product() -> None:
