@@ -676,6 +676,11 @@ def epoch_batches(
     ]
 
 
-def make_loader(dataset: Dataset, batches: list[list[int]], *, num_workers: int = 0) -> DataLoader:
-    """A DataLoader that yields exactly the planned batches, in order (see :func:`epoch_batches`)."""
-    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
+def make_loader(
+    dataset: Dataset, batches: list[list[int]], *, num_workers: int = 0, device: torch.device | None = None
+) -> DataLoader:
+    """A DataLoader that yields exactly the planned batches, in order (see :func:`epoch_batches`). For a CUDA
+    ``device`` its batches come in page-locked memory: a copy from pageable memory waits for the device's stream,
+    so the host could not queue a step before the last one ended."""
+    pin = device is not None and device.type == "cuda"
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin)

@@ -141,7 +141,8 @@ class RetrainRun:
         lr = self.scheduler.get_last_lr()[0]
         meter = Meter()
         self.network.train()
-        for step, (x, y) in enumerate(make_loader(self.train_set, batches, num_workers=self.config.data.num_workers)):
+        loader = make_loader(self.train_set, batches, num_workers=self.config.data.num_workers, device=ctx.device)
+        for step, (x, y) in enumerate(loader):
             if ctx.step_hook is not None:
                 ctx.step_hook(index * len(batches) + step)
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
@@ -186,8 +187,8 @@ class RetrainRun:
         chunks = [per_rank[i : i + 256] for i in range(0, len(per_rank), 256)]
         meter = Meter()
         self.network.eval()
-        for x, y in make_loader(self.eval_set, chunks):
-            x, y = x.to(ctx.device), y.to(ctx.device)
+        for x, y in make_loader(self.eval_set, chunks, device=ctx.device):
+            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             logits, _ = self.network(x)
             meter.update(F.cross_entropy(logits, y), logits, y)
         self.network.train()

@@ -304,8 +304,9 @@ class SearchRun:
         w_batches = self._batches(self.w_indices, index, 1, cfg.steps_per_epoch)
         a_batches = self._batches(self.a_indices, index, 2, cfg.steps_per_epoch)
         steps = min(len(w_batches), len(a_batches))
-        w_loader = make_loader(self.train_set, w_batches[:steps], num_workers=self.config.data.num_workers)
-        a_loader = make_loader(self.train_set, a_batches[:steps], num_workers=self.config.data.num_workers)
+        workers = self.config.data.num_workers
+        w_loader = make_loader(self.train_set, w_batches[:steps], num_workers=workers, device=device)
+        a_loader = make_loader(self.train_set, a_batches[:steps], num_workers=workers, device=device)
         lr = self.scheduler.get_last_lr()[0]
         xi = self.architect.current_xi()
         meter = Meter()
@@ -354,8 +355,8 @@ class SearchRun:
         meter = Meter()
         self.network.eval()
         device = self.context.device
-        for x, y in make_loader(self.eval_set, self._batches(self.a_indices, epoch, 3, None)):
-            x, y = x.to(device), y.to(device)
+        for x, y in make_loader(self.eval_set, self._batches(self.a_indices, epoch, 3, None), device=device):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(self.config.search.precision, device):
                 logits = self.network(x)
             meter.update(F.cross_entropy(logits.float(), y), logits, y)

@@ -378,6 +378,15 @@ def test_make_loader_follows_the_plan() -> None:
     assert torch.equal(y, dataset.labels[batches[3]])
 
 
+def test_make_loader_pins_batches_only_for_a_cuda_device() -> None:
+    """Page-locked batches let a CUDA copy run without waiting for the device's stream; elsewhere they cost a copy."""
+    dataset, _ = load_dataset("digits", "test")
+    batches = epoch_batches(range(len(dataset)), 16)
+    assert not make_loader(dataset, batches).pin_memory
+    assert not make_loader(dataset, batches, device=torch.device("cpu")).pin_memory
+    assert make_loader(dataset, batches, device=torch.device("cuda", 0)).pin_memory  # built, not iterated
+
+
 # --------------------------------------------------------------------------------------------------- augmentation
 
 
