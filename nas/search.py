@@ -205,10 +205,10 @@ class Searcher:
         for group in self.a_optimizer.param_groups:  # as this run's config says, whatever the checkpoint's said
             group["capturable"] = self.config.speed.cuda_graph
         for alpha in self.network.alphas():  # where Adam's step count lives: on α's device if capturable, else CPU
-            state = self.a_optimizer.state.get(alpha, {})
-            if "step" in state:
+            adam = self.a_optimizer.state.get(alpha, {})
+            if "step" in adam:
                 device = alpha.device if self.config.speed.cuda_graph else torch.device("cpu")
-                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=device)
+                adam["step"] = torch.as_tensor(adam["step"], dtype=torch.float32, device=device)
         if self.graphed is not None:
             self.graphed.restart()  # the optimizers' buffers are new tensors: a graph captured before reads the old
 
