@@ -23,18 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas.ops import DepthwiseConv2d, FactorizedReduce, Zero, dilated_as_dense, offset_grids
+from nas.ops import DepthwiseConv2d, FactorizedReduce, Zero, dilated_as_dense, is_channels_last, offset_grids
 
 CHANNEL_WISE = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Identity, Zero)
 
 
 class RunningStats:
-    """Batch-norm running-statistics updates gathered over a cell and applied as a few multi-tensor operators
-    (``torch._foreach_*``) instead of one update per batch norm: the same arithmetic as ``nn.BatchNorm2d``
-    (an exponential average with the module's momentum, unbiased variance)."""
+    """Batch-norm running statistics of a cell's batched norms, written back to each edge's module at the end of the
+    cell as two multi-tensor copies (``torch._foreach_copy_``) and one count, not one update per module. Each batched
+    norm updates a concatenation of its modules' running statistics with PyTorch's own batch norm (the kernel each
+    module would run: an exponential average with the module's momentum, unbiased variance)."""
 
     def __init__(self) -> None:
-        self.momentum: list[float] = []
         self.means: list[torch.Tensor] = []
         self.variances: list[torch.Tensor] = []
         self.new_means: list[torch.Tensor] = []
@@ -42,12 +42,9 @@ class RunningStats:
         self.counters: list[torch.Tensor] = []
 
     def add(self, norms: Sequence[nn.BatchNorm2d], mean: torch.Tensor, variance: torch.Tensor) -> None:
-        """``mean``, ``variance``: the batch's per-channel statistics over all of ``norms``' channels, in order (cast
-        to the statistics' own dtype: under bf16 autocast they come in bf16, the running statistics stay fp32)."""
-        mean, variance = mean.to(norms[0].running_mean.dtype), variance.to(norms[0].running_var.dtype)
+        """``mean``, ``variance``: the updated running statistics of all of ``norms``' channels, in order."""
         width = norms[0].num_features
         for norm, m, v in zip(norms, mean.split(width), variance.split(width)):
-            self.momentum.append(float(norm.momentum))
             self.means.append(norm.running_mean)
             self.variances.append(norm.running_var)
             self.new_means.append(m)
@@ -58,12 +55,8 @@ class RunningStats:
         if not self.means:
             return
         with torch.no_grad():
-            for momentum in set(self.momentum):
-                chosen = [i for i, m in enumerate(self.momentum) if m == momentum]
-                torch._foreach_lerp_([self.means[i] for i in chosen], [self.new_means[i] for i in chosen], momentum)
-                torch._foreach_lerp_(
-                    [self.variances[i] for i in chosen], [self.new_variances[i] for i in chosen], momentum
-                )
+            torch._foreach_copy_(self.means, self.new_means)
+            torch._foreach_copy_(self.variances, self.new_variances)
             torch._foreach_add_(self.counters, 1)
 
 
@@ -111,18 +104,20 @@ def _conv(convs: Sequence[nn.Conv2d], x: torch.Tensor) -> torch.Tensor:
 
 def _batch_norm(norms: Sequence[nn.BatchNorm2d], x: torch.Tensor, stats: RunningStats) -> torch.Tensor:
     n = norms[0]
+    if any(m.momentum != n.momentum or m.eps != n.eps for m in norms):  # not one batch norm: edge by edge
+        return torch.cat([m(block) for m, block in zip(norms, x.chunk(len(norms), dim=1))], dim=1)
     weight = torch.cat([m.weight for m in norms]) if n.affine else None
     bias = torch.cat([m.bias for m in norms]) if n.affine else None
     tracked = n.track_running_stats and n.running_mean is not None
-    if n.training or not tracked:
-        if n.training and tracked:
-            with torch.no_grad():
-                variance, mean = torch.var_mean(x, dim=(0, 2, 3), correction=1)
-            stats.add(norms, mean, variance)
+    if not tracked:
         return F.batch_norm(x, None, None, weight, bias, True, 0.0, n.eps)
     running_mean = torch.cat([m.running_mean for m in norms])
     running_var = torch.cat([m.running_var for m in norms])
-    return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, n.eps)
+    if not n.training:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, n.eps)
+    out = F.batch_norm(x, running_mean, running_var, weight, bias, True, n.momentum, n.eps)  # updates the copies
+    stats.add(norms, running_mean, running_var)
+    return out
 
 
 def _factorized_reduce(reduces: Sequence[FactorizedReduce], x: torch.Tensor, stats: RunningStats) -> torch.Tensor:
@@ -130,6 +125,11 @@ def _factorized_reduce(reduces: Sequence[FactorizedReduce], x: torch.Tensor, sta
     even, odd = offset_grids(F.relu(x))
     a = _conv([r.conv_1 for r in reduces], even)
     b = _conv([r.conv_2 for r in reduces], odd)
-    # Each edge's output is its two halves side by side: interleave the two stacks edge by edge.
-    both = torch.stack([a.unflatten(1, (m, -1)), b.unflatten(1, (m, -1))], dim=2).flatten(1, 3)
+    # Each edge's output is its two halves side by side: interleave the two stacks edge by edge (as (N, H, W, m·C)
+    # pixels when channels_last: a stack of the 4-d tensors would be channels-first).
+    if is_channels_last(a):
+        halves = [t.permute(0, 2, 3, 1).unflatten(-1, (m, -1)) for t in (a, b)]
+        both = torch.stack(halves, dim=-2).flatten(-3).permute(0, 3, 1, 2)
+    else:
+        both = torch.stack([a.unflatten(1, (m, -1)), b.unflatten(1, (m, -1))], dim=2).flatten(1, 3)
     return _batch_norm([r.bn for r in reduces], both, stats)

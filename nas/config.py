@@ -124,11 +124,18 @@ class SpeedConfig(_Section):
         "(sep_conv_*, dil_conv_*) recomputed in the backward instead of kept, where a weight gradient needs it "
         "(nas.ops.separable): 13-23% less peak memory for 8-13% more time on CPU (bench/README.md)",
     )
-    batched_edges: bool = Field(
-        False,
+    batched_edges: bool | None = Field(
+        None,
         description="the edges leaving one state computed together: each candidate as one grouped operator over "
-        "all of them (nas/batched.py; 2.4x fewer operators, for GPUs, where the step is launch-bound; off: 14% "
-        "slower on CPU); not with PC-DARTS or ray.sync_bn, which run edge by edge",
+        "all of them (nas/batched.py; 2.4x fewer operators, for GPUs, where the step is launch-bound). Unset: on for "
+        "PC-DARTS, whose narrow candidates (C/K channels) it runs several edges wide (26-32% less time per step on "
+        "CPU), off otherwise (on CPU full-width DARTS is 14% slower with it; bench/README.md); not with ray.sync_bn, "
+        "which runs edge by edge",
+    )
+    node_shuffle: bool = Field(
+        True,
+        description="PC-DARTS: each node sums its edges' partial-channel mixtures and passed-by channels apart, then "
+        "concatenates and shuffles once (both are linear), instead of once per edge",
     )
     dense_dilation: bool = Field(
         True,

@@ -80,6 +80,17 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
+def partial_split(x: torch.Tensor, partial: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PC-DARTS's split of an edge input: its first C/K channels (for the candidates; made dense once, so that no
+    candidate copies them again) and the rest (passed by, max-pooled at stride 2)."""
+    k = x.shape[1] // partial
+    through, bypass = x.split([k, x.shape[1] - k], dim=1)  # split: a gradient in x's layout (a slice's is not)
+    through = through.contiguous(memory_format=torch.channels_last if is_channels_last(x) else torch.contiguous_format)
+    if stride == 2:
+        bypass = F.max_pool2d(bypass, 2, 2, ceil_mode=True)
+    return through, bypass
+
+
 def index_on(
     cache: dict[tuple[object, torch.device], torch.Tensor], key: object, values: Sequence[int], device: torch.device
 ) -> torch.Tensor:
@@ -137,6 +148,42 @@ class _WeightedSum(torch.autograd.Function):
             d_weights = torch.stack([torch.dot(flat_like(grad, y), flat_like(y, y)) for y in outputs])
         d_outputs = [grad * weights[k] if ctx.needs_input_grad[1 + k] else None for k in range(len(outputs))]
         return (d_weights, *d_outputs)
+
+
+class _EdgeWeightedSum(torch.autograd.Function):
+    """:class:`_WeightedSum` for m edges stacked along the channels (nas/batched.py), on CPU in channels_last:
+    ``weights`` (candidates, m), candidate k of edge e weighted by weights[k, e] over the edge's block of channels.
+    Each (N, m·C, H, W) tensor is worked on as its (N, H, W, m, C) pixels, a view of the same memory, so the sum and
+    every gradient stay channels_last (a stack of 4-d channels_last tensors is laid out channels-first, and its
+    gradient with it)."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, *outputs: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        m = weights.shape[1]
+        total = edge_blocks(outputs[0], m) * weights[0].view(m, 1)
+        for k in range(1, len(outputs)):
+            total.addcmul_(edge_blocks(outputs[k], m), weights[k].view(m, 1))
+        ctx.save_for_backward(weights, *outputs)
+        return total.flatten(-2).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        weights, *outputs = ctx.saved_tensors
+        m = weights.shape[1]
+        blocks = edge_blocks(dense_as(grad, outputs[0]), m)
+        d_weights = None
+        if ctx.needs_input_grad[0]:
+            d_weights = torch.stack([(blocks * edge_blocks(y, m)).sum((0, 1, 2, 4)) for y in outputs])
+        d_outputs = [
+            (blocks * weights[k].view(m, 1)).flatten(-2).permute(0, 3, 1, 2) if ctx.needs_input_grad[1 + k] else None
+            for k in range(len(outputs))
+        ]
+        return (d_weights, *d_outputs)
+
+
+def edge_blocks(x: torch.Tensor, m: int) -> torch.Tensor:
+    """A channels_last (N, m·C, H, W) tensor as its (N, H, W, m, C) pixels: a view."""
+    return x.permute(0, 2, 3, 1).unflatten(-1, (m, -1))
 
 
 def dense_as(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -362,7 +409,9 @@ class SearchCell(nn.Module):
             for i in range(nodes)
             for j in range(2 + i)
         )
-        self.batch_edges = speed.batched_edges and partial == 1
+        self.batch_edges = partial > 1 if speed.batched_edges is None else speed.batched_edges
+        self.partial = partial
+        self.node_shuffle = speed.node_shuffle and partial > 1
         self.groups = edge_groups(nodes)
         self._index: dict[tuple[object, torch.device], torch.Tensor] = {}
         self._batchable: tuple[int, bool] | None = None
@@ -374,6 +423,8 @@ class SearchCell(nn.Module):
         (softmax(β) within each node), or None."""
         if self.batch_edges and self.can_batch():
             return self.forward_batched(s0, s1, weights, edge_weights)
+        if self.node_shuffle:
+            return self.forward_partial(s0, s1, weights, edge_weights)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
         for _ in range(self.nodes):
@@ -381,6 +432,33 @@ class SearchCell(nn.Module):
             if edge_weights is not None:
                 terms = [edge_weights[offset + j] * t for j, t in enumerate(terms)]
             states.append(sum(terms))
+            offset += len(states) - 1
+        return torch.cat(states[2:], dim=1)
+
+    def forward_partial(
+        self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor, edge_weights: torch.Tensor | None
+    ) -> torch.Tensor:
+        """PC-DARTS (``search.speed.node_shuffle``): edge e's output is β_e · shuffle(cat[eq. 1 on the first C/K
+        channels of its input, the other channels passed by]). Concatenation and shuffle are linear, so a node
+        sums its edges' mixtures and their passed-by channels apart and shuffles once: one concatenation and one
+        shuffle per node, not per edge, and each state split once (its passed-by part pooled once at stride 2)."""
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        parts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        offset = 0
+        for _ in range(self.nodes):
+            mixed, passed = [], []
+            for j, h in enumerate(states):
+                edge = self.edges[offset + j]
+                if (j, edge.stride) not in parts:
+                    parts[j, edge.stride] = partial_split(h, self.partial, edge.stride)
+                through, bypass = parts[j, edge.stride]
+                m = edge.mixture(through, weights[offset + j])
+                if edge_weights is not None:
+                    m, bypass = edge_weights[offset + j] * m, edge_weights[offset + j] * bypass
+                mixed.append(m)
+                passed.append(bypass)
+            sums = [functools.reduce(torch.add, mixed), functools.reduce(torch.add, passed)]
+            states.append(channel_shuffle(torch.cat(sums, dim=1), self.partial))
             offset += len(states) - 1
         return torch.cat(states[2:], dim=1)
 
@@ -400,14 +478,23 @@ class SearchCell(nn.Module):
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         stats = RunningStats()
         incoming: list[list[torch.Tensor]] = [[] for _ in range(self.nodes)]
+        passed: list[list[torch.Tensor]] = [[] for _ in range(self.nodes)]  # PC-DARTS: the channels passed by
         for g, group in enumerate(self.groups):
-            stack = torch.cat([states[source] for source, _ in group], dim=1)
-            mixed = self.mixture(group, stack, weights, stats)
-            if edge_weights is not None:
-                mixed = mixed * self.gather(edge_weights, group).view(1, -1, 1, 1, 1)
-            for (_, edge), output in zip(group, mixed.unbind(1)):  # unbind: one backward operator, not one per edge
+            stride = self.edges[group[0][1]].stride  # one stride per group: a reduction's cell-input edges, or 1
+            if self.partial > 1:
+                parts = {source: partial_split(states[source], self.partial, stride) for source, _ in group}
+                stack = torch.cat([parts[source][0] for source, _ in group], dim=1)
+            else:
+                stack = torch.cat([states[source] for source, _ in group], dim=1)
+            for (source, edge), output in zip(group, self.mixture(group, stack, weights, edge_weights, stats)):
                 incoming[self.target[edge]].append(output)
-            states.append(functools.reduce(torch.add, incoming[g]))
+                if self.partial > 1:
+                    bypass = parts[source][1]
+                    passed[self.target[edge]].append(bypass if edge_weights is None else edge_weights[edge] * bypass)
+            node = functools.reduce(torch.add, incoming[g])
+            if self.partial > 1:  # as forward_partial: shuffle(cat) is linear, so once per node
+                node = channel_shuffle(torch.cat([node, functools.reduce(torch.add, passed[g])], dim=1), self.partial)
+            states.append(node)
         stats.apply()
         return torch.cat(states[2:], dim=1)
 
@@ -417,17 +504,27 @@ class SearchCell(nn.Module):
         return tuple(i for i in range(self.nodes) for _ in range(2 + i))
 
     def mixture(
-        self, group: EdgeGroup, stack: torch.Tensor, weights: torch.Tensor, stats: RunningStats
-    ) -> torch.Tensor:
-        """Eq. 1 for the m edges of ``group`` at once: (N, m, C, H, W), given their inputs stacked edge by edge."""
+        self,
+        group: EdgeGroup,
+        stack: torch.Tensor,
+        weights: torch.Tensor,
+        edge_weights: torch.Tensor | None,
+        stats: RunningStats,
+    ) -> Sequence[torch.Tensor]:
+        """Eq. 1 for the m edges of ``group`` at once, given their inputs stacked edge by edge: the m edges' outputs.
+        On CPU in channels_last as one in-place sum (:class:`_EdgeWeightedSum`), else as one product over the stacked
+        candidates (fewer operators to launch on a GPU)."""
         first = self.edges[group[0][1]]
-        outputs = [
-            batched([self.edges[edge].ops[k] for _, edge in group], stack, stats).unflatten(1, (len(group), -1))
-            for k in first.active
-        ]
+        outputs = [batched([self.edges[edge].ops[k] for _, edge in group], stack, stats) for k in first.active]
         w = first.active_weights(self.gather(weights, group).t())  # (candidates, m)
+        if edge_weights is not None:  # PC-DARTS: β_e · Σ_k w_ke · o_k, with β_e folded into the weights
+            w = w * self.gather(edge_weights, group)
+        w = w.to(outputs[0].dtype)
         k, m = w.shape
-        return (torch.stack(outputs) * w.to(outputs[0].dtype).view(k, 1, m, 1, 1, 1)).sum(0)
+        if outputs[0].device.type == "cpu" and is_channels_last(outputs[0]):
+            return _EdgeWeightedSum.apply(w, *outputs).split(outputs[0].shape[1] // m, dim=1)
+        stacked = torch.stack([o.unflatten(1, (m, -1)) for o in outputs])
+        return (stacked * w.view(k, 1, m, 1, 1, 1)).sum(0).unbind(1)  # unbind: one backward operator, not m
 
     def gather(self, rows: torch.Tensor, group: EdgeGroup) -> torch.Tensor:
         """``rows[[edge for each edge of group]]``, with the index tensor kept per device."""

@@ -69,11 +69,50 @@ def plain_second_order() -> tuple:
     return three_steps(tiny_config(PLAIN))
 
 
-@pytest.mark.parametrize("switch", CPU_SWITCHES)
+@pytest.mark.parametrize("switch", [name for name in CPU_SWITCHES if name != "node_shuffle"])  # PC-DARTS's: below
 def test_each_switch_alone_gives_the_plain_paths_alpha_and_weights(switch: str, plain_second_order: tuple) -> None:
     needs = {"recompute_depthwise": {"norm_in_sum": True}}  # it acts inside norm_in_sum's sum, so alone it would not
     speed = PLAIN.model_copy(update={switch: True, **needs.get(switch, {})})
     assert_same(three_steps(tiny_config(speed)), plain_second_order)
+
+
+def pc_darts_config(speed: SpeedConfig, xi: float | None = None) -> SearchConfig:
+    """tiny_config's supernet with PC-DARTS: 2 of 8 channels through the candidates, edge normalization."""
+    return tiny_config(speed, xi=xi).model_copy(
+        update={"channels": 8, "partial_channels": 4, "edge_normalization": True}
+    )
+
+
+@pytest.fixture(scope="module")
+def plain_pc_darts() -> tuple:
+    return three_steps(pc_darts_config(PLAIN))
+
+
+@pytest.mark.parametrize(
+    "speed",
+    [
+        PLAIN.model_copy(update={"node_shuffle": True}),
+        PLAIN.model_copy(update={"batched_edges": True}),
+        PLAIN.model_copy(update={"batched_edges": None}),  # unset: batched, as PC-DARTS
+        SpeedConfig(),
+        SpeedConfig(batched_edges=False),  # the default switches with node_shuffle, edge by edge
+        SpeedConfig(**dict.fromkeys(CPU_SWITCHES, True)),
+    ],
+    ids=["node_shuffle", "batched_edges", "batched_edges-unset", "default", "default-batched_edges", "every"],
+)
+def test_pc_darts_switches_give_the_plain_paths_alpha_beta_and_weights(
+    speed: SpeedConfig, plain_pc_darts: tuple
+) -> None:
+    """node_shuffle and batched_edges act only with PC-DARTS (partial_channels > 1): tested there."""
+    assert_same(three_steps(pc_darts_config(speed)), plain_pc_darts)
+
+
+def test_pc_darts_default_switches_first_order_and_with_the_exact_hessian() -> None:
+    """The batched PC-DARTS sum's hand-written gradient (nas.search_model._EdgeWeightedSum) is differentiated again
+    by the exact Hessian-vector product."""
+    assert_same(three_steps(pc_darts_config(SpeedConfig(), xi=0.0)), three_steps(pc_darts_config(PLAIN, xi=0.0)))
+    exact = pc_darts_config(SpeedConfig()).model_copy(update={"hessian": "exact"})
+    assert_same(three_steps(exact), three_steps(pc_darts_config(PLAIN).model_copy(update={"hessian": "exact"})))
 
 
 def test_the_default_switches_give_the_plain_path_first_and_second_order(plain_second_order: tuple) -> None:
@@ -311,6 +350,38 @@ def test_the_cpu_weighted_sum_equals_the_stacked_product_twice_differentiated(ch
         second = torch.autograd.grad((grads[0] * probe).sum(), ys)  # d⟨∂/∂weights, probe⟩ / d outputs
         results.append([total, *grads, *second])
         assert total.is_contiguous(memory_format=torch.channels_last) == channels_last
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_batched_cpu_sum_equals_each_edges_own_sum_twice_differentiated() -> None:
+    """Eq. 1 for m edges stacked along the channels (nas.search_model._EdgeWeightedSum, CPU, channels_last) against
+    each edge's own stacked product on its block of channels: values, gradients for the (candidate, edge) weights
+    and every output, and second derivatives through the gradient (the exact Hessian's double backward)."""
+    from nas.search_model import _EdgeWeightedSum
+
+    gen = torch.Generator().manual_seed(0)
+    k, m, c = 5, 3, 4
+    outputs = [
+        torch.randn(2, m * c, 3, 3, generator=gen).contiguous(memory_format=torch.channels_last) for _ in range(k)
+    ]
+    weights = torch.softmax(torch.randn(k, m, generator=gen), 0)
+    upstream, probe = torch.randn(2, m * c, 3, 3, generator=gen), torch.randn(k, m, generator=gen)
+
+    def each_edge(ws: torch.Tensor, ys: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return tuple(stacked_weighted_sum(ws[:, e], [y[:, e * c : (e + 1) * c] for y in ys]) for e in range(m))
+
+    def together(ws: torch.Tensor, ys: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return _EdgeWeightedSum.apply(ws, *ys).split(c, dim=1)
+
+    results = []
+    for fn in (together, each_edge):
+        ws, ys = weights.clone().requires_grad_(), [y.clone().requires_grad_() for y in outputs]
+        total = torch.cat(fn(ws, ys), dim=1)
+        grads = torch.autograd.grad(total, [ws, *ys], upstream, create_graph=True)
+        second = torch.autograd.grad((grads[0] * probe).sum(), ys)
+        results.append([total, *grads, *second])
+    assert torch.cat(together(weights, outputs), dim=1).is_contiguous(memory_format=torch.channels_last)
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -637,15 +708,19 @@ def test_the_finite_difference_hessian_runs_in_fp32_under_bf16() -> None:
 
 @pytest.mark.parametrize("name", registered_ops())
 @pytest.mark.parametrize("stride", [1, 2])
-def test_batched_runs_each_registered_op_on_m_edges_as_they_run_alone(name: str, stride: int) -> None:
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_batched_runs_each_registered_op_on_m_edges_as_they_run_alone(
+    name: str, stride: int, layout: torch.memory_format
+) -> None:
     """nas/batched.py on the same candidate of 3 edges (own weights), against each edge's module on its block of
-    channels: outputs and gradients in training, outputs in eval, and the running statistics the modules keep."""
+    channels: outputs and gradients in training, outputs in eval, and the running statistics the modules keep; the
+    output in the input's layout."""
     torch.manual_seed(0)
-    alone = [build_op(name, 4, stride, affine=False) for _ in range(3)]
-    together = [build_op(name, 4, stride, affine=False) for _ in range(3)]
+    alone = [build_op(name, 4, stride, affine=False).to(memory_format=layout) for _ in range(3)]
+    together = [build_op(name, 4, stride, affine=False).to(memory_format=layout) for _ in range(3)]
     for a, b in zip(alone, together):
         b.load_state_dict(a.state_dict())
-    x = torch.randn(2, 12, 8, 8, requires_grad=True)
+    x = torch.randn(2, 12, 8, 8).contiguous(memory_format=layout).requires_grad_()
     for training in (True, True, False):
         for m in (*alone, *together):
             m.train(training)
@@ -654,6 +729,7 @@ def test_batched_runs_each_registered_op_on_m_edges_as_they_run_alone(name: str,
         got = batched(together, x, stats)
         stats.apply()
         torch.testing.assert_close(got, want)
+        assert got.is_contiguous(memory_format=layout)
         params = [p for m in alone for p in m.parameters()]
         if training and params:
             g_want = torch.autograd.grad(want.square().sum(), [x, *params])
@@ -690,4 +766,19 @@ def test_cross_rank_batch_norm_cells_run_edge_by_edge() -> None:
     convert_to_global_batchnorm(net)
     assert not any(cell.can_batch() for cell in net.cells)
     pc = SearchNetwork(in_channels=1, channels=4, num_classes=3, layers=3, nodes=2, speed=batched, partial_channels=2)
-    assert not any(cell.batch_edges for cell in pc.cells)  # PC-DARTS: its own per-edge channel split
+    assert all(cell.batch_edges and cell.can_batch() for cell in pc.cells)
+    convert_to_global_batchnorm(pc)
+    assert not any(cell.can_batch() for cell in pc.cells)
+
+
+@pytest.mark.parametrize(
+    ("batched_edges", "partial_channels", "on"), [(None, 1, False), (None, 4, True), (False, 4, False)]
+)
+def test_batched_edges_unset_is_on_for_pc_darts_only(
+    batched_edges: bool | None, partial_channels: int, on: bool
+) -> None:
+    speed = SpeedConfig(batched_edges=batched_edges)
+    net = SearchNetwork(
+        in_channels=1, channels=8, num_classes=3, layers=3, nodes=2, speed=speed, partial_channels=partial_channels
+    )
+    assert all(cell.batch_edges is on for cell in net.cells)
