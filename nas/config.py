@@ -128,9 +128,9 @@ class SpeedConfig(_Section):
         None,
         description="the edges leaving one state computed together: each candidate as one grouped operator over "
         "all of them (nas/batched.py; 2.4x fewer operators, for GPUs, where the step is launch-bound). Unset: on for "
-        "PC-DARTS, whose narrow candidates (C/K channels) it runs several edges wide (26-32% less time per step on "
-        "CPU), off otherwise (on CPU full-width DARTS is 14% slower with it; bench/README.md); not with ray.sync_bn, "
-        "which runs edge by edge",
+        "PC-DARTS, whose narrow candidates (C/K channels) it runs several edges wide (1.5-1.8x faster on CPU), off "
+        "for DARTS, where on CPU it is 2-13% faster but keeps 43% more memory (no shared ReLU or norm inside the sum; "
+        "bench/README.md); not with ray.sync_bn, which runs edge by edge",
     )
     node_shuffle: bool = Field(
         True,
