@@ -23,7 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas.ops import DepthwiseConv2d, FactorizedReduce, Zero, dilated_as_dense, is_channels_last, offset_grids
+from nas.ops import (
+    DepthwiseConv2d,
+    FactorizedReduce,
+    SepConv,
+    Zero,
+    dilated_as_dense,
+    is_channels_last,
+    offset_grids,
+)
 
 CHANNEL_WISE = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Identity, Zero)
 
@@ -90,6 +98,20 @@ def batched(modules: Sequence[nn.Module], x: torch.Tensor, stats: RunningStats) 
     return torch.cat([m(block) for m, block in zip(modules, x.chunk(len(modules), dim=1))], dim=1)
 
 
+def batched_after_relu(modules: Sequence[nn.Module], relu_x: torch.Tensor, stats: RunningStats) -> torch.Tensor:
+    """:func:`batched` given ``relu_x`` = ReLU(x), for a candidate that begins with that ReLU
+    (:func:`nas.ops.starts_with_relu`): the edges' candidates then share one ReLU of the stacked inputs, as
+    :func:`nas.ops.forward_after_relu` does for one edge."""
+    first = modules[0]
+    if isinstance(first, FactorizedReduce):
+        return _factorized_reduce(modules, relu_x, stats, after_relu=True)
+    if isinstance(first, SepConv):
+        return batched([m[1] for m in modules], batched_after_relu([m[0] for m in modules], relu_x, stats), stats)
+    for layer in range(1, len(first)):  # a Sequential that begins with ReLU
+        relu_x = batched([m[layer] for m in modules], relu_x, stats)
+    return relu_x
+
+
 def _conv(convs: Sequence[nn.Conv2d], x: torch.Tensor) -> torch.Tensor:
     c = convs[0]
     weight = torch.cat([m.weight for m in convs])
@@ -120,9 +142,11 @@ def _batch_norm(norms: Sequence[nn.BatchNorm2d], x: torch.Tensor, stats: Running
     return out
 
 
-def _factorized_reduce(reduces: Sequence[FactorizedReduce], x: torch.Tensor, stats: RunningStats) -> torch.Tensor:
+def _factorized_reduce(
+    reduces: Sequence[FactorizedReduce], x: torch.Tensor, stats: RunningStats, after_relu: bool = False
+) -> torch.Tensor:
     m = len(reduces)
-    even, odd = offset_grids(F.relu(x))
+    even, odd = offset_grids(x if after_relu else F.relu(x))
     a = _conv([r.conv_1 for r in reduces], even)
     b = _conv([r.conv_2 for r in reduces], odd)
     # Each edge's output is its two halves side by side: interleave the two stacks edge by edge (as (N, H, W, m·C)

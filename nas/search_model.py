@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas.batched import RunningStats, batchable, batched
+from nas.batched import RunningStats, batchable, batched, batched_after_relu
 from nas.config import SearchConfig, SpeedConfig
 from nas.genotypes import Genotype, derive_genotype
 from nas.ops import (
@@ -515,7 +515,14 @@ class SearchCell(nn.Module):
         On CPU in channels_last as one in-place sum (:class:`_EdgeWeightedSum`), else as one product over the stacked
         candidates (fewer operators to launch on a GPU)."""
         first = self.edges[group[0][1]]
-        outputs = [batched([self.edges[edge].ops[k] for _, edge in group], stack, stats) for k in first.active]
+        relu_stack = F.relu(stack) if any(first.after_relu) else stack  # search.speed.shared_relu: one ReLU
+        outputs = []
+        for k in first.active:
+            candidates = [self.edges[edge].ops[k] for _, edge in group]
+            if first.after_relu[k]:
+                outputs.append(batched_after_relu(candidates, relu_stack, stats))
+            else:
+                outputs.append(batched(candidates, stack, stats))
         w = first.active_weights(self.gather(weights, group).t())  # (candidates, m)
         if edge_weights is not None:  # PC-DARTS: β_e · Σ_k w_ke · o_k, with β_e folded into the weights
             w = w * self.gather(edge_weights, group)

@@ -3,7 +3,7 @@ the plain path's α and w after 3 steps (within 1e-4)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from nas import SearchNetwork
 from nas.architect import laid_out_as
-from nas.batched import RunningStats, batched
+from nas.batched import RunningStats, batched, batched_after_relu
 from nas.config import SearchConfig, SpeedConfig
 from nas.graphed import step_key
 from nas.loop import LoopContext, Meter
@@ -706,15 +706,72 @@ def test_the_finite_difference_hessian_runs_in_fp32_under_bf16() -> None:
         assert torch.equal(fp32, bf16)
 
 
+LAYOUTS = pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+RELU_FIRST = [(n, s) for n in registered_ops() for s in (1, 2) if starts_with_relu(build_op(n, 4, s, affine=False))]
+
+
 @pytest.mark.parametrize("name", registered_ops())
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@LAYOUTS
 def test_batched_runs_each_registered_op_on_m_edges_as_they_run_alone(
     name: str, stride: int, layout: torch.memory_format
 ) -> None:
     """nas/batched.py on the same candidate of 3 edges (own weights), against each edge's module on its block of
     channels: outputs and gradients in training, outputs in eval, and the running statistics the modules keep; the
     output in the input's layout."""
+    assert_batched_as_alone(name, stride, layout, lambda together, x, stats: batched(together, x, stats))
+
+
+@pytest.mark.parametrize(("name", "stride"), RELU_FIRST)
+@LAYOUTS
+def test_batched_after_a_shared_relu_runs_each_op_that_begins_with_one_as_alone(
+    name: str, stride: int, layout: torch.memory_format
+) -> None:
+    """``search.speed.shared_relu`` with batched edges: one ReLU of the stacked inputs for every such candidate."""
+    assert {n for n, _ in RELU_FIRST} >= {"sep_conv_3x3", "dil_conv_5x5", "skip_connect"}  # skip: FactorizedReduce
+    assert_batched_as_alone(
+        name, stride, layout, lambda together, x, stats: batched_after_relu(together, x.relu(), stats)
+    )
+
+
+class ReLUCount(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        self.count += func.overloadpacket is torch.ops.aten.relu
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("partial_channels", [1, 4], ids=["darts", "pc-darts"])
+def test_batched_edges_share_one_relu_per_stack(partial_channels: int) -> None:
+    """With batched edges, ``shared_relu`` takes one ReLU of each group's stacked inputs for every candidate that
+    begins with one (four in a normal cell, five with the reduction's skip): fewer ReLUs, the same output."""
+    x = torch.randn(2, 1, 8, 8)
+    outputs, counts = [], []
+    for shared in (True, False):
+        torch.manual_seed(0)
+        speed = SpeedConfig(batched_edges=True, shared_relu=shared)
+        net = SearchNetwork(
+            in_channels=1,
+            channels=4 * partial_channels,
+            num_classes=3,
+            layers=3,
+            nodes=2,
+            speed=speed,
+            partial_channels=partial_channels,
+            edge_normalization=partial_channels > 1,
+        )
+        with ReLUCount() as relus:
+            outputs.append(net(x))
+        counts.append(relus.count)
+    torch.testing.assert_close(outputs[0], outputs[1])
+    groups, cells = 2, 3  # nodes=2: the cell inputs' edges, then node 0's
+    assert counts[1] - counts[0] >= 3 * groups * cells
+
+
+def assert_batched_as_alone(name: str, stride: int, layout: torch.memory_format, run: Callable) -> None:
     torch.manual_seed(0)
     alone = [build_op(name, 4, stride, affine=False).to(memory_format=layout) for _ in range(3)]
     together = [build_op(name, 4, stride, affine=False).to(memory_format=layout) for _ in range(3)]
@@ -726,14 +783,17 @@ def test_batched_runs_each_registered_op_on_m_edges_as_they_run_alone(
             m.train(training)
         want = torch.cat([m(block) for m, block in zip(alone, x.chunk(3, dim=1))], dim=1)
         stats = RunningStats()
-        got = batched(together, x, stats)
+        got = run(together, x, stats)
         stats.apply()
         torch.testing.assert_close(got, want)
         assert got.is_contiguous(memory_format=layout)
         params = [p for m in alone for p in m.parameters()]
         if training and params:
-            g_want = torch.autograd.grad(want.square().sum(), [x, *params])
-            g_got = torch.autograd.grad(got.square().sum(), [x, *(p for m in together for p in m.parameters())])
+            # A random probe, not got.square().sum(): through an affine-free batch norm the gradient of a sum of
+            # squares is zero but for ε, and what is left is rounding.
+            probe = torch.randn(want.shape, generator=torch.Generator().manual_seed(1))
+            g_want = torch.autograd.grad((want * probe).sum(), [x, *params])
+            g_got = torch.autograd.grad((got * probe).sum(), [x, *(p for m in together for p in m.parameters())])
             for a, b in zip(g_got, g_want):  # float32 sums over the batch in another order: 1e-5-ish apart
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     for a, b in zip(together, alone):
