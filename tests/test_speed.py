@@ -76,6 +76,20 @@ def test_each_switch_alone_gives_the_plain_paths_alpha_and_weights(switch: str, 
     assert_same(three_steps(tiny_config(speed)), plain_second_order)
 
 
+def tiny_network(speed: SpeedConfig, partial_channels: int = 1) -> SearchNetwork:
+    """A 3-cell supernet of two nodes a cell, 4 channels through each edge's candidates (PC-DARTS: 4·K in all)."""
+    return SearchNetwork(
+        in_channels=1,
+        channels=4 * partial_channels,
+        num_classes=3,
+        layers=3,
+        nodes=2,
+        speed=speed,
+        partial_channels=partial_channels,
+        edge_normalization=partial_channels > 1,
+    )
+
+
 def pc_darts_config(speed: SpeedConfig, xi: float | None = None) -> SearchConfig:
     """tiny_config's supernet with PC-DARTS: 2 of 8 channels through the candidates, edge normalization."""
     return tiny_config(speed, xi=xi).model_copy(
@@ -623,16 +637,7 @@ def test_a_channels_last_supernets_backward_never_meets_a_channels_first_gradien
     PyTorch, and an elementwise operator (ReLU's gradient, a sum) over one operand of each layout runs 10-20 times
     slower on CPU than over two of the same."""
     torch.manual_seed(0)
-    net = SearchNetwork(
-        in_channels=1,
-        channels=4 * partial_channels,
-        num_classes=3,
-        layers=3,
-        nodes=2,
-        speed=SpeedConfig(),
-        partial_channels=partial_channels,
-        edge_normalization=partial_channels > 1,
-    )
+    net = tiny_network(SpeedConfig(), partial_channels)
     assert SpeedConfig().channels_last and SpeedConfig().dense_dilation
     x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))
     with ChannelsFirstOperands() as mode:
@@ -753,16 +758,7 @@ def test_batched_edges_share_one_relu_per_stack(partial_channels: int) -> None:
     for shared in (True, False):
         torch.manual_seed(0)
         speed = SpeedConfig(batched_edges=True, shared_relu=shared)
-        net = SearchNetwork(
-            in_channels=1,
-            channels=4 * partial_channels,
-            num_classes=3,
-            layers=3,
-            nodes=2,
-            speed=speed,
-            partial_channels=partial_channels,
-            edge_normalization=partial_channels > 1,
-        )
+        net = tiny_network(speed, partial_channels)
         with ReLUCount() as relus:
             outputs.append(net(x))
         counts.append(relus.count)
