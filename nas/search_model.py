@@ -81,14 +81,21 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def partial_split(x: torch.Tensor, partial: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """PC-DARTS's split of an edge input: its first C/K channels (for the candidates; made dense once, so that no
-    candidate copies them again) and the rest (passed by, max-pooled at stride 2)."""
+    """PC-DARTS's split of an edge input: its first C/K channels (for the candidates, a view) and the rest (passed
+    by, max-pooled at stride 2)."""
     k = x.shape[1] // partial
     through, bypass = x.split([k, x.shape[1] - k], dim=1)  # split: a gradient in x's layout (a slice's is not)
-    through = through.contiguous(memory_format=torch.channels_last if is_channels_last(x) else torch.contiguous_format)
     if stride == 2:
         bypass = F.max_pool2d(bypass, 2, 2, ceil_mode=True)
     return through, bypass
+
+
+def shuffled_node(mixed: Sequence[torch.Tensor], passed: Sequence[torch.Tensor], partial: int) -> torch.Tensor:
+    """A PC-DARTS node from its edges' mixtures and passed-by channels: shuffle(cat[Σ mixtures, Σ passed by]).
+    Concatenation and shuffle are linear, so this is the sum of each edge's own shuffle(cat[mixture, passed by])
+    with one concatenation and one shuffle per node instead of one per edge."""
+    sums = [functools.reduce(torch.add, mixed), functools.reduce(torch.add, passed)]
+    return channel_shuffle(torch.cat(sums, dim=1), partial)
 
 
 def index_on(
@@ -332,12 +339,8 @@ class MixedOp(nn.Module):
         (max-pooled at stride 2), then a channel shuffle of K groups."""
         if self.partial == 1:
             return self.mixture(x, weights)
-        k = x.shape[1] // self.partial
-        through, bypass = x.split([k, x.shape[1] - k], dim=1)  # split: a gradient in x's layout (a slice's is not)
-        mixed = self.mixture(through, weights)
-        if self.stride == 2:
-            bypass = F.max_pool2d(bypass, 2, 2, ceil_mode=True)
-        return channel_shuffle(torch.cat([mixed, bypass], dim=1), self.partial)
+        through, bypass = partial_split(x, self.partial, self.stride)
+        return shuffled_node([self.mixture(through, weights)], [bypass], self.partial)
 
     def mixture(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Σ_o w_o · o(x) over the candidates (eq. 1)."""
@@ -443,22 +446,23 @@ class SearchCell(nn.Module):
         sums its edges' mixtures and their passed-by channels apart and shuffles once: one concatenation and one
         shuffle per node, not per edge, and each state split once (its passed-by part pooled once at stride 2)."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        parts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # by state: every edge leaving a state has one stride
         offset = 0
         for _ in range(self.nodes):
             mixed, passed = [], []
             for j, h in enumerate(states):
                 edge = self.edges[offset + j]
-                if (j, edge.stride) not in parts:
-                    parts[j, edge.stride] = partial_split(h, self.partial, edge.stride)
-                through, bypass = parts[j, edge.stride]
+                if j == len(parts):
+                    through, bypass = partial_split(h, self.partial, edge.stride)
+                    layout = torch.channels_last if is_channels_last(h) else torch.contiguous_format
+                    parts.append((through.contiguous(memory_format=layout), bypass))  # dense once, not per candidate
+                through, bypass = parts[j]
                 m = edge.mixture(through, weights[offset + j])
                 if edge_weights is not None:
                     m, bypass = edge_weights[offset + j] * m, edge_weights[offset + j] * bypass
                 mixed.append(m)
                 passed.append(bypass)
-            sums = [functools.reduce(torch.add, mixed), functools.reduce(torch.add, passed)]
-            states.append(channel_shuffle(torch.cat(sums, dim=1), self.partial))
+            states.append(shuffled_node(mixed, passed, self.partial))
             offset += len(states) - 1
         return torch.cat(states[2:], dim=1)
 
@@ -491,10 +495,10 @@ class SearchCell(nn.Module):
                 if self.partial > 1:
                     bypass = parts[source][1]
                     passed[self.target[edge]].append(bypass if edge_weights is None else edge_weights[edge] * bypass)
-            node = functools.reduce(torch.add, incoming[g])
-            if self.partial > 1:  # as forward_partial: shuffle(cat) is linear, so once per node
-                node = channel_shuffle(torch.cat([node, functools.reduce(torch.add, passed[g])], dim=1), self.partial)
-            states.append(node)
+            if self.partial > 1:
+                states.append(shuffled_node(incoming[g], passed[g], self.partial))
+            else:
+                states.append(functools.reduce(torch.add, incoming[g]))
         stats.apply()
         return torch.cat(states[2:], dim=1)
 
