@@ -86,9 +86,7 @@ def batched(modules: Sequence[nn.Module], x: torch.Tensor, stats: RunningStats) 
     if isinstance(first, CHANNEL_WISE):
         return first(x)
     if isinstance(first, nn.Sequential) and type(first).forward is nn.Sequential.forward:
-        for layer in range(len(first)):
-            x = batched([m[layer] for m in modules], x, stats)
-        return x
+        return batched_layers([list(m) for m in modules], x, stats)
     if type(first) in (nn.Conv2d, DepthwiseConv2d):
         return _conv(modules, x)
     if type(first) is nn.BatchNorm2d:
@@ -107,9 +105,36 @@ def batched_after_relu(modules: Sequence[nn.Module], relu_x: torch.Tensor, stats
         return _factorized_reduce(modules, relu_x, stats, after_relu=True)
     if isinstance(first, SepConv):
         return batched([m[1] for m in modules], batched_after_relu([m[0] for m in modules], relu_x, stats), stats)
-    for layer in range(1, len(first)):  # a Sequential that begins with ReLU
-        relu_x = batched([m[layer] for m in modules], relu_x, stats)
-    return relu_x
+    return batched_layers([list(m)[1:] for m in modules], relu_x, stats)  # a Sequential that begins with ReLU
+
+
+def batched_layers(layers: Sequence[Sequence[nn.Module]], x: torch.Tensor, stats: RunningStats) -> torch.Tensor:
+    """``x`` through each edge's ``layers`` in turn (the same kinds on every edge), each layer batched over edges."""
+    for layer in range(len(layers[0])):
+        x = batched([edge[layer] for edge in layers], x, stats)
+    return x
+
+
+def one_norm(norms: Sequence[nn.BatchNorm2d]) -> bool:
+    """Whether ``norms`` act as one batch norm over all their channels: the same momentum and ε."""
+    return all(m.momentum == norms[0].momentum and m.eps == norms[0].eps for m in norms)
+
+
+def stacked_norm_arguments(
+    norms: Sequence[nn.BatchNorm2d], stats: RunningStats
+) -> tuple[torch.Tensor | None, torch.Tensor | None, float, float] | None:
+    """What one training batch norm over all of ``norms``' channels hands ``F.batch_norm`` (their running statistics
+    concatenated, written back at the end of the cell by ``stats``; the momentum; ε), for eq. 1's sum to compute it
+    (``search.speed.norm_in_sum``); None where they are not one batch norm (:func:`one_norm`)."""
+    n = norms[0]
+    if not one_norm(norms):
+        return None
+    if not (n.track_running_stats and n.running_mean is not None):
+        return None, None, 0.0, n.eps
+    running_mean = torch.cat([m.running_mean for m in norms])
+    running_var = torch.cat([m.running_var for m in norms])
+    stats.add(norms, running_mean, running_var)
+    return running_mean, running_var, n.momentum, n.eps
 
 
 def _conv(convs: Sequence[nn.Conv2d], x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +151,7 @@ def _conv(convs: Sequence[nn.Conv2d], x: torch.Tensor) -> torch.Tensor:
 
 def _batch_norm(norms: Sequence[nn.BatchNorm2d], x: torch.Tensor, stats: RunningStats) -> torch.Tensor:
     n = norms[0]
-    if any(m.momentum != n.momentum or m.eps != n.eps for m in norms):  # not one batch norm: edge by edge
+    if not one_norm(norms):  # edge by edge
         return torch.cat([m(block) for m, block in zip(norms, x.chunk(len(norms), dim=1))], dim=1)
     weight = torch.cat([m.weight for m in norms]) if n.affine else None
     bias = torch.cat([m.bias for m in norms]) if n.affine else None

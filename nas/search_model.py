@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas.batched import RunningStats, batchable, batched, batched_after_relu
+from nas.batched import RunningStats, batchable, batched, batched_after_relu, batched_layers, stacked_norm_arguments
 from nas.config import SearchConfig, SpeedConfig
 from nas.genotypes import Genotype, derive_genotype
 from nas.ops import (
@@ -157,35 +157,65 @@ class _WeightedSum(torch.autograd.Function):
         return (d_weights, *d_outputs)
 
 
+def closing_norm_forward(
+    x: torch.Tensor, norm: tuple[torch.Tensor | None, torch.Tensor | None, float, float] | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``x`` through an affine-free training batch norm given by ``norm`` (:func:`norm_arguments`; None: no norm),
+    with the per-channel mean and 1/σ its backward takes."""
+    if norm is None:
+        return x, None, None
+    running_mean, running_var, factor, eps = norm
+    return torch.native_batch_norm(x, None, None, running_mean, running_var, True, factor, eps)
+
+
 class _EdgeWeightedSum(torch.autograd.Function):
-    """:class:`_WeightedSum` for m edges stacked along the channels (nas/batched.py), on CPU in channels_last:
-    ``weights`` (candidates, m), candidate k of edge e weighted by weights[k, e] over the edge's block of channels.
-    Each (N, m·C, H, W) tensor is worked on as its (N, H, W, m, C) pixels, a view of the same memory, so the sum and
-    every gradient stay channels_last (a stack of 4-d channels_last tensors is laid out channels-first, and its
-    gradient with it)."""
+    """:class:`_NormalizedWeightedSum` for m edges stacked along the channels (nas/batched.py), on CPU in
+    channels_last: ``weights`` (candidates, m), candidate k of edge e weighted by weights[k, e] over the edge's block
+    of channels, after its closing batch norm over all m·C channels where ``norms[k]`` gives one (m batch norms of
+    C channels each: every channel is normalized by its own statistics). Each (N, m·C, H, W) tensor is worked on as
+    its (N, H, W, m, C) pixels, a view of the same memory, so the sum and every gradient stay channels_last (a
+    stack of 4-d channels_last tensors is laid out channels-first, and its gradient with it)."""
 
     @staticmethod
-    def forward(ctx, weights: torch.Tensor, *outputs: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, weights: torch.Tensor, norms: tuple, *inputs: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         m = weights.shape[1]
-        total = edge_blocks(outputs[0], m) * weights[0].view(m, 1)
-        for k in range(1, len(outputs)):
-            total.addcmul_(edge_blocks(outputs[k], m), weights[k].view(m, 1))
-        ctx.save_for_backward(weights, *outputs)
+        total, means, invstds = None, [], []
+        for k, (x, norm) in enumerate(zip(inputs, norms)):
+            y, mean, invstd = closing_norm_forward(x, norm)
+            blocks, w = edge_blocks(y, m), weights[k].view(m, 1)
+            total = blocks * w if total is None else total.addcmul_(blocks, w)
+            means.append(mean)
+            invstds.append(invstd)
+        ctx.eps = [None if norm is None else norm[3] for norm in norms]
+        ctx.save_for_backward(weights, *inputs, *means, *invstds)
         return total.flatten(-2).permute(0, 3, 1, 2)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
-        weights, *outputs = ctx.saved_tensors
-        m = weights.shape[1]
-        blocks = edge_blocks(dense_as(grad, outputs[0]), m)
-        d_weights = None
-        if ctx.needs_input_grad[0]:
-            d_weights = torch.stack([(blocks * edge_blocks(y, m)).sum((0, 1, 2, 4)) for y in outputs])
-        d_outputs = [
-            (blocks * weights[k].view(m, 1)).flatten(-2).permute(0, 3, 1, 2) if ctx.needs_input_grad[1 + k] else None
-            for k in range(len(outputs))
-        ]
-        return (d_weights, *d_outputs)
+        weights, *rest = ctx.saved_tensors
+        n, m = len(ctx.eps), weights.shape[1]
+        inputs, means, invstds = rest[:n], rest[n : 2 * n], rest[2 * n :]
+        grad = dense_as(grad, inputs[0])
+        blocks = edge_blocks(grad, m)
+        want_weights = ctx.needs_input_grad[0]
+        d_weights, d_inputs = [], []
+        for k, (x, mean, invstd, eps) in enumerate(zip(inputs, means, invstds, ctx.eps)):
+            want_x = ctx.needs_input_grad[2 + k]
+            if eps is None:
+                d_weights.append((blocks * edge_blocks(x, m)).sum((0, 1, 2, 4)) if want_weights else None)
+                d_x = (blocks * weights[k].view(m, 1)).flatten(-2).permute(0, 3, 1, 2) if want_x else None
+                d_inputs.append(d_x)
+                continue
+            # The batch norm's backward is linear in its incoming gradient, so each edge's weight enters as the
+            # (affine-free) norm's scale over its block; the scale's gradient, Σ grad · x̂ per channel, summed over
+            # a block is that weight's.
+            scale = weights[k].repeat_interleave(x.shape[1] // m)
+            d_x, d_scale, _ = torch.ops.aten.native_batch_norm_backward(
+                grad, x, scale, None, None, mean, invstd, True, eps, [want_x, want_weights, False]
+            )
+            d_weights.append(d_scale.view(m, -1).sum(1) if want_weights else None)
+            d_inputs.append(d_x)
+        return (torch.stack(d_weights) if want_weights else None, None, *d_inputs)
 
 
 def edge_blocks(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -266,11 +296,7 @@ class _NormalizedWeightedSum(torch.autograd.Function):
     def forward(ctx, weights: torch.Tensor, norms: tuple, *inputs: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         total, means, invstds = None, [], []
         for k, (x, norm) in enumerate(zip(inputs, norms)):
-            if norm is None:
-                y, mean, invstd = x, None, None
-            else:
-                running_mean, running_var, factor, eps = norm
-                y, mean, invstd = torch.native_batch_norm(x, None, None, running_mean, running_var, True, factor, eps)
+            y, mean, invstd = closing_norm_forward(x, norm)
             total = y * weights[k] if total is None else total.addcmul_(y, weights[k])
             means.append(mean)
             invstds.append(invstd)
@@ -516,24 +542,36 @@ class SearchCell(nn.Module):
         stats: RunningStats,
     ) -> Sequence[torch.Tensor]:
         """Eq. 1 for the m edges of ``group`` at once, given their inputs stacked edge by edge: the m edges' outputs.
-        On CPU in channels_last as one in-place sum (:class:`_EdgeWeightedSum`), else as one product over the stacked
-        candidates (fewer operators to launch on a GPU)."""
+        On CPU in channels_last as one in-place sum (:class:`_EdgeWeightedSum`, with each candidate's closing batch
+        norm inside it under ``search.speed.norm_in_sum`` as :meth:`MixedOp.normalized_mixture` does), else as one
+        product over the stacked candidates (fewer operators to launch on a GPU)."""
         first = self.edges[group[0][1]]
         relu_stack = F.relu(stack) if any(first.after_relu) else stack  # search.speed.shared_relu: one ReLU
-        outputs = []
+        in_place = stack.device.type == "cpu" and is_channels_last(stack)
+        normalize = in_place and first.norm_in_sum and stack.dtype == torch.float32 and torch.is_grad_enabled()
+        outputs, norms = [], []
         for k in first.active:
             candidates = [self.edges[edge].ops[k] for _, edge in group]
-            if first.after_relu[k]:
+            splits = [closing_norm(op, first.after_relu[k]) for op in candidates] if normalize else [None]
+            norm = None
+            if all(split is not None for split in splits):
+                norm = stacked_norm_arguments([split[1] for split in splits], stats)
+            if norm is not None:
+                outputs.append(
+                    batched_layers([split[0] for split in splits], relu_stack if first.after_relu[k] else stack, stats)
+                )
+            elif first.after_relu[k]:
                 outputs.append(batched_after_relu(candidates, relu_stack, stats))
             else:
                 outputs.append(batched(candidates, stack, stats))
+            norms.append(norm)
         w = first.active_weights(self.gather(weights, group).t())  # (candidates, m)
         if edge_weights is not None:  # PC-DARTS: β_e · Σ_k w_ke · o_k, with β_e folded into the weights
             w = w * self.gather(edge_weights, group)
         w = w.to(outputs[0].dtype)
         k, m = w.shape
-        if outputs[0].device.type == "cpu" and is_channels_last(outputs[0]):
-            return _EdgeWeightedSum.apply(w, *outputs).split(outputs[0].shape[1] // m, dim=1)
+        if in_place:  # the norms inside the sum (if any) are computed there
+            return _EdgeWeightedSum.apply(w, tuple(norms), *outputs).split(outputs[0].shape[1] // m, dim=1)
         stacked = torch.stack([o.unflatten(1, (m, -1)) for o in outputs])
         return (stacked * w.view(k, 1, m, 1, 1, 1)).sum(0).unbind(1)  # unbind: one backward operator, not m
 

@@ -368,36 +368,56 @@ def test_the_cpu_weighted_sum_equals_the_stacked_product_twice_differentiated(ch
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_the_batched_cpu_sum_equals_each_edges_own_sum_twice_differentiated() -> None:
+@pytest.mark.parametrize("normalized", [False, True], ids=["sum", "norms-in-sum"])
+def test_the_batched_cpu_sum_equals_each_edges_own_sum_twice_differentiated(normalized: bool) -> None:
     """Eq. 1 for m edges stacked along the channels (nas.search_model._EdgeWeightedSum, CPU, channels_last) against
-    each edge's own stacked product on its block of channels: values, gradients for the (candidate, edge) weights
-    and every output, and second derivatives through the gradient (the exact Hessian's double backward)."""
-    from nas.search_model import _EdgeWeightedSum
+    each edge's own sum on its block of channels (the stacked product; with closing batch norms inside the sum for
+    some candidates, the edge's own _NormalizedWeightedSum): values, gradients for the (candidate, edge) weights
+    and every input, second derivatives through those gradients (the exact Hessian's double backward), and the
+    running statistics the norms leave."""
+    from nas.search_model import _EdgeWeightedSum, _NormalizedWeightedSum
 
     gen = torch.Generator().manual_seed(0)
     k, m, c = 5, 3, 4
-    outputs = [
+    inputs = [
         torch.randn(2, m * c, 3, 3, generator=gen).contiguous(memory_format=torch.channels_last) for _ in range(k)
     ]
     weights = torch.softmax(torch.randn(k, m, generator=gen), 0)
-    upstream, probe = torch.randn(2, m * c, 3, 3, generator=gen), torch.randn(k, m, generator=gen)
+    upstream = torch.randn(2, m * c, 3, 3, generator=gen)
+    probes = [torch.randn(k, m, generator=gen), *(torch.randn(x.shape, generator=gen) for x in inputs)]
+    normed = [normalized and i in (1, 2, 4) for i in range(k)]
+    running = [(torch.rand(m * c, generator=gen), 1 + torch.rand(m * c, generator=gen)) for _ in range(k)]
 
-    def each_edge(ws: torch.Tensor, ys: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        return tuple(stacked_weighted_sum(ws[:, e], [y[:, e * c : (e + 1) * c] for y in ys]) for e in range(m))
+    def norms(block: slice) -> tuple:
+        return tuple((rm[block], rv[block], 0.1, 1e-5) if on else None for on, (rm, rv) in zip(normed, running))
 
-    def together(ws: torch.Tensor, ys: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        return _EdgeWeightedSum.apply(ws, *ys).split(c, dim=1)
+    def each_edge(ws: torch.Tensor, xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        blocks = [slice(e * c, (e + 1) * c) for e in range(m)]
+        if not normalized:
+            return tuple(stacked_weighted_sum(ws[:, e], [x[:, b] for x in xs]) for e, b in enumerate(blocks))
+        dense = [[x[:, b].contiguous(memory_format=torch.channels_last) for x in xs] for b in blocks]
+        return tuple(_NormalizedWeightedSum.apply(ws[:, e], norms(b), *dense[e]) for e, b in enumerate(blocks))
 
+    def together(ws: torch.Tensor, xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return _EdgeWeightedSum.apply(ws, norms(slice(None)), *xs).split(c, dim=1)
+
+    start = [(rm.clone(), rv.clone()) for rm, rv in running]
     results = []
     for fn in (together, each_edge):
-        ws, ys = weights.clone().requires_grad_(), [y.clone().requires_grad_() for y in outputs]
-        total = torch.cat(fn(ws, ys), dim=1)
-        grads = torch.autograd.grad(total, [ws, *ys], upstream, create_graph=True)
-        second = torch.autograd.grad((grads[0] * probe).sum(), ys)
-        results.append([total, *grads, *second])
-    assert torch.cat(together(weights, outputs), dim=1).is_contiguous(memory_format=torch.channels_last)
+        ws, xs = weights.clone().requires_grad_(), [x.clone().requires_grad_() for x in inputs]
+        total = torch.cat(fn(ws, xs), dim=1)
+        stats = [t.clone() for pair in running for t in pair]
+        for (rm, rv), (rm0, rv0) in zip(running, start):  # the same statistics for the other way
+            rm.copy_(rm0)
+            rv.copy_(rv0)
+        grads = torch.autograd.grad(total, [ws, *xs], upstream, create_graph=True)
+        second = torch.autograd.grad(sum((g * p).sum() for g, p in zip(grads, probes)), [ws, *xs])
+        results.append([total, *grads, *second, *stats])
+    assert torch.cat(together(weights, inputs), dim=1).is_contiguous(memory_format=torch.channels_last)
+    if normalized:  # the norms moved the running statistics
+        assert not torch.equal(results[0][-2], start[-1][0])
     for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def two_mixed_ops(
