@@ -129,8 +129,8 @@ class SpeedConfig(_Section):
         description="the edges leaving one state computed together: each candidate as one grouped operator over "
         "all of them (nas/batched.py; 2.4x fewer operators, for GPUs, where the step is launch-bound). Unset: on for "
         "PC-DARTS, whose narrow candidates (C/K channels) it runs several edges wide (1.5-1.8x faster on CPU), off "
-        "for DARTS, where on CPU it is 9-14% faster but keeps 25% more memory (no norm inside the sum; "
-        "bench/README.md); not with ray.sync_bn, which runs edge by edge",
+        "for DARTS, where on CPU it is 8-12% faster but keeps 7-8% more memory (bench/README.md); not with "
+        "ray.sync_bn, which runs edge by edge",
     )
     node_shuffle: bool = Field(
         True,
