@@ -31,10 +31,10 @@ from s3 import S3Server, s3, s3_server  # noqa: E402, F401
 
 # --- the tiny pipeline tracked to a live `mlflow server`, run once for every test that reads its records back -------
 @pytest.fixture(scope="session")
-def tracked_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """tests/test_mlflow_server.py reads it back over HTTP, tests/test_browser.py in a browser: one pipeline for both,
-    since it is the slowest thing either does."""
+def tracked_pipeline(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) -> Iterator[Any]:  # noqa: F811
+    """tests/test_mlflow_server.py reads it back over HTTP, tests/test_browser.py in a browser, tests/test_pipeline.py
+    checks its stages, S3 storage and rerun: one pipeline for all three, since it is the slowest thing any does."""
     from test_mlflow_server import pipeline_on_a_server
 
-    with pipeline_on_a_server(tmp_path_factory.mktemp("tracked-pipeline")) as tracked:
+    with pipeline_on_a_server(tmp_path_factory.mktemp("tracked-pipeline"), s3_server) as tracked:
         yield tracked

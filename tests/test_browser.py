@@ -1,7 +1,8 @@
 """What a user sees of the pipeline's records in MLflow's own UI, in a real browser: Debian's Chromium, headless,
 driven by Selenium through Debian's ChromeDriver, against the live ``mlflow server`` of the shared tiny pipeline
-(tests/conftest.py ``tracked_pipeline``, two searches). The experiment page, the nested runs by name, two searches
-compared node by node, a search's cell pictures by step, the registered model with its alias and descriptions.
+(tests/conftest.py ``tracked_pipeline``: two searches, several retrains). The experiment page, the nested runs by
+name, two searches compared node by node, a search's cell pictures by step, the registered model with its alias and
+descriptions.
 Every page's screenshot lands in test-output/browser/, taken when its check ends, passed or failed."""
 
 from __future__ import annotations
@@ -137,8 +138,8 @@ def _records(tracked: TrackedPipeline) -> tuple[Any, str]:
 
 
 def _search_runs(tracked: TrackedPipeline) -> list[str]:
-    """The search runs' ids by seed."""
-    trials = sorted(tracked.result.trials, key=lambda trial: trial.config.search.seed)
+    """The search runs' ids by seed, first order before second."""
+    trials = sorted(tracked.result.trials, key=lambda trial: (trial.config.search.seed, trial.config.search.xi is None))
     return [tracked.result.search_runs[trial.trial] for trial in trials]
 
 
@@ -230,7 +231,8 @@ def test_the_runs_table_lists_the_nested_runs_by_name(browser: WebDriver, tracke
     pipeline_run = tracked_pipeline.result.pipeline_run
     (pipeline,) = [run for run in runs if run.info.run_id == pipeline_run]
     stages = sorted(run.data.tags["raydarts.stage"] for run in runs)
-    assert stages == ["pipeline", "retrain", "search", "search", "selection"]
+    retrains = len(tracked_pipeline.result.retrain_runs)  # the candidates, random cells, baselines and champion
+    assert stages == sorted(["pipeline", *["retrain"] * retrains, "search", "search", "selection"]) and retrains >= 5
     assert all(run.data.tags.get("mlflow.parentRunId") == pipeline_run for run in runs if run is not pipeline)
     with _page(browser, tracked_pipeline.server.uri, f"experiments/{experiment_id}/runs", "runs"):
         name = pipeline.info.run_name

@@ -1,4 +1,5 @@
-"""pipelines/full.py end to end on the quick preset (shrunk): in-process, then again (a rerun), then as a Ray job."""
+"""pipelines/full.py end to end on the quick preset (shrunk): in-process, then again (a rerun), on S3 storage and a
+live MLflow server (the session's shared pipeline, tests/conftest.py ``tracked_pipeline``); then as a Ray job."""
 
 from __future__ import annotations
 
@@ -16,67 +17,43 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from processes import end_processes_with, start_local_ray, stop_local_ray
+from processes import end_processes_with
+from s3 import S3Server
+from test_mlflow_server import SHRINK, TrackedPipeline, count_runs
 
 from components.config import load_pipeline_config, search_label
-from components.driver import prepare
 from components.tracking import Lineage, dataset_digest, walk_lineage
 from nas.config import from_params
 from nas.genotypes import node_formulas, random_genotypes
 
 ROOT = Path(__file__).resolve().parents[1]
-SHRINK = [  # the quick preset, shorter: the same stages, fewer steps
-    "search.epochs=2",
-    "search.steps_per_epoch=2",
-    "search.batch_size=16",
-    "search.nodes=2",
-    "retrain.epochs=2",
-    "retrain.steps_per_epoch=2",
-    "retrain.layers=3",
-    "retrain.channels=4",
-    "data.limit=300",
-    "data.test_limit=100",
-]
 
 
 def _sets(overrides: list[str]) -> list[str]:
     return [arg for o in overrides for arg in ("--set", o)]
 
 
-def _count_runs(uri: str) -> int:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    return sum(len(client.search_runs([e.experiment_id])) for e in client.search_experiments())
-
-
-def test_the_quick_pipeline_on_s3_registers_a_champion_with_its_lineage(tmp_path: Path, monkeypatch, s3) -> None:  # noqa: ANN001
-    """Storage on a real S3 API (moto): sweep, retrain and registration, with every stage's artifacts in MLflow."""
+def test_the_quick_pipeline_on_s3_registers_a_champion_with_its_lineage(
+    tracked_pipeline: TrackedPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3: S3Server
+) -> None:
+    """The shared tiny pipeline (tests/conftest.py ``tracked_pipeline``), its storage on a real S3 API (moto): sweep,
+    retrain and registration, with every stage's artifacts in MLflow; then its rerun, which resumed everything."""
     from mlflow import MlflowClient
 
     from components.config import PipelineConfig
-    from pipelines.full import run_pipeline, summary
+    from pipelines.full import summary
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    store = s3.uri("quick-store")
-    overrides = [*SHRINK, f"mlflow.tracking_uri={uri}", f"ray.storage_path={store}", "sweep.seeds=[1]", "sweep.top_k=2"]
-    overrides += ["champion.baselines=[DARTS_V2]", "champion.max_concurrent=2", "champion.random_baselines=2"]
-    config = load_pipeline_config("quick", overrides)
-    start_local_ray()  # inherits the S3 env
-    try:
-        result = run_pipeline(prepare(config, sweep=True), log=lambda line: None)
-        runs_after_first = _count_runs(uri)
-        again = run_pipeline(prepare(config, sweep=True), log=lambda line: None)  # a rerun of the finished pipeline
-    finally:
-        stop_local_ray()
-    assert not (tmp_path / "runs").exists() and not Path("runs/ray/quick-sweep").exists()  # all of it went to S3
-    objects = [o["Key"] for o in s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="quick-store/")["Contents"]]
+    result, again, config = tracked_pipeline.result, tracked_pipeline.rerun, tracked_pipeline.config
+    uri = tracked_pipeline.server.uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert list(tracked_pipeline.workdir.iterdir()) == []  # nothing in the current directory: all of it went to S3
+    listed = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="quick-store/")
+    objects = [o["Key"] for o in listed["Contents"]]
     assert any(key.endswith("quick-sweep/selection/selection.csv") for key in objects)
     assert any(key.endswith("quick-champion/outputs/result.json") for key in objects)
     # the rerun resumed everything and added nothing to MLflow
     assert again.pipeline_run == result.pipeline_run and again.model_version == result.model_version
-    assert _count_runs(uri) == runs_after_first
-    client = MlflowClient(uri)
+    assert count_runs(client) == tracked_pipeline.runs_after_first
     assert len(client.search_model_versions("name = 'quick'")) == 1
     # both searches (first and second order) ran concurrently and were logged: every epoch of every metric, their
     # files and pictures
@@ -124,7 +101,8 @@ def test_the_quick_pipeline_on_s3_registers_a_champion_with_its_lineage(tmp_path
     champion_job, champion = result.champion.champion
     assert lineage["search_run"] == result.search_runs[champion_job.source]
     assert lineage["pipeline_run"] == result.pipeline_run
-    assert lineage["dataset_digest"] == dataset_digest(config)[0]
+    assert lineage["dataset_digest"] == dataset_digest(config)[0] and lineage["dataset_rows"] == 300
+    assert lineage["pipeline"] == "quick" and lineage["genotype"] == champion.genotype.to_json()
     assert champion.last.eval_split == "test" and {job.role for job, _ in result.champion.baselines} == {"baseline"}
     assert len(result.champion.candidates) == len(result.selected) >= 1
     # two random cells, drawn as the config says, trained at the candidates' budget and split; the best in full
@@ -188,8 +166,8 @@ def test_the_quick_pipeline_on_s3_registers_a_champion_with_its_lineage(tmp_path
         expected = torch.softmax(network((torch.from_numpy(images) - mean) / std)[0], dim=1).numpy()
     assert np.allclose(probabilities, expected, atol=1e-5)
     text = summary(result)
-    assert "models:/quick@champion" in text and "mlflow ui --backend-store-uri" in text
-    assert f"/#/experiments/{result.experiment_id}?workflowType=machine_learning" in text  # opens on the runs
+    assert "models:/quick@champion" in text
+    assert f"{uri}/#/experiments/{result.experiment_id}?workflowType=machine_learning" in text  # opens on the runs
 
 
 def test_dry_run_and_bad_input_touch_nothing(tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
@@ -325,6 +303,7 @@ def test_ray_job_submit_runs_the_pipeline_on_a_head_node(tmp_path: Path) -> None
         assert not foreign_console_lines(submit.stdout), foreign_console_lines(submit.stdout)
         runs = {match.group(1) for match in map(OUR_LINE.match, submit.stdout.splitlines()) if match}
         assert {"search s1 1st", "search s1 ξ=lr 2nd", "retrain champion"} <= runs  # each line names its run
+        assert "MLflow: mlflow ui --backend-store-uri " + uri in submit.stdout  # how to open a local store
     finally:
         end_processes_with(temp_dir)  # the Ray this test started, not every Ray on the machine
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""The Ray Tune sweep on a real local Ray: a 2 seeds x 2 ξ grid, and restoring an interrupted sweep."""
+"""The Ray Tune sweep on a real local Ray (one for the module): a seeds x ξ grid with twins, ASHA, an interrupted
+sweep restored, a Ctrl+C."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,41 +38,56 @@ TINY = [
     "data.limit=200",
     "ray.num_workers=1",
     "ray.cpus_per_worker=0.5",
-    "sweep.seeds=[1,2]",
+    "sweep.seeds=[1,1,2]",
     "sweep.xi=[0,null]",
 ]
 ROOT = Path(__file__).resolve().parents[1]
+MODULE_KEY = "the key of this module's pipelines"
 
 
-def test_two_seeds_by_two_xi_on_two_cpus(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+@pytest.fixture(scope="module")
+def sweep_ray() -> Iterator[None]:
+    """One local Ray for this module's in-process sweeps, started with this module's state key set (the driver signs
+    the sweep state; its workers inherit the environment)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(KEY_ENV, MODULE_KEY)
+        start_local_ray()
+        try:
+            yield
+        finally:
+            stop_local_ray()
 
-    monkeypatch.setenv(KEY_ENV, "the key of this test's pipeline")
-    start_local_ray()
-    try:
-        cfg = load_config("digits", [*TINY, f"ray.storage_path={tmp_path}", "sweep.top_k=2"], model=PipelineConfig)
-        starts = StartLog(tmp_path / "starts")
-        result, selected, where = sweep_and_select(prepare(cfg, sweep=True), name="grid", callback=starts)
-    finally:
-        stop_local_ray()
+
+def test_a_grid_of_seeds_by_xi_with_twins_on_two_cpus(tmp_path: Path, monkeypatch, sweep_ray) -> None:  # noqa: ANN001
+    """Seeds 1, 1, 2 by ξ 0 (first order) and unset (second order): six searches at once on 2 CPUs. Seeds differ,
+    orders differ, and twins (the same seed and ξ) are the same search to the last bit and one candidate."""
+    cfg = load_config("digits", [*TINY, f"ray.storage_path={tmp_path}", "sweep.top_k=6"], model=PipelineConfig)
+    starts = StartLog(tmp_path / "starts")
+    result, selected, where = sweep_and_select(prepare(cfg, sweep=True), name="grid", callback=starts)
     assert not result.errors
-    assert sorted((t.seed, str(t.xi)) for t in result.trials) == [(1, "0.0"), (1, "None"), (2, "0.0"), (2, "None")]
+    points = [(1, "0.0"), (1, "0.0"), (1, "None"), (1, "None"), (2, "0.0"), (2, "None")]
+    assert sorted((t.seed, str(t.xi)) for t in result.trials) == points
     for t in result.trials:
         assert t.metrics["second_order_steps"] == (2 if t.xi is None else 0)  # really unrolled, or really not
         assert (t.metrics["xi"] > 0) == (t.xi is None)
-    first_order = {t.seed: t for t in result.trials if t.xi == 0.0}
-    assert first_order[1].metrics["val_loss"] != first_order[2].metrics["val_loss"]  # seeds differ
-    second_order = {t.seed: t for t in result.trials if t.xi is None}
-    for by_seed in (first_order, second_order):  # ... and so do their α trajectories
-        assert _alpha_history(by_seed[1]) != _alpha_history(by_seed[2])
+    for xi in (0.0, None):
+        twin, other, seed_2 = sorted((t for t in result.trials if t.xi == xi), key=lambda t: t.seed)
+        assert twin.genotype == other.genotype  # same seed, same ξ: the same search, to the last bit
+        assert _alpha_history(twin) == _alpha_history(other)
+        assert twin.metrics["val_loss"] == other.metrics["val_loss"]
+        assert _alpha_history(twin) != _alpha_history(seed_2)  # seeds differ, in α's whole trajectory
+        assert twin.metrics["val_loss"] != seed_2.metrics["val_loss"]
     for t in result.trials:  # each trial's resolved config is its own grid point, the rest as configured
         assert t.config.search.model_dump(exclude={"seed", "xi"}) == cfg.search.model_dump(exclude={"seed", "xi"})
         assert json.loads((t.location.local_path / "config.json").read_text()) == t.config.model_dump(mode="json")
         assert TrialResult.model_validate_json(t.model_dump_json()) == t  # a record: JSON between Kubeflow steps
     assert sorted((tmp_path / "starts").read_text().split()) == sorted(t.trial for t in result.trials)
-    assert 1 <= len(selected) <= 2
-    best = max(t.metrics["val_acc"] for t in result.trials)
-    assert selected[0].metric == best
-    assert where.exists("selection.csv") and where.exists("selection.json")
+    # one candidate per distinct cell, twins together; the best first
+    assert len({c.genotype.canonical() for c in selected}) == len(selected) <= 4
+    assert sorted(trial for c in selected for trial in c.trials) == sorted(t.trial for t in result.trials)
+    assert selected[0].metric == max(t.metrics["val_acc"] for t in result.trials)
+    rows = {r["trial"]: r for r in csv.DictReader(where.read_text("selection.csv").splitlines())}
+    assert set(rows) == {t.trial for t in result.trials} and where.exists("selection.json")
     # what this pipeline wrote is signed; a pickle planted in its storage is refused before anything unpickles it
     storage = Location(str(tmp_path))
     check_state(storage, "grid", state_key())
@@ -78,15 +95,15 @@ def test_two_seeds_by_two_xi_on_two_cpus(tmp_path: Path, monkeypatch) -> None:  
     marker = tmp_path / "payload-ran"
     (tmp_path / "grid" / "tuner.pkl").write_bytes(pickle.dumps(_Payload(str(marker))))
     with pytest.raises(StageError, match=r"sweep state file .*tuner.pkl was not written by this pipeline"):
-        run_sweep(Prepared.trusted(cfg), name="grid")  # no Ray needed: refused before it starts
+        run_sweep(Prepared.trusted(cfg), name="grid")  # refused before Tune starts
     assert not marker.exists()
     (tmp_path / "grid" / "evil-state.json").write_text("{}")  # a file the manifest never listed
     monkeypatch.setenv(KEY_ENV, "someone else's key")  # ... and a manifest signed with another key
     with pytest.raises(StageError, match="manifest .* is not signed with this pipeline's key"):
-        run_sweep(Prepared.trusted(cfg), name="grid")  # no Ray needed: refused before it starts
+        run_sweep(Prepared.trusted(cfg), name="grid")  # refused before Tune starts
     (tmp_path / "grid.manifest.json").unlink()
     with pytest.raises(StageError, match="has no manifest signed by this pipeline"):
-        run_sweep(Prepared.trusted(cfg), name="grid")  # no Ray needed: refused before it starts
+        run_sweep(Prepared.trusted(cfg), name="grid")  # refused before Tune starts
 
 
 class _Payload:
@@ -103,42 +120,13 @@ def _alpha_history(trial: TrialResult) -> list[list]:
     return [[row.alpha_normal, row.alpha_reduce] for row in read_history(trial.location)]
 
 
-def test_same_seed_and_xi_give_the_same_genotype_and_extra_axes_change_alpha(tmp_path: Path) -> None:
-
-    start_local_ray()
-    try:
-        overrides = [*TINY, f"ray.storage_path={tmp_path}", "sweep.seeds=[3,3]", "sweep.xi=[null]"]
-        overrides += ["sweep.alpha_lr=[0.006,0.3]", "sweep.top_k=4"]
-        config = prepare(load_config("digits", overrides, model=PipelineConfig), sweep=True)
-        result, selected, where = sweep_and_select(config, name="repeat")
-    finally:
-        stop_local_ray()
-    assert not result.errors and len(result.trials) == 4
-    by_lr: dict[float, list[TrialResult]] = {}
-    for t in result.trials:
-        by_lr.setdefault(t.config.search.alpha_lr, []).append(t)
-    assert sorted(by_lr) == [0.006, 0.3] and all(len(v) == 2 for v in by_lr.values())
-    for twins in by_lr.values():  # same seed, same ξ, same α lr: the same search, to the last bit
-        assert twins[0].genotype == twins[1].genotype
-        assert _alpha_history(twins[0]) == _alpha_history(twins[1])
-        assert twins[0].metrics["val_loss"] == twins[1].metrics["val_loss"]
-    assert _alpha_history(by_lr[0.006][0]) != _alpha_history(by_lr[0.3][0])  # the extra axis reached the search
-    rows = {r["trial"]: r for r in csv.DictReader(where.read_text("selection.csv").splitlines())}
-    assert {float(r["alpha_lr"]) for r in rows.values()} == {0.006, 0.3}
-    assert len(selected) < 4  # twins are one candidate
-
-
-def test_asha_stops_a_trailing_search_at_its_first_rung(tmp_path: Path) -> None:
-
-    start_local_ray()
-    try:
-        overrides = [*TINY, f"ray.storage_path={tmp_path}", "search.epochs=2", "search.steps_per_epoch=6"]
-        overrides += ["sweep.seeds=[1]", "sweep.xi=[0]", "sweep.w_lr=[0.1,0.00001]", "sweep.scheduler=asha"]
-        overrides += ["sweep.metric=val_loss", "sweep.mode=min", "sweep.max_concurrent_trials=1"]
-        cfg = prepare(load_config("digits", overrides, model=PipelineConfig), sweep=True)
-        result, selected, _ = sweep_and_select(cfg, name="asha", callback=StartLog(tmp_path / "starts"))
-    finally:
-        stop_local_ray()
+def test_asha_stops_a_trailing_search_at_its_first_rung(tmp_path: Path, sweep_ray) -> None:  # noqa: ANN001
+    """An extra grid axis (the weights' lr) reaches the search: the trial with a 10⁴ times smaller lr trails."""
+    overrides = [*TINY, f"ray.storage_path={tmp_path}", "search.epochs=2", "search.steps_per_epoch=6"]
+    overrides += ["sweep.seeds=[1]", "sweep.xi=[0]", "sweep.w_lr=[0.1,0.00001]", "sweep.scheduler=asha"]
+    overrides += ["sweep.metric=val_loss", "sweep.mode=min", "sweep.max_concurrent_trials=1"]
+    cfg = prepare(load_config("digits", overrides, model=PipelineConfig), sweep=True)
+    result, selected, _ = sweep_and_select(cfg, name="asha", callback=StartLog(tmp_path / "starts"))
     order = (tmp_path / "starts").read_text().split()
     first, second = (next(t for t in result.trials if t.trial == trial_id) for trial_id in order)
     assert first.complete and first.metrics["epoch"] == 2  # nothing to compare with at the rung: it runs on
@@ -153,6 +141,7 @@ def test_asha_stops_a_trailing_search_at_its_first_rung(tmp_path: Path) -> None:
 def test_an_interrupted_sweep_restores_without_rerunning_finished_trials(tmp_path: Path) -> None:
     starts = tmp_path / "starts"
     overrides = [*TINY, f"ray.storage_path={tmp_path}", "sweep.max_concurrent_trials=1", "ray.address=local"]
+    overrides += ["sweep.seeds=[1,2]"]  # four trials, one at a time
     script = (
         "import sys; sys.path.insert(0, 'tests'); import conftest; from stage_callbacks import StartLog; "
         "from components.config import PipelineConfig; from components.driver import prepare; "
@@ -191,23 +180,17 @@ def test_an_interrupted_sweep_restores_without_rerunning_finished_trials(tmp_pat
     assert len(set(all_starts)) == 4
 
 
-def test_a_ctrl_c_stops_the_sweep_in_one_line_and_the_same_command_resumes_it(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_a_ctrl_c_stops_the_sweep_in_one_line_and_the_same_command_resumes_it(tmp_path: Path, sweep_ray) -> None:  # noqa: ANN001
     """Tune catches the first SIGINT, saves its state and returns as if it were done: the sweep must say that it was
     interrupted (a half-trained search must never pass for a finished one and be selected), and a rerun finishes it."""
-
-    monkeypatch.setenv(KEY_ENV, "the key of this test's pipeline")
     overrides = [*TINY, "search.epochs=2", "sweep.seeds=[1]", "sweep.xi=[0]", f"ray.storage_path={tmp_path}"]
     marker = tmp_path / "interrupted"
-    start_local_ray()
-    try:
-        prepared = prepare(load_config("digits", overrides, model=PipelineConfig), sweep=True)
-        ctrl_c = InterruptDriver(os.getpid(), epoch=1, marker=marker)
-        with pytest.raises(StageError, match=r"^sweep 'ctrl-c' was interrupted \(Ctrl\+C\); its state is saved: run"):
-            run_sweep(prepared, name="ctrl-c", callback=ctrl_c)
-        assert marker.exists()
-        resumed = run_sweep(prepared, name="ctrl-c", callback=ctrl_c)
-    finally:
-        stop_local_ray()
+    prepared = prepare(load_config("digits", overrides, model=PipelineConfig), sweep=True)
+    ctrl_c = InterruptDriver(os.getpid(), epoch=1, marker=marker)
+    with pytest.raises(StageError, match=r"^sweep 'ctrl-c' was interrupted \(Ctrl\+C\); its state is saved: run"):
+        run_sweep(prepared, name="ctrl-c", callback=ctrl_c)
+    assert marker.exists()
+    resumed = run_sweep(prepared, name="ctrl-c", callback=ctrl_c)
     [trial] = resumed.trials
     assert trial.complete and [row.epoch for row in read_history(trial.location)] == [1, 2]
 
