@@ -32,7 +32,7 @@ def run(order: str, graphed: bool, args: argparse.Namespace) -> tuple[Searcher, 
     """8 steps of one searcher; per step its seconds (synchronized), loss and α gradient."""
     torch.manual_seed(0)
     device = torch.device(args.device)
-    speed = SpeedConfig(batched_edges=True, cuda_graph=graphed)
+    speed = SpeedConfig(cuda_graph=graphed)  # batched edges, the default
     cfg = SearchConfig(
         layers=args.layers,
         channels=args.channels,

@@ -80,8 +80,8 @@ def cases() -> list[Case]:
         Case("default", "first", default),
         Case("plain", "second", plain),
         Case("default", "second", default),
-        Case("default+batched", "first", {**default, "batched_edges": True}),
-        Case("default+batched", "second", {**default, "batched_edges": True}),
+        Case("default-batched", "first", {**default, "batched_edges": False}),  # edge by edge
+        Case("default-batched", "second", {**default, "batched_edges": False}),
         Case("default+exact", "second", default, "exact"),
         Case("default-channels_last", "first", {**default, "channels_last": False}),
         Case("default-channels_last", "second", {**default, "channels_last": False}),
@@ -112,8 +112,8 @@ def cases() -> list[Case]:
         Case("pc-darts K=4 plain", "second", plain, partial_channels=4),
         Case("default+cuda_graph", "first", {**default, "cuda_graph": True}),
         Case("default+cuda_graph", "second", {**default, "cuda_graph": True}),
-        Case("default+batched+cuda_graph", "first", {**default, "batched_edges": True, "cuda_graph": True}),
-        Case("default+batched+cuda_graph", "second", {**default, "batched_edges": True, "cuda_graph": True}),
+        Case("default-batched+cuda_graph", "first", {**default, "batched_edges": False, "cuda_graph": True}),
+        Case("default-batched+cuda_graph", "second", {**default, "batched_edges": False, "cuda_graph": True}),
     ]
 
 

@@ -124,13 +124,12 @@ class SpeedConfig(_Section):
         "(sep_conv_*, dil_conv_*) recomputed in the backward instead of kept, where a weight gradient needs it "
         "(nas.ops.separable): 13-23% less peak memory for 8-13% more time on CPU (bench/README.md)",
     )
-    batched_edges: bool | None = Field(
-        None,
+    batched_edges: bool = Field(
+        True,
         description="the edges leaving one state computed together: each candidate as one grouped operator over "
-        "all of them (nas/batched.py; 2.4x fewer operators, for GPUs, where the step is launch-bound). Unset: on for "
-        "PC-DARTS, whose narrow candidates (C/K channels) it runs several edges wide (1.5-1.8x faster on CPU), off "
-        "for DARTS, where on CPU it is 8-12% faster but keeps 7-8% more memory (bench/README.md); not with "
-        "ray.sync_bn, which runs edge by edge",
+        "all of them (nas/batched.py): 2.9x fewer operators (GPUs are launch-bound), on CPU 8-12% faster for DARTS "
+        "for 7-8% more peak memory and 1.5-1.8x faster for PC-DARTS, whose narrow candidates (C/K channels) it runs "
+        "several edges wide (bench/README.md); not with ray.sync_bn, whose cross-rank norms run edge by edge",
     )
     node_shuffle: bool = Field(
         True,

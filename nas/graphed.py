@@ -17,8 +17,7 @@ What a replay cannot see, and how this module keeps the step the same:
 - The first ``warmup`` steps run eagerly on a side stream, as PyTorch's whole-network capture recipe does: they
   build the optimizers' state and the libraries' workspaces before anything is recorded.
 
-    python -m components.search --config quick --set ray.use_gpu=true --set search.speed.cuda_graph=true \
-        --set search.speed.batched_edges=true
+    python -m components.search --config quick --set ray.use_gpu=true --set search.speed.cuda_graph=true
 """
 
 from __future__ import annotations

@@ -438,7 +438,7 @@ class SearchCell(nn.Module):
             for i in range(nodes)
             for j in range(2 + i)
         )
-        self.batch_edges = partial > 1 if speed.batched_edges is None else speed.batched_edges
+        self.batch_edges = speed.batched_edges
         self.partial = partial
         self.node_shuffle = speed.node_shuffle and partial > 1
         self.groups = edge_groups(nodes)

@@ -60,14 +60,14 @@ def test_the_speed_table_times_bf16_rows_against_the_bf16_matmul_rate(tmp_path: 
 
 def test_the_speed_table_counts_fewer_operators_on_the_default_path_than_on_the_plain_one(tmp_path: Path) -> None:
     """The operator count (what a launch-bound GPU step's time follows) is a property of the code, not of the
-    machine: the default switches with batched edges must dispatch under half the operators per step."""
+    machine: the default switches (batched edges) must dispatch under half the operators per step."""
     tiny = ["--batch", "2", "--layers", "3", "--channels", "4", "--input-size", "8", "--threads", "1"]
-    only = ["--only", "plain", "default+batched"]
+    only = ["--only", "plain", "default"]
     rows = speed_table([*tiny, "--iters", "1", "--warmup", "0", *only, "--json", str(tmp_path / "s.json")])
     ops = {(r.name, r.order): r.ops_per_step for r in rows}
     assert set(json.loads((tmp_path / "s.json").read_text())["matmul_gflops"]) == {"fp32"}  # no bf16 row, no bf16 rate
     for order in ("first", "second"):
-        assert 0 < ops[("default+batched", order)] < 0.5 * ops[("plain", order)], ops
+        assert 0 < ops[("default", order)] < 0.5 * ops[("plain", order)], ops
     assert ops[("plain", "second")] > 2 * ops[("plain", "first")]  # 5 passes against 2
 
 
@@ -79,7 +79,7 @@ def test_the_gpu_script_parses_and_names_only_existing_cases() -> None:
     selections = [shlex.split(part.split("||", 1)[0].replace("\\\n", " ")) for part in text.split("--only")[1:]]
     assert [len(names) for names in selections] == [7]
     assert {name for names in selections for name in names} <= {c.name for c in cases()}
-    assert selections[0][0] == "default+batched+cuda_graph"  # the row the GPU target is about runs first
+    assert selections[0][0] == "default+cuda_graph"  # the row the GPU target is about runs first
     assert "speed_gpu.json" in text and "python bench/cuda_graph_check.py" in text
     command = text.split("python -m components.search --config", 1)[1].split("||", 1)[0]
     stage = shlex.split(command.replace("\\\n", " "))

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -107,12 +108,11 @@ def plain_pc_darts() -> tuple:
     [
         PLAIN.model_copy(update={"node_shuffle": True}),
         PLAIN.model_copy(update={"batched_edges": True}),
-        PLAIN.model_copy(update={"batched_edges": None}),  # unset: batched, as PC-DARTS
-        SpeedConfig(),
+        SpeedConfig(),  # batched edges
         SpeedConfig(batched_edges=False),  # the default switches with node_shuffle, edge by edge
         SpeedConfig(**dict.fromkeys(CPU_SWITCHES, True)),
     ],
-    ids=["node_shuffle", "batched_edges", "batched_edges-unset", "default", "default-batched_edges", "every"],
+    ids=["node_shuffle", "batched_edges", "default", "default-batched_edges", "every"],
 )
 def test_pc_darts_switches_give_the_plain_paths_alpha_beta_and_weights(
     speed: SpeedConfig, plain_pc_darts: tuple
@@ -129,10 +129,17 @@ def test_pc_darts_default_switches_first_order_and_with_the_exact_hessian() -> N
     assert_same(three_steps(exact), three_steps(pc_darts_config(PLAIN).model_copy(update={"hessian": "exact"})))
 
 
-def test_the_default_switches_give_the_plain_path_first_and_second_order(plain_second_order: tuple) -> None:
-    assert SpeedConfig() != PLAIN  # something is on by default
-    assert_same(three_steps(tiny_config(SpeedConfig())), plain_second_order)
-    assert_same(three_steps(tiny_config(SpeedConfig(), xi=0.0)), three_steps(tiny_config(PLAIN, xi=0.0)))
+@pytest.mark.parametrize(
+    "speed",
+    [SpeedConfig(), SpeedConfig(batched_edges=False)],  # batched edges (the default), and edge by edge
+    ids=["default", "default-batched_edges"],
+)
+def test_the_default_switches_give_the_plain_path_first_and_second_order(
+    speed: SpeedConfig, plain_second_order: tuple
+) -> None:
+    assert speed != PLAIN  # something is on by default
+    assert_same(three_steps(tiny_config(speed)), plain_second_order)
+    assert_same(three_steps(tiny_config(speed, xi=0.0)), three_steps(tiny_config(PLAIN, xi=0.0)))
 
 
 def test_every_switch_at_once_first_and_second_order(plain_second_order: tuple) -> None:
@@ -199,11 +206,12 @@ class HostReads(TorchDispatchMode):
     [
         (0.0, "fd", SpeedConfig()),
         (None, "fd", SpeedConfig()),
-        (None, "fd", SpeedConfig(batched_edges=True, norm_in_sum=False)),  # the switches a GPU search would take
+        (None, "fd", SpeedConfig(norm_in_sum=False)),  # the switches a GPU search would take
+        (None, "fd", SpeedConfig(batched_edges=False)),
         (None, "exact", SpeedConfig()),
         (None, "fd", PLAIN),
     ],
-    ids=["first-order", "second-order", "gpu-switches", "exact-hessian", "plain"],
+    ids=["first-order", "second-order", "gpu-switches", "edge-by-edge", "exact-hessian", "plain"],
 )
 def test_the_step_never_reads_a_tensor_on_the_host(xi: float | None, hessian: str, speed: SpeedConfig) -> None:
     """What search.speed.cuda_graph captures (the architect, the weight step with its gradient clipping) reads no
@@ -617,10 +625,10 @@ def test_channels_last_network_keeps_its_state_dict_and_deepcopies() -> None:
 
 def test_a_channels_last_supernet_keeps_the_layout_through_every_mixed_op() -> None:
     """A mixed op that handed back channels-first tensors would leave the network in mixed layouts, where every
-    elementwise operator and its gradient runs on a slow strided path."""
-    net = SearchNetwork(
-        in_channels=1, channels=4, num_classes=3, layers=3, nodes=2, speed=SpeedConfig(channels_last=True)
-    )
+    elementwise operator and its gradient runs on a slow strided path. Edge by edge: batched edges call no mixed
+    op's forward (their layout is tested below, through a whole backward)."""
+    speed = SpeedConfig(channels_last=True, batched_edges=False)
+    net = SearchNetwork(in_channels=1, channels=4, num_classes=3, layers=3, nodes=2, speed=speed)
     layouts: list[bool] = []
     for module in net.modules():
         if isinstance(module, MixedOp):
@@ -848,13 +856,22 @@ def test_cross_rank_batch_norm_cells_run_edge_by_edge() -> None:
 
 
 @pytest.mark.parametrize(
-    ("batched_edges", "partial_channels", "on"), [(None, 1, False), (None, 4, True), (False, 4, False)]
+    ("batched_edges", "partial_channels", "on"),
+    [(None, 1, True), (None, 4, True), (False, 1, False), (False, 4, False)],
+    ids=["darts-default", "pc-darts-default", "darts-off", "pc-darts-off"],
 )
-def test_batched_edges_unset_is_on_for_pc_darts_only(
+def test_batched_edges_are_on_by_default_for_darts_and_pc_darts(
     batched_edges: bool | None, partial_channels: int, on: bool
 ) -> None:
-    speed = SpeedConfig(batched_edges=batched_edges)
+    """None: the field left out, its default (batched for both); ``False`` runs edge by edge."""
+    speed = SpeedConfig() if batched_edges is None else SpeedConfig(batched_edges=batched_edges)
     net = SearchNetwork(
         in_channels=1, channels=8, num_classes=3, layers=3, nodes=2, speed=speed, partial_channels=partial_channels
     )
     assert all(cell.batch_edges is on for cell in net.cells)
+
+
+def test_batched_edges_is_a_plain_bool() -> None:
+    """No unset state any more: ``null`` (once "on for PC-DARTS only") is refused, not read as off."""
+    with pytest.raises(ValidationError, match="batched_edges"):
+        SpeedConfig(batched_edges=None)
