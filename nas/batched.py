@@ -155,16 +155,14 @@ def _batch_norm(norms: Sequence[nn.BatchNorm2d], x: torch.Tensor, stats: Running
         return torch.cat([m(block) for m, block in zip(norms, x.chunk(len(norms), dim=1))], dim=1)
     weight = torch.cat([m.weight for m in norms]) if n.affine else None
     bias = torch.cat([m.bias for m in norms]) if n.affine else None
-    tracked = n.track_running_stats and n.running_mean is not None
-    if not tracked:
-        return F.batch_norm(x, None, None, weight, bias, True, 0.0, n.eps)
+    if n.training or not (n.track_running_stats and n.running_mean is not None):  # batch statistics
+        arguments = stacked_norm_arguments(norms, stats)
+        assert arguments is not None  # one_norm holds
+        running_mean, running_var, momentum, eps = arguments
+        return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)  # updates the copies
     running_mean = torch.cat([m.running_mean for m in norms])
     running_var = torch.cat([m.running_var for m in norms])
-    if not n.training:
-        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, n.eps)
-    out = F.batch_norm(x, running_mean, running_var, weight, bias, True, n.momentum, n.eps)  # updates the copies
-    stats.add(norms, running_mean, running_var)
-    return out
+    return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, n.eps)
 
 
 def _factorized_reduce(

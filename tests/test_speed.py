@@ -424,6 +424,7 @@ def test_the_batched_cpu_sum_equals_each_edges_own_sum_twice_differentiated(norm
     assert torch.cat(together(weights, inputs), dim=1).is_contiguous(memory_format=torch.channels_last)
     if normalized:  # the norms moved the running statistics
         assert not torch.equal(results[0][-2], start[-1][0])
+    # float32 sums in another order: atol 1e-6 holds at this seed, but fails for 1-3% of seeds, norms or none
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
