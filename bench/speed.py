@@ -2,7 +2,8 @@
 second order, the exact Hessian-vector product and the memory option, with the machine's fp32 matmul rate.
 
 Per row: ms per step (median over ``--iters`` timed steps after ``--warmup``), images/s (2 × batch per step),
-achieved FLOP/s as a fraction of the measured matmul rate, and peak memory. Every row runs in a fresh process.
+achieved FLOP/s as a fraction of the measured matmul rate, and peak memory. Every row runs in a fresh process;
+``--rounds R`` runs the selected rows R times in turn and reports each row's median over its rounds.
 
 - FLOPs of a step are nominal: the supernet's forward FLOPs per image (``bench/flops.py``, convolutions and the
   classifier, 2 per multiply-accumulate) × 3 per forward/backward pass × batch × passes, with 2 passes for a first-
@@ -27,6 +28,7 @@ achieved FLOP/s as a fraction of the measured matmul rate, and peak memory. Ever
     python bench/speed.py --threads 2 --json bench/speed.json          # the issue's setting: batch 16, 8 cells, C=16
     python bench/speed.py --batch 4 --layers 3 --channels 4 --input-size 8 --iters 2 --warmup 1   # seconds
     python bench/speed.py --device cuda --batch 64 --threads 4         # the paper's batch on a GPU (bench/gpu.sh)
+    python bench/speed.py --only default default-batched --rounds 3    # two paths in turn, 3 processes each
 """
 
 from __future__ import annotations
@@ -123,8 +125,9 @@ class Row:
     order: str
     hessian: str
     precision: str
-    ms_per_step: float
-    ms_all: list[float]
+    ms_per_step: float  # the median of ms_rounds
+    ms_all: list[float]  # every timed step, round after round
+    ms_rounds: list[float]  # each round's median: one fresh process each (--rounds)
     images_per_second: float
     gflop_per_step: float
     gflops: float
@@ -237,6 +240,7 @@ def measure(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> R
         precision=case.precision,
         ms_per_step=1000 * seconds,
         ms_all=[1000 * t for t in times],
+        ms_rounds=[1000 * seconds],
         images_per_second=2 * args.batch / seconds,
         gflop_per_step=step_flops / 1e9,
         gflops=step_flops / seconds / 1e9,
@@ -250,6 +254,27 @@ def measure(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> R
 def in_fresh_process(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> Row:
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(measure, case, args, matmul).result()
+
+
+def over_rounds(rounds: list[Row], matmul: dict[str, float]) -> Row:
+    """One case's rows from several fresh processes as one: its time the median of the rounds' medians (a host whose
+    speed drifts from minute to minute moves single rows by 20% or more; alternating rounds see the same drift);
+    peak memory the median too."""
+    first = rounds[0]
+    seconds = statistics.median(r.ms_per_step for r in rounds) / 1000
+    gflops = first.gflop_per_step / seconds
+    return Row(
+        **{
+            **asdict(first),
+            "ms_per_step": 1000 * seconds,
+            "ms_all": [t for r in rounds for t in r.ms_all],
+            "ms_rounds": [r.ms_per_step for r in rounds],
+            "images_per_second": first.images_per_second * first.ms_per_step / 1000 / seconds,
+            "gflops": gflops,
+            "fraction_of_matmul": gflops / matmul[first.precision],
+            "peak_mb": statistics.median(r.peak_mb for r in rounds),
+        }
+    )
 
 
 def format_table(rows: list[Row], matmul: dict[str, float]) -> str:
@@ -282,6 +307,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the selected cases this many times, one after another in turn, each in a fresh process; a row "
+        "reports the median of its rounds (what decides a difference of 10%% on a host whose speed drifts)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", nargs="*", default=None, help="case names to run, in this order (default: all)")
     parser.add_argument("--json", type=Path, default=None)
@@ -298,12 +330,18 @@ def main(argv: list[str] | None = None) -> list[Row]:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     precisions = dict.fromkeys(["fp32", *(c.precision for c in selected)])  # bf16 only where a row needs its rate
     matmul = {p: matmul_gflops(args.threads, args.device, dtype=dtypes[p]) for p in precisions}
-    rows = []
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
+    measured: list[list[Row]] = [[] for _ in selected]
+    rows: list[Row] = []
     print(format_table(rows, matmul).splitlines()[0], flush=True)
-    for case in selected:
-        rows.append(in_fresh_process(case, args, matmul))
-        print(format_table(rows, matmul).splitlines()[-2], flush=True)
-        write_report(args, matmul, rows)  # after every row: a run stopped by a timeout keeps the rows it finished
+    for round_ in range(1, args.rounds + 1):
+        for i, case in enumerate(selected):
+            measured[i].append(in_fresh_process(case, args, matmul))
+            rows = [over_rounds(found, matmul) for found in measured if found]
+            line = format_table([*rows, measured[i][-1]], matmul).splitlines()[-2]  # this process's own row
+            print(line + (f"  (round {round_}/{args.rounds})" if args.rounds > 1 else ""), flush=True)
+            write_report(args, matmul, rows)  # after every row: a run stopped by a timeout keeps the rows it finished
     print(format_table(rows, matmul))
     if args.json is not None:
         print(f"wrote {args.json}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -38,24 +39,46 @@ def test_eval_network_flops_match_the_flop_counter(name: str) -> None:
     assert eval_network_flops(GENOTYPES[name], 3, 8, 10, 5, input_size=16) == want
 
 
-def test_the_speed_table_times_bf16_rows_against_the_bf16_matmul_rate(tmp_path: Path) -> None:
-    """Each row in its own process; a bf16 row's share is of the bf16 matmul rate (not a timing test: any speed)."""
+def test_the_speed_table_times_bf16_rows_against_the_bf16_matmul_rate_over_rounds(tmp_path: Path) -> None:
+    """Each row in its own process, round after round; a row is its rounds' median, and a bf16 row's share is of the
+    bf16 matmul rate (not a timing test: any speed)."""
     out = tmp_path / "speed.json"
     tiny = ["--batch", "2", "--layers", "3", "--channels", "4", "--input-size", "8", "--threads", "1"]
-    rows = speed_table([*tiny, "--iters", "1", "--warmup", "0", "--only", "default+bf16", "--json", str(out)])
+    only = ["--only", "default+bf16", "--rounds", "2", "--json", str(out)]
+    rows = speed_table([*tiny, "--iters", "1", "--warmup", "0", *only])
     report = json.loads(out.read_text())
     assert [(r["name"], r["order"], r["precision"]) for r in report["rows"]] == [
         ("default+bf16", "first", "bf16"),
         ("default+bf16", "second", "bf16"),
     ]
     assert set(report["matmul_gflops"]) == {"fp32", "bf16"}
-    for row in rows:
-        assert row.ms_per_step > 0 and row.gflop_per_step > 0
+    for row, written in zip(rows, report["rows"], strict=True):
+        assert len(row.ms_rounds) == len(row.ms_all) == 2 and written["ms_rounds"] == row.ms_rounds  # a step a round
+        assert row.ms_per_step == pytest.approx(statistics.median(row.ms_rounds)) and row.gflop_per_step > 0
+        assert row.gflops == pytest.approx(row.gflop_per_step / row.ms_per_step * 1000)
+        assert row.images_per_second == pytest.approx(2 * 2 / row.ms_per_step * 1000)  # 2 batches of 2 a step
         assert row.fraction_of_matmul == pytest.approx(row.gflops / report["matmul_gflops"]["bf16"])
     second = rows[1]
     assert second.gflop_per_step == pytest.approx(rows[0].gflop_per_step * 5 / 2)  # 5 passes against 2
     with pytest.raises(SystemExit, match="--only names no case"):
         speed_table([*tiny, "--only", "no-such-case"])
+    with pytest.raises(SystemExit, match="--rounds must be at least 1"):
+        speed_table([*tiny, "--only", "default", "--rounds", "0"])
+
+
+def test_a_row_over_rounds_is_their_median_not_their_mean() -> None:
+    """One slow round (the host busy for a minute) must not move the row: the median of three is the middle one."""
+    from bench.speed import Row, over_rounds
+
+    def row(ms: float, peak: float) -> Row:
+        images, gflops = 32 / ms * 1000, 1.5 / ms * 1000  # 32 images and 1.5 GFLOP a step
+        return Row("default", "first", "fd", "fp32", ms, [ms], [ms], images, 1.5, gflops, 0.0, peak, 9.0, 7)
+
+    combined = over_rounds([row(1000, 100), row(3000, 300), row(1200, 110)], {"fp32": 10.0})
+    assert combined.ms_per_step == 1200 and combined.ms_rounds == [1000, 3000, 1200] and combined.peak_mb == 110
+    assert combined.ms_all == [1000, 3000, 1200] and combined.ops_per_step == 7
+    assert combined.images_per_second == pytest.approx(32 / 1.2) and combined.gflops == pytest.approx(1.25)
+    assert combined.fraction_of_matmul == pytest.approx(0.125)
 
 
 def test_the_speed_table_counts_fewer_operators_on_the_default_path_than_on_the_plain_one(tmp_path: Path) -> None:
