@@ -127,8 +127,9 @@ class SpeedConfig(_Section):
     batched_edges: bool = Field(
         True,
         description="the edges leaving one state computed together: each candidate as one grouped operator over "
-        "all of them (nas/batched.py): 2.9x fewer operators (GPUs are launch-bound), on CPU 8-12% faster for DARTS "
-        "for 7-8% more peak memory and 1.5-1.8x faster for PC-DARTS, whose narrow candidates (C/K channels) it runs "
+        "all of them (nas/batched.py): 2.9x fewer operators (GPUs are launch-bound); on CPU, DARTS as fast first order "
+        "and 8-15% faster second order for 5-9% more peak memory, PC-DARTS 1.5-1.8x faster, whose narrow candidates "
+        "(C/K channels) it runs "
         "several edges wide (bench/README.md); not with ray.sync_bn, whose cross-rank norms run edge by edge",
     )
     node_shuffle: bool = Field(
