@@ -322,6 +322,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
+    unknown = sorted(set(args.only or []) - {c.name for c in cases()})
+    if unknown:  # a renamed row must not vanish from a table without a word
+        raise SystemExit(
+            f"--only names no case {', '.join(unknown)} (cases: {', '.join(dict.fromkeys(c.name for c in cases()))})"
+        )
     selected = [c for c in cases() if args.only is None or c.name in args.only]
     if args.only is not None:  # in the order asked for: a run stopped by its timeout has the first ones
         selected.sort(key=lambda c: args.only.index(c.name))
@@ -330,8 +337,6 @@ def main(argv: list[str] | None = None) -> list[Row]:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     precisions = dict.fromkeys(["fp32", *(c.precision for c in selected)])  # bf16 only where a row needs its rate
     matmul = {p: matmul_gflops(args.threads, args.device, dtype=dtypes[p]) for p in precisions}
-    if args.rounds < 1:
-        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
     measured: list[list[Row]] = [[] for _ in selected]
     rows: list[Row] = []
     print(format_table(rows, matmul).splitlines()[0], flush=True)

@@ -39,7 +39,9 @@ def test_eval_network_flops_match_the_flop_counter(name: str) -> None:
     assert eval_network_flops(GENOTYPES[name], 3, 8, 10, 5, input_size=16) == want
 
 
-def test_the_speed_table_times_bf16_rows_against_the_bf16_matmul_rate_over_rounds(tmp_path: Path) -> None:
+def test_the_speed_table_times_bf16_rows_against_the_bf16_matmul_rate_over_rounds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Each row in its own process, round after round; a row is its rounds' median, and a bf16 row's share is of the
     bf16 matmul rate (not a timing test: any speed)."""
     out = tmp_path / "speed.json"
@@ -51,6 +53,9 @@ def test_the_speed_table_times_bf16_rows_against_the_bf16_matmul_rate_over_round
         ("default+bf16", "first", "bf16"),
         ("default+bf16", "second", "bf16"),
     ]
+    lines = [line for line in capsys.readouterr().out.splitlines() if "(round " in line]  # each process's own row
+    progress = [(line.split()[1], line.rsplit("(round ", 1)[1]) for line in lines]
+    assert progress == [("first", "1/2)"), ("second", "1/2)"), ("first", "2/2)"), ("second", "2/2)")]  # in turn
     assert set(report["matmul_gflops"]) == {"fp32", "bf16"}
     for row, written in zip(rows, report["rows"], strict=True):
         assert len(row.ms_rounds) == len(row.ms_all) == 2 and written["ms_rounds"] == row.ms_rounds  # a step a round
@@ -64,6 +69,8 @@ def test_the_speed_table_times_bf16_rows_against_the_bf16_matmul_rate_over_round
         speed_table([*tiny, "--only", "no-such-case"])
     with pytest.raises(SystemExit, match="--rounds must be at least 1"):
         speed_table([*tiny, "--only", "default", "--rounds", "0"])
+    with pytest.raises(SystemExit, match="--only names no case default[+]batched "):  # a renamed row is named
+        speed_table([*tiny, "--only", "default", "default+batched"])
 
 
 def test_a_row_over_rounds_is_their_median_not_their_mean() -> None:

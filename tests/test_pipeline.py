@@ -46,7 +46,8 @@ def test_the_quick_pipeline_on_s3_registers_a_champion_with_its_lineage(
     result, again, config = tracked_pipeline.result, tracked_pipeline.rerun, tracked_pipeline.config
     uri = tracked_pipeline.server.uri
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    assert list(tracked_pipeline.workdir.iterdir()) == []  # nothing in the current directory: all of it went to S3
+    # nothing in the current directory: the server and the bucket hold all of it
+    assert list(tracked_pipeline.workdir.iterdir()) == []
     listed = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="quick-store/")
     objects = [o["Key"] for o in listed["Contents"]]
     assert any(key.endswith("quick-sweep/selection/selection.csv") for key in objects)
@@ -304,6 +305,7 @@ def test_ray_job_submit_runs_the_pipeline_on_a_head_node(tmp_path: Path) -> None
         runs = {match.group(1) for match in map(OUR_LINE.match, submit.stdout.splitlines()) if match}
         assert {"search s1 1st", "search s1 ξ=lr 2nd", "retrain champion"} <= runs  # each line names its run
         assert "MLflow: mlflow ui --backend-store-uri " + uri in submit.stdout  # how to open a local store
+        assert "then open http://127.0.0.1:5000/#/experiments/" in submit.stdout  # ... and where to look
     finally:
         end_processes_with(temp_dir)  # the Ray this test started, not every Ray on the machine
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -117,7 +117,7 @@ def plain_pc_darts() -> tuple:
 def test_pc_darts_switches_give_the_plain_paths_alpha_beta_and_weights(
     speed: SpeedConfig, plain_pc_darts: tuple
 ) -> None:
-    """node_shuffle and batched_edges act only with PC-DARTS (partial_channels > 1): tested there."""
+    """node_shuffle acts only with PC-DARTS (partial_channels > 1), and batched edges take its partial channels."""
     assert_same(three_steps(pc_darts_config(speed)), plain_pc_darts)
 
 
@@ -872,7 +872,10 @@ def test_batched_edges_are_on_by_default_for_darts_and_pc_darts(
     assert all(cell.batch_edges is on for cell in net.cells)
 
 
-def test_batched_edges_is_a_plain_bool() -> None:
-    """No unset state any more: ``null`` (once "on for PC-DARTS only") is refused, not read as off."""
+def test_batched_edges_is_a_plain_bool_and_a_stored_null_reads_as_on() -> None:
+    """No unset state any more: ``null``, which configs stored before meant "on for PC-DARTS only", is read as the
+    default (on) so that their runs resume; anything but a bool is refused."""
+    assert SpeedConfig.model_validate({"batched_edges": None}).batched_edges is True
+    assert SpeedConfig(batched_edges=False).batched_edges is False
     with pytest.raises(ValidationError, match="batched_edges"):
-        SpeedConfig(batched_edges=None)
+        SpeedConfig(batched_edges="sometimes")
