@@ -137,7 +137,6 @@ class TrackedPipeline:
     result: Any  # pipelines.full.PipelineResult
     config: PipelineConfig
     workdir: Path  # the pipeline's current directory: nothing may land there (its Ray storage is on S3)
-    s3: S3Server  # the Ray storage's bucket
     rerun: Any  # the same pipeline run again once it had finished: a PipelineResult that resumed everything
     runs_after_first: int  # the MLflow runs after the first run (the rerun must add none)
 
@@ -176,7 +175,7 @@ def pipeline_on_a_server(root: Path, s3: S3Server) -> Iterator[TrackedPipeline]:
                 rerun = run_pipeline(prepare(config, sweep=True), log=lambda line: None)
             finally:
                 stop_local_ray()
-        yield TrackedPipeline(server, result, config, workdir, s3, rerun, runs_after_first)
+        yield TrackedPipeline(server, result, config, workdir, rerun, runs_after_first)
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,10 @@ def test_the_quick_pipeline_on_s3_registers_a_champion_with_its_lineage(
     # both searches (first and second order) ran concurrently and were logged: every epoch of every metric, their
     # files and pictures
     assert len(result.search_runs) == 2
+    assert sorted(str(trial.xi) for trial in result.trials) == ["0.0", "None"]
     for trial in result.trials:
+        assert (trial.metrics["second_order_steps"] > 0) == (trial.xi is None)  # really unrolled, or really not
+        assert (trial.metrics["xi"] > 0) == (trial.xi is None)  # unset: ξ is the weights' lr
         run_id = result.search_runs[trial.trial]
         run = client.get_run(run_id)
         assert run.info.run_name == search_label(trial.config)

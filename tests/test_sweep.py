@@ -1,5 +1,5 @@
-"""The Ray Tune sweep on a real local Ray (one for the module): a seeds x ξ grid with twins, ASHA, an interrupted
-sweep restored, a Ctrl+C."""
+"""The Ray Tune sweep on a real local Ray: an interrupted sweep restored, a Ctrl+C, then on the module's Ray a seeds x
+ξ grid with twins and ASHA."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,13 +41,12 @@ TINY = [
     "sweep.xi=[0,null]",
 ]
 ROOT = Path(__file__).resolve().parents[1]
-MODULE_KEY = "the key of this module's pipelines"
 
 
 def test_an_interrupted_sweep_restores_without_rerunning_finished_trials(tmp_path: Path) -> None:
     starts = tmp_path / "starts"
     overrides = [*TINY, f"ray.storage_path={tmp_path}", "sweep.max_concurrent_trials=1", "ray.address=local"]
-    overrides += ["sweep.seeds=[1,2]"]  # four trials, one at a time
+    overrides += ["sweep.seeds=[1,2,3]", "sweep.xi=[0]", "search.epochs=2"]  # three trials, one at a time
     script = (
         "import sys; sys.path.insert(0, 'tests'); import conftest; from stage_callbacks import StartLog; "
         "from components.config import PipelineConfig; from components.driver import prepare; "
@@ -76,29 +74,39 @@ def test_an_interrupted_sweep_restores_without_rerunning_finished_trials(tmp_pat
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-sweep
         proc.wait()
     first_run = starts.read_text().split()
-    assert len(set(first_run)) < 4, "the sweep finished before it was interrupted"
+    assert len(set(first_run)) < 3, "the sweep finished before it was interrupted"
     rerun = run_bounded([sys.executable, "-c", script], timeout=900, cwd=ROOT, env=env)
-    assert "TRIALS 4 0" in rerun.stdout, rerun.stderr[-3000:]
+    assert "TRIALS 3 0" in rerun.stdout, rerun.stderr[-3000:]
     check_state(Location(str(tmp_path)), "restore", state_key())  # the restored run signed what it wrote too
     all_starts = starts.read_text().split()
     finished_first = first_run[0]
     assert all_starts.count(finished_first) == 1  # not rerun
     assert set(all_starts) == set(first_run) | set(all_starts[len(first_run) :])
-    assert len(set(all_starts)) == 4
+    assert len(set(all_starts)) == 3
 
 
-@pytest.fixture(scope="class")
-def sweep_ray() -> Iterator[None]:
-    """One local Ray for the sweeps of a test class, started with this module's state key set (the driver signs the
-    sweep state; its workers inherit the environment). Not for a Ctrl+C: the interrupted trial's actors may outlive
-    the sweep and keep the CPUs its resumed run waits for, so that test starts a Ray of its own."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(KEY_ENV, MODULE_KEY)
-        start_local_ray()
-        try:
-            yield
-        finally:
-            stop_local_ray()
+def test_a_ctrl_c_stops_the_sweep_in_one_line_and_the_same_command_resumes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tune catches the first SIGINT, saves its state and returns as if it were done: the sweep must say that it was
+    interrupted (a half-trained search must never pass for a finished one and be selected), and a rerun finishes it.
+    On a Ray of its own, started before the module's (``local_ray``, for the tests below): the interrupted trial's
+    actors may outlive the sweep and keep the CPUs its resumed run waits for."""
+    monkeypatch.setenv(KEY_ENV, "the key of this test's pipeline")
+    overrides = [*TINY, "search.epochs=2", "sweep.seeds=[1]", "sweep.xi=[0]", f"ray.storage_path={tmp_path}"]
+    marker = tmp_path / "interrupted"
+    start_local_ray()
+    try:
+        prepared = prepare(load_config("digits", overrides, model=PipelineConfig), sweep=True)
+        ctrl_c = InterruptDriver(os.getpid(), epoch=1, marker=marker)
+        with pytest.raises(StageError, match=r"^sweep 'ctrl-c' was interrupted \(Ctrl\+C\); its state is saved: run"):
+            run_sweep(prepared, name="ctrl-c", callback=ctrl_c)
+        assert marker.exists()
+        resumed = run_sweep(prepared, name="ctrl-c", callback=ctrl_c)
+    finally:
+        stop_local_ray()
+    [trial] = resumed.trials
+    assert trial.complete and [row.epoch for row in read_history(trial.location)] == [1, 2]
 
 
 class _Payload:
@@ -115,105 +123,75 @@ def _alpha_history(trial: TrialResult) -> list[list]:
     return [[row.alpha_normal, row.alpha_reduce] for row in read_history(trial.location)]
 
 
-@pytest.mark.usefixtures("sweep_ray")
-class TestSweepsOnOneRay:
-    """The in-process sweeps that end cleanly share one Ray (its start and end are a good part of a tiny sweep)."""
-
-    def test_a_grid_of_seeds_by_xi_with_twins_on_two_cpus(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        """Seeds 1, 1, 2 by ξ 0 (first order) and unset (second order): six searches, a few at a time on 2 CPUs.
-        Seeds differ, orders differ, and twins (the same seed and ξ) are the same search to the last bit and one
-        candidate."""
-        cfg = load_config("digits", [*TINY, f"ray.storage_path={tmp_path}", "sweep.top_k=2"], model=PipelineConfig)
-        starts = StartLog(tmp_path / "starts")
-        result, selected, where = sweep_and_select(prepare(cfg, sweep=True), name="grid", callback=starts)
-        assert not result.errors
-        points = [(1, "0.0"), (1, "0.0"), (1, "None"), (1, "None"), (2, "0.0"), (2, "None")]
-        assert sorted((t.seed, str(t.xi)) for t in result.trials) == points
-        for t in result.trials:
-            assert t.metrics["second_order_steps"] == (2 if t.xi is None else 0)  # really unrolled, or really not
-            assert (t.metrics["xi"] > 0) == (t.xi is None)
-        for xi in (0.0, None):
-            twin, other, seed_2 = sorted((t for t in result.trials if t.xi == xi), key=lambda t: t.seed)
-            assert twin.genotype == other.genotype  # same seed, same ξ: the same search, to the last bit
-            assert _alpha_history(twin) == _alpha_history(other)
-            assert twin.metrics["val_loss"] == other.metrics["val_loss"]
-            assert _alpha_history(twin) != _alpha_history(seed_2)  # seeds differ, in α's whole trajectory
-            assert twin.metrics["val_loss"] != seed_2.metrics["val_loss"]
-        for t in result.trials:  # each trial's resolved config is its own grid point, the rest as configured
-            assert t.config.search.model_dump(exclude={"seed", "xi"}) == cfg.search.model_dump(exclude={"seed", "xi"})
-            assert json.loads((t.location.local_path / "config.json").read_text()) == t.config.model_dump(mode="json")
-            assert TrialResult.model_validate_json(t.model_dump_json()) == t  # a record: JSON between Kubeflow steps
-        assert sorted((tmp_path / "starts").read_text().split()) == sorted(t.trial for t in result.trials)
-        # the top 2 distinct cells (twins are one), each with every trial that found it; the best first
-        cells = {t.genotype.canonical() for t in result.trials}
-        assert (
-            len({c.genotype.canonical() for c in selected}) == len(selected) == min(2, len(cells)) and len(cells) <= 4
-        )
-        for candidate in selected:
-            found = sorted(t.trial for t in result.trials if t.genotype.canonical() == candidate.genotype)
-            assert sorted(candidate.trials) == found
-        assert selected[0].metric == max(t.metrics["val_acc"] for t in result.trials)
-        rows = {r["trial"]: r for r in csv.DictReader(where.read_text("selection.csv").splitlines())}
-        assert set(rows) == {t.trial for t in result.trials} and where.exists("selection.json")
-        # what this pipeline wrote is signed; a pickle planted in its storage is refused before anything unpickles it
-        storage = Location(str(tmp_path))
-        check_state(storage, "grid", state_key())
-        assert {"tuner.pkl"} < set(read_manifest(storage, "grid", state_key()))
-        marker = tmp_path / "payload-ran"
-        (tmp_path / "grid" / "tuner.pkl").write_bytes(pickle.dumps(_Payload(str(marker))))
-        with pytest.raises(StageError, match=r"sweep state file .*tuner.pkl was not written by this pipeline"):
-            run_sweep(Prepared.trusted(cfg), name="grid")  # refused before Tune starts
-        assert not marker.exists()
-        (tmp_path / "grid" / "evil-state.json").write_text("{}")  # a file the manifest never listed
-        monkeypatch.setenv(KEY_ENV, "someone else's key")  # ... and a manifest signed with another key
-        with pytest.raises(StageError, match="manifest .* is not signed with this pipeline's key"):
-            run_sweep(Prepared.trusted(cfg), name="grid")  # refused before Tune starts
-        (tmp_path / "grid.manifest.json").unlink()
-        with pytest.raises(StageError, match="has no manifest signed by this pipeline"):
-            run_sweep(Prepared.trusted(cfg), name="grid")  # refused before Tune starts
-
-    def test_asha_stops_a_trailing_search_at_its_first_rung(self, tmp_path: Path) -> None:
-        """An extra grid axis (the weights' lr) reaches the search: the trial with a 10⁴ times smaller lr trails."""
-        overrides = [*TINY, f"ray.storage_path={tmp_path}", "search.epochs=2", "search.steps_per_epoch=6"]
-        overrides += ["sweep.seeds=[1]", "sweep.xi=[0]", "sweep.w_lr=[0.1,0.00001]", "sweep.scheduler=asha"]
-        overrides += ["sweep.metric=val_loss", "sweep.mode=min", "sweep.max_concurrent_trials=1"]
-        cfg = prepare(load_config("digits", overrides, model=PipelineConfig), sweep=True)
-        result, selected, where = sweep_and_select(cfg, name="asha", callback=StartLog(tmp_path / "starts"))
-        order = (tmp_path / "starts").read_text().split()
-        first, second = (next(t for t in result.trials if t.trial == trial_id) for trial_id in order)
-        assert first.complete and first.metrics["epoch"] == 2  # nothing to compare with at the rung: it runs on
-        first_rung_loss = read_history(first.location)[0].val_loss
-        # ASHA (reduction factor 2) stops the second trial at epoch 1 exactly when it trails the first there.
-        trails = second.metrics["val_loss"] > first_rung_loss if second.metrics["epoch"] == 1 else None
-        assert second.config.search.w_lr == 0.00001 and second.metrics["epoch"] == 1 and trails
-        assert not second.complete
-        assert [c.trial.trial for c in selected] == [first.trial]  # a stopped search is not a candidate
-        rows = list(csv.DictReader(where.read_text("selection.csv").splitlines()))
-        assert sorted(float(row["w_lr"]) for row in rows) == [0.00001, 0.1]  # the selection table names the extra axis
+@pytest.mark.usefixtures("local_ray")
+def test_a_grid_of_seeds_by_xi_with_twins_on_two_cpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeds 1, 1, 2 (first order): three searches, a few at a time on 2 CPUs. Seeds differ, and twins (the same
+    grid point twice) are the same search to the last bit and one candidate. (The grid's expansion over several axes
+    is checked below without Ray; both orders run in the tracked pipeline, tests/test_pipeline.py.)"""
+    monkeypatch.setenv(KEY_ENV, "the key of this test's pipeline")
+    overrides = [*TINY, f"ray.storage_path={tmp_path}", "sweep.xi=[0]", "sweep.top_k=2"]
+    cfg = load_config("digits", overrides, model=PipelineConfig)
+    starts = StartLog(tmp_path / "starts")
+    result, selected, where = sweep_and_select(prepare(cfg, sweep=True), name="grid", callback=starts)
+    assert not result.errors
+    assert sorted((t.seed, t.xi) for t in result.trials) == [(1, 0.0), (1, 0.0), (2, 0.0)]
+    twin, other, seed_2 = sorted(result.trials, key=lambda t: t.seed)
+    assert twin.genotype == other.genotype  # the same grid point twice: the same search, to the last bit
+    assert _alpha_history(twin) == _alpha_history(other)
+    assert twin.metrics["val_loss"] == other.metrics["val_loss"]
+    assert _alpha_history(twin) != _alpha_history(seed_2)  # seeds differ, in α's whole trajectory
+    assert twin.metrics["val_loss"] != seed_2.metrics["val_loss"]
+    for t in result.trials:  # each trial's resolved config is its own grid point, the rest as configured
+        assert t.config.search.model_dump(exclude={"seed", "xi"}) == cfg.search.model_dump(exclude={"seed", "xi"})
+        assert json.loads((t.location.local_path / "config.json").read_text()) == t.config.model_dump(mode="json")
+        assert TrialResult.model_validate_json(t.model_dump_json()) == t  # a record: JSON between Kubeflow steps
+    assert sorted((tmp_path / "starts").read_text().split()) == sorted(t.trial for t in result.trials)
+    # the top 2 distinct cells (twins are one), each with every trial that found it; the best first
+    cells = {t.genotype.canonical() for t in result.trials}
+    assert len({c.genotype.canonical() for c in selected}) == len(selected) == min(2, len(cells)) and len(cells) <= 2
+    for candidate in selected:
+        found = sorted(t.trial for t in result.trials if t.genotype.canonical() == candidate.genotype)
+        assert sorted(candidate.trials) == found
+    assert selected[0].metric == max(t.metrics["val_acc"] for t in result.trials)
+    rows = {r["trial"]: r for r in csv.DictReader(where.read_text("selection.csv").splitlines())}
+    assert set(rows) == {t.trial for t in result.trials} and where.exists("selection.json")
+    # what this pipeline wrote is signed; a pickle planted in its storage is refused before anything unpickles it
+    storage = Location(str(tmp_path))
+    check_state(storage, "grid", state_key())
+    assert {"tuner.pkl"} < set(read_manifest(storage, "grid", state_key()))
+    marker = tmp_path / "payload-ran"
+    (tmp_path / "grid" / "tuner.pkl").write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(StageError, match=r"sweep state file .*tuner.pkl was not written by this pipeline"):
+        run_sweep(Prepared.trusted(cfg), name="grid")  # refused before Tune starts
+    assert not marker.exists()
+    (tmp_path / "grid" / "evil-state.json").write_text("{}")  # a file the manifest never listed
+    monkeypatch.setenv(KEY_ENV, "someone else's key")  # ... and a manifest signed with another key
+    with pytest.raises(StageError, match="manifest .* is not signed with this pipeline's key"):
+        run_sweep(Prepared.trusted(cfg), name="grid")  # refused before Tune starts
+    (tmp_path / "grid.manifest.json").unlink()
+    with pytest.raises(StageError, match="has no manifest signed by this pipeline"):
+        run_sweep(Prepared.trusted(cfg), name="grid")  # refused before Tune starts
 
 
-def test_a_ctrl_c_stops_the_sweep_in_one_line_and_the_same_command_resumes_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Tune catches the first SIGINT, saves its state and returns as if it were done: the sweep must say that it was
-    interrupted (a half-trained search must never pass for a finished one and be selected), and a rerun finishes it."""
-    monkeypatch.setenv(KEY_ENV, MODULE_KEY)
-    overrides = [*TINY, "search.epochs=2", "sweep.seeds=[1]", "sweep.xi=[0]", f"ray.storage_path={tmp_path}"]
-    marker = tmp_path / "interrupted"
-    start_local_ray()
-    try:
-        prepared = prepare(load_config("digits", overrides, model=PipelineConfig), sweep=True)
-        ctrl_c = InterruptDriver(os.getpid(), epoch=1, marker=marker)
-        with pytest.raises(StageError, match=r"^sweep 'ctrl-c' was interrupted \(Ctrl\+C\); its state is saved: run"):
-            run_sweep(prepared, name="ctrl-c", callback=ctrl_c)
-        assert marker.exists()
-        resumed = run_sweep(prepared, name="ctrl-c", callback=ctrl_c)
-    finally:
-        stop_local_ray()
-    [trial] = resumed.trials
-    assert trial.complete and [row.epoch for row in read_history(trial.location)] == [1, 2]
+@pytest.mark.usefixtures("local_ray")
+def test_asha_stops_a_trailing_search_at_its_first_rung(tmp_path: Path) -> None:
+    """An extra grid axis (the weights' lr) reaches the search: the trial with a 10⁴ times smaller lr trails."""
+    overrides = [*TINY, f"ray.storage_path={tmp_path}", "search.epochs=2", "search.steps_per_epoch=6"]
+    overrides += ["sweep.seeds=[1]", "sweep.xi=[0]", "sweep.w_lr=[0.1,0.00001]", "sweep.scheduler=asha"]
+    overrides += ["sweep.metric=val_loss", "sweep.mode=min", "sweep.max_concurrent_trials=1"]
+    cfg = prepare(load_config("digits", overrides, model=PipelineConfig), sweep=True)
+    result, selected, where = sweep_and_select(cfg, name="asha", callback=StartLog(tmp_path / "starts"))
+    order = (tmp_path / "starts").read_text().split()
+    first, second = (next(t for t in result.trials if t.trial == trial_id) for trial_id in order)
+    assert first.complete and first.metrics["epoch"] == 2  # nothing to compare with at the rung: it runs on
+    first_rung_loss = read_history(first.location)[0].val_loss
+    # ASHA (reduction factor 2) stops the second trial at epoch 1 exactly when it trails the first there.
+    trails = second.metrics["val_loss"] > first_rung_loss if second.metrics["epoch"] == 1 else None
+    assert second.config.search.w_lr == 0.00001 and second.metrics["epoch"] == 1 and trails
+    assert not second.complete
+    assert [c.trial.trial for c in selected] == [first.trial]  # a stopped search is not a candidate
+    rows = list(csv.DictReader(where.read_text("selection.csv").splitlines()))
+    assert sorted(float(row["w_lr"]) for row in rows) == [0.00001, 0.1]  # the selection table names the extra axis
 
 
 @pytest.mark.parametrize(
