@@ -20,8 +20,9 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# -X faulthandler: a crash prints every thread's stack, even after pytest has finished
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -X faulthandler -m pytest -q
 
 clean:
 	rm -rf $(VENV) runs *.egg-info
