@@ -390,17 +390,18 @@ def test_concurrent_writers_share_one_sqlite_store(tmp_path: Path, stages: dict)
     trial = stages["trials"][0]
     errors: list[BaseException] = []
     history = stages["histories"][trial.trial]
+    writers, runs_each = 3, 2  # each run drawn while the others write
 
     def writer(n: int) -> None:
         try:
             lineage = Lineage(uri, EXPERIMENT, "threads")
             lineage.pipeline_run(stages["config"])
-            for k in range(2):
+            for k in range(runs_each):
                 lineage.log_search_trial(trial.model_copy(update={"trial": f"t{n}-{k}"}), history)
         except BaseException as err:  # noqa: BLE001 - reported below, in the test's thread
             errors.append(err)
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(3)]  # each run drawn while others write
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(writers)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -408,8 +409,8 @@ def test_concurrent_writers_share_one_sqlite_store(tmp_path: Path, stages: dict)
     assert errors == []
     client = MlflowClient(uri)
     lineage = Lineage(uri, EXPERIMENT, "threads")
-    for n in range(3):
-        for k in range(2):
+    for n in range(writers):
+        for k in range(runs_each):
             (run,) = lineage._find("search", f"t{n}-{k}")
             assert run.info.status == "FINISHED"
             assert [m.step for m in client.get_metric_history(run.info.run_id, "search/val_acc")] == [1, 2]
