@@ -53,6 +53,10 @@ def training(prepared: Prepared, genotype: Genotype) -> Prepared:
 
 
 def test_a_killed_retrain_worker_resumes_to_the_uninterrupted_weights(local_ray, tmp_path: Path) -> None:  # noqa: ANN001
+    """Killed in epoch 2: the retrain resumes to the uninterrupted weights, bit for bit. Then the finished name refuses
+    another genotype."""
+    from components.trainer import StageError
+
     cfg = training(tiny(tmp_path, "ray.num_workers=2"), GENOTYPES["DARTS_V2"])
     clean = run_retrain_stage(cfg, name="clean")
     marker = tmp_path / "killed"
@@ -65,6 +69,8 @@ def test_a_killed_retrain_worker_resumes_to_the_uninterrupted_weights(local_ray,
     b = torch.load(faulted.location.local_path / "model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert faulted.last.eval_split == "val" and faulted.last.eval_acc == clean.last.eval_acc
+    with pytest.raises(StageError, match="another genotype"):
+        run_retrain_stage(training(cfg, GENOTYPES["PC_DARTS"]), name="clean")
 
 
 def test_the_champion_is_the_best_candidate_on_held_out_data_and_is_tested_once(local_ray, tmp_path: Path) -> None:  # noqa: ANN001
@@ -90,15 +96,6 @@ def test_the_champion_is_the_best_candidate_on_held_out_data_and_is_tested_once(
     assert again.champion[1].resumed and all(stage.resumed for _, stage in again.candidates)
     dumped = [json.dumps(e.model_dump(mode="json")) for e in champion.history]
     assert [json.dumps(e.model_dump(mode="json")) for e in again.champion[1].history] == dumped  # NaN-safe
-
-
-def test_a_finished_name_refuses_another_genotype(local_ray, tmp_path: Path) -> None:  # noqa: ANN001
-    from components.trainer import StageError
-
-    cfg = tiny(tmp_path, "retrain.epochs=1", "retrain.steps_per_epoch=1")
-    run_retrain_stage(training(cfg, GENOTYPES["DARTS_V2"]), name="once")
-    with pytest.raises(StageError, match="another genotype"):
-        run_retrain_stage(training(cfg, GENOTYPES["PC_DARTS"]), name="once")
 
 
 def test_random_percentile_and_the_ranking_table() -> None:

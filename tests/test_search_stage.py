@@ -34,22 +34,32 @@ def tiny(tmp_path: Path, *extra: str) -> Prepared:
     )
 
 
-@pytest.mark.parametrize("xi", ["0", "null"])
-def test_two_workers_keep_alpha_and_weights_bit_identical(local_ray, tmp_path: Path, xi: str) -> None:  # noqa: ANN001
-    cfg = tiny(tmp_path, "search.epochs=2", "ray.num_workers=2", f"search.xi={xi}")
+def assert_ranks_agree(sync: RankSync, epochs: int) -> None:
+    """Every rank held the same α and w, bit for bit, after every step of every epoch (3 steps an epoch)."""
+    assert [row["epoch"] for row in sync.rows()] == list(range(1, epochs + 1))
+    for row in sync.rows():
+        assert row["rank_max_abs_diff"] == 0.0
+        assert row["rank_checks"] >= 3
+
+
+def test_two_first_order_workers_stay_bit_identical_and_the_same_name_resumes(local_ray, tmp_path: Path) -> None:  # noqa: ANN001
+    """ξ=0 here; second order (the preset's ξ) in the killed-worker test's uninterrupted run. Then the same name with
+    one more epoch resumes from the checkpoint instead of starting over."""
+    cfg = tiny(tmp_path, "search.epochs=2", "ray.num_workers=2", "search.xi=0")
     sync = RankSync(tmp_path / "sync.jsonl")
     result = run_search_stage(cfg, name="sync", callback=sync)
     assert [row.epoch for row in result.history] == [1, 2]
-    assert [row["epoch"] for row in sync.rows()] == [1, 2]
-    for row in sync.rows():
-        assert row["rank_max_abs_diff"] == 0.0
-        assert row["rank_checks"] >= 3  # after every step of the epoch (3 steps)
-    assert all((row.xi > 0) == (xi == "null") for row in result.history)
+    assert_ranks_agree(sync, 2)
+    assert all(row.xi == 0 and row.second_order_steps == 0 for row in result.history)
     first, last = result.history[0], result.history[-1]
     assert first.alpha_normal != last.alpha_normal
     outputs = result.outputs.local_path
     for name in ("genotype.json", "genotype.txt", "history.json", "cells/epoch_001.png", "alpha/epoch_002.png"):
         assert (outputs / name).is_file(), name
+    longer = run_search_stage(tiny(tmp_path, "search.epochs=3", "ray.num_workers=2", "search.xi=0"), name="sync")
+    assert [row.epoch for row in longer.history] == [1, 2, 3]
+    assert longer.history[:2] == result.history  # epochs 1-2 came from the checkpoint (their timings too)
+    assert longer.history[2].alpha_normal != last.alpha_normal
 
 
 def test_global_batchnorm_two_workers_equal_one_worker_on_the_global_batch(local_ray, tmp_path: Path) -> None:  # noqa: ANN001
@@ -67,7 +77,10 @@ def test_a_killed_worker_resumes_to_the_uninterrupted_result(local_ray, tmp_path
     """Killed in epoch 2 of 3: the group restarts from the epoch-1 checkpoint, and every epoch, the one after the redone
     one included, is the uninterrupted run's bit for bit."""
     cfg = tiny(tmp_path, "search.epochs=3", "ray.num_workers=2", "ray.max_failures=1")
-    straight = run_search_stage(cfg, name="straight")
+    sync = RankSync(tmp_path / "sync.jsonl")
+    straight = run_search_stage(cfg, name="straight", callback=sync)
+    assert_ranks_agree(sync, 3)  # second order: the preset's ξ (null, the weights' lr)
+    assert all(row.xi > 0 and row.second_order_steps > 0 for row in straight.history)
     marker = tmp_path / "killed"
     fault = KillOnce(rank=1, step=4, marker=marker)  # second step of epoch 2: after the epoch-1 checkpoint
     recovered = run_search_stage(cfg, name="faulty", callback=fault)
@@ -76,14 +89,6 @@ def test_a_killed_worker_resumes_to_the_uninterrupted_result(local_ray, tmp_path
         (row.alpha_normal, row.alpha_reduce, row.train_loss, row.val_loss) for row in straight.history
     ]
     assert recovered.genotype == straight.genotype
-
-
-def test_same_name_resumes_instead_of_starting_over(local_ray, tmp_path: Path) -> None:  # noqa: ANN001
-    first = run_search_stage(tiny(tmp_path, "search.epochs=1", "ray.num_workers=2"), name="again")
-    second = run_search_stage(tiny(tmp_path, "search.epochs=2", "ray.num_workers=2"), name="again")
-    assert [row.epoch for row in second.history] == [1, 2]
-    assert second.history[0] == first.history[0]  # epoch 1 came from the checkpoint, not a new run
-    assert second.history[1].alpha_normal != first.history[0].alpha_normal
 
 
 @pytest.mark.parametrize(
