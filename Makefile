@@ -20,9 +20,10 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# -X faulthandler: a crash prints every thread's stack, even after pytest has finished
+# -X faulthandler: a crash prints every thread's stack, even after pytest has finished;
+# --durations: the slowest tests, where the suite's time goes (it must stay under 35 minutes on 2 cores)
 test: lint
-	$(PY) -X faulthandler -m pytest -q
+	$(PY) -X faulthandler -m pytest -q --durations=25
 
 clean:
 	rm -rf $(VENV) runs *.egg-info
