@@ -43,6 +43,18 @@ TINY = [
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def finished_trials_saved(experiment: Path) -> int:
+    """The most trials that one of Tune's saved experiment states in ``experiment`` records as finished."""
+    counts = [0]
+    for state in experiment.glob("experiment_state-*.json"):
+        try:
+            trials = json.loads(state.read_text())["trial_data"]
+        except (OSError, ValueError, KeyError):
+            continue  # being written
+        counts.append(sum(json.loads(trial)["status"] == "TERMINATED" for trial, _ in trials))
+    return max(counts)
+
+
 def test_an_interrupted_sweep_restores_without_rerunning_finished_trials(tmp_path: Path) -> None:
     starts = tmp_path / "starts"
     overrides = [*TINY, f"ray.storage_path={tmp_path}", "sweep.max_concurrent_trials=1", "ray.address=local"]
@@ -69,7 +81,9 @@ def test_an_interrupted_sweep_restores_without_rerunning_finished_trials(tmp_pat
         while time.time() < deadline and (not starts.exists() or len(starts.read_text().split()) < 2):
             time.sleep(1)
         assert starts.exists() and len(starts.read_text().split()) >= 2, "the first trial never finished"
-        time.sleep(8)  # let Tune save the experiment state that records the finished trial
+        while time.time() < deadline and not finished_trials_saved(tmp_path / "restore"):
+            time.sleep(0.5)  # until Tune's saved experiment state records the finished trial (it signs it first)
+        assert finished_trials_saved(tmp_path / "restore"), "no saved experiment state records a finished trial"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-sweep
         proc.wait()
