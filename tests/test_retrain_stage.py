@@ -21,6 +21,7 @@ from components.retrain import (
     retrain_config,
     run_retrain_stage,
 )
+from components.trainer import StageError
 from nas.config import ConfigError, load_config
 from nas.eval_model import NetworkSpec
 from nas.genotypes import GENOTYPES, PC_DARTS, Genotype, parse_genotype, random_genotypes
@@ -55,8 +56,6 @@ def training(prepared: Prepared, genotype: Genotype) -> Prepared:
 def test_a_killed_retrain_worker_resumes_to_the_uninterrupted_weights(local_ray, tmp_path: Path) -> None:  # noqa: ANN001
     """Killed in epoch 2: the retrain resumes to the uninterrupted weights, bit for bit. Then the finished name refuses
     another genotype."""
-    from components.trainer import StageError
-
     cfg = training(tiny(tmp_path, "ray.num_workers=2"), GENOTYPES["DARTS_V2"])
     clean = run_retrain_stage(cfg, name="clean")
     marker = tmp_path / "killed"

@@ -75,7 +75,8 @@ def test_global_batchnorm_two_workers_equal_one_worker_on_the_global_batch(local
 
 def test_a_killed_worker_resumes_to_the_uninterrupted_result(local_ray, tmp_path: Path) -> None:  # noqa: ANN001
     """Killed in epoch 2 of 3: the group restarts from the epoch-1 checkpoint, and every epoch, the one after the redone
-    one included, is the uninterrupted run's bit for bit."""
+    one included, is the uninterrupted run's bit for bit. The uninterrupted run (second order) also checks that the
+    ranks agree after every step."""
     cfg = tiny(tmp_path, "search.epochs=3", "ray.num_workers=2", "ray.max_failures=1")
     sync = RankSync(tmp_path / "sync.jsonl")
     straight = run_search_stage(cfg, name="straight", callback=sync)
