@@ -21,6 +21,8 @@ achieved FLOP/s as a fraction of the measured matmul rate, and peak memory. Ever
   On a GPU each launches at least one kernel, and at the paper's supernet size the launches, not the arithmetic,
   set the step's time (bench/README.md), so this count is the figure a faster GPU step must shrink. Not counted
   for compiled rows (their kernels are fused, not dispatched one by one) nor for captured ones (one graph launch).
+- Page faults per step: the process's minor page faults over the timed steps, per step: pages the kernel mapped
+  and zeroed because the allocator had given memory back (``search.speed.keep_freed_memory`` keeps it).
 - Compiled rows (``search.speed.compile``, inductor) spend their first steps compiling, and CUDA-graph rows
   (``search.speed.cuda_graph``, GPU only) run two steps eagerly and capture the third: their warmup is at least 3
   steps. On CPU the compile itself takes minutes.
@@ -38,6 +40,7 @@ import functools
 import json
 import multiprocessing
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -95,6 +98,8 @@ def cases() -> list[Case]:
         Case("default-norm_in_sum-shared_relu", "second", {**default, "norm_in_sum": False, "shared_relu": False}),
         Case("default-dense_dilation", "first", {**default, "dense_dilation": False}),
         Case("default-dense_dilation", "second", {**default, "dense_dilation": False}),
+        Case("default-keep_freed_memory", "first", {**default, "keep_freed_memory": False}),
+        Case("default-keep_freed_memory", "second", {**default, "keep_freed_memory": False}),
         Case("default+checkpoint", "first", {**default, "checkpoint_cells": True}),
         Case("default+checkpoint", "second", {**default, "checkpoint_cells": True}),
         Case("default+bf16", "first", default, precision="bf16"),
@@ -135,6 +140,7 @@ class Row:
     peak_mb: float
     rss_after_build_mb: float | None
     ops_per_step: int | None  # aten operators that do work, one step (None: a compiled row)
+    page_faults_per_step: float | None = None  # the process's minor page faults per timed step (the median round's)
 
 
 class StepClock:
@@ -215,15 +221,18 @@ def measure(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> R
     allocated = torch.cuda.memory_allocated(device) if cuda else 0
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    clock, times = StepClock(device), []
+    clock, times, faults_before = StepClock(device), [], 0
     # The first steps compile, or run eagerly and then capture the step's CUDA graph (nas/graphed.py).
     captured = case.speed.get("compile") or case.speed.get("cuda_graph")
     warmup = max(args.warmup, 3) if captured else args.warmup
     for i in range(warmup + args.iters):
+        if i == warmup:
+            faults_before = minor_page_faults()
         seconds = clock.time(lambda: searcher.step(x_w, y_w, x_a, y_a))
         if i >= warmup:
             times.append(seconds)
     synchronize(device)
+    faults = (minor_page_faults() - faults_before) / args.iters
     peak = (torch.cuda.max_memory_allocated(device) - allocated) if cuda else peak_rss_bytes() - (rss_after_build or 0)
     ops = None
     if not captured:
@@ -248,6 +257,7 @@ def measure(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> R
         peak_mb=peak / MB,
         rss_after_build_mb=None if rss_after_build is None else rss_after_build / MB,
         ops_per_step=ops,
+        page_faults_per_step=faults,
     )
 
 
@@ -273,22 +283,35 @@ def over_rounds(rounds: list[Row], matmul: dict[str, float]) -> Row:
             "gflops": gflops,
             "fraction_of_matmul": gflops / matmul[first.precision],
             "peak_mb": statistics.median(r.peak_mb for r in rounds),
+            "page_faults_per_step": median_or_none([r.page_faults_per_step for r in rounds]),
         }
     )
+
+
+def median_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def minor_page_faults() -> int:
+    """The process's minor page faults so far: each is a page of memory the kernel mapped (and zeroed) on first
+    touch, what a step pays for memory the allocator gave back and takes again (``search.speed.keep_freed_memory``)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def format_table(rows: list[Row], matmul: dict[str, float]) -> str:
     plain = {r.order: r.ms_per_step for r in rows if r.name == "plain"}
     lines = [
         f"{'path':24} {'order':6} {'hessian':7} {'ms/step':>9} {'img/s':>7} {'GFLOP/s':>8} {'of mm':>6} "
-        f"{'peak MB':>8} {'ops/step':>8} {'plain/this':>10}"
+        f"{'peak MB':>8} {'ops/step':>8} {'faults':>7} {'plain/this':>10}"
     ]
     for r in rows:
         speedup = plain.get(r.order, float("nan")) / r.ms_per_step
         ops = "-" if r.ops_per_step is None else str(r.ops_per_step)
+        faults = "-" if r.page_faults_per_step is None else f"{r.page_faults_per_step / 1000:.1f}k"
         lines.append(
             f"{r.name:24} {r.order:6} {r.hessian:7} {r.ms_per_step:9.0f} {r.images_per_second:7.1f} {r.gflops:8.1f} "
-            f"{r.fraction_of_matmul:6.1%} {r.peak_mb:8.0f} {ops:>8} {speedup:10.2f}"
+            f"{r.fraction_of_matmul:6.1%} {r.peak_mb:8.0f} {ops:>8} {faults:>7} {speedup:10.2f}"
         )
     rates = ", ".join(f"{kind} {rate:.1f} GFLOP/s" for kind, rate in matmul.items())
     lines.append(f"matmul rate: {rates}")

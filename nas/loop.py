@@ -13,6 +13,7 @@ checkpoints (``torch.load(weights_only=True)``) and ``history.json`` hold, and w
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -128,6 +129,31 @@ def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractC
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+# mallopt(3) parameters of glibc's malloc.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> bool:
+    """Have the C library's allocator keep freed memory in the process for the next allocation; whether it took.
+
+    PyTorch's CPU tensors come from ``malloc``. glibc serves a block of more than its mmap threshold (at most 32 MB)
+    from a fresh mapping and gives it back to the operating system on ``free``, and trims freed memory at the top of
+    its heap, so a loop that frees and allocates the same large activations every step faults every page of them in
+    again, each one zeroed by the kernel: about 200k page faults per second-order search step at batch 16 and C=16
+    (bench/README.md). With every block on the heap and no trimming, a step reuses the last step's memory. The
+    arithmetic is untouched; the process's footprint stays at its peak instead of shrinking between steps. A
+    process-wide setting (like ``torch.set_num_threads``), for the process that runs the loop; False where the C
+    library has no ``mallopt`` or refuses (not glibc)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # 1 GiB where the library takes it (glibc 2.26 and later); older ones cap the threshold at 32 MB.
+    mapped_above = mallopt(_M_MMAP_THRESHOLD, 1 << 30) or mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    return bool(mapped_above and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def seed_everything(seed: int) -> None:

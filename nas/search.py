@@ -33,6 +33,7 @@ from nas.loop import (
     Meter,
     Progress,
     autocast,
+    keep_freed_memory,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -107,6 +108,8 @@ class Searcher:
     def __init__(self, config: SearchConfig, in_channels: int, num_classes: int, context: LoopContext | None = None):
         self.config = cfg = config
         self.context = context or LoopContext()
+        if cfg.speed.keep_freed_memory and self.context.device.type == "cpu":
+            keep_freed_memory()
         self.network = SearchNetwork.from_config(cfg, in_channels, num_classes).to(self.context.device)
         # Multi-tensor (foreach) updates on every device, as torch already picks on GPUs: a few operators per step
         # instead of a few per weight tensor (the supernet has over a thousand).

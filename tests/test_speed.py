@@ -3,7 +3,12 @@ the plain path's α and w after 3 steps (within 1e-4)."""
 
 from __future__ import annotations
 
+import os
+import resource
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -879,3 +884,43 @@ def test_batched_edges_is_a_plain_bool_and_a_stored_null_reads_as_on() -> None:
     assert SpeedConfig(batched_edges=False).batched_edges is False
     with pytest.raises(ValidationError, match="batched_edges"):
         SpeedConfig(batched_edges="sometimes")
+
+
+# 64 MB of float32: over glibc's largest mmap threshold, so by default every allocation of it is a fresh mapping.
+PAGE_FAULTS_OF_AN_ALLOCATION_LOOP = """
+import resource, sys, torch
+from nas.config import SearchConfig, SpeedConfig
+from nas.search import Searcher
+
+speed = SpeedConfig(keep_freed_memory=sys.argv[1] == "on")
+Searcher(SearchConfig(layers=3, channels=4, nodes=2, batch_size=8, speed=speed), in_channels=1, num_classes=3)
+for _ in range(3):  # the first ones fault their pages in either way, until the heap has room beside small objects
+    torch.empty(64 << 18).fill_(1.0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    torch.empty(64 << 18).fill_(1.0)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "given-back"])
+def test_a_cpu_search_keeps_freed_memory_for_the_next_allocation(keep: bool) -> None:
+    """``search.speed.keep_freed_memory``: once a search is built, memory a step frees is there for the next one,
+    not mapped afresh and faulted in page by page (16384 faults per 64 MB); off, the allocator is left as it is. In
+    a fresh process, since the setting is the process's."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", PAGE_FAULTS_OF_AN_ALLOCATION_LOOP, "on" if keep else "off"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    faults = int(done.stdout.split()[-1])
+    pages = 4 * (64 << 20) // resource.getpagesize()
+    if keep:
+        assert faults <= pages // 4  # none once the heap is warm; one allocation of the four at the most
+    else:
+        assert faults >= pages * 9 // 10
