@@ -140,6 +140,12 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def minor_page_faults() -> int:
+    """The process's minor page faults so far: each is a page of memory the kernel mapped (and zeroed) on first
+    touch, what a step pays for memory the allocator gave back and takes again (``search.speed.keep_freed_memory``)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def synchronize(device: str) -> None:
     """CUDA runs asynchronously: wait for queued kernels so the clock measures the work, not the launches."""
     if device.startswith("cuda"):

@@ -40,7 +40,6 @@ import functools
 import json
 import multiprocessing
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -54,7 +53,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.flops import supernet_flops  # noqa: E402
-from bench.search_step import current_rss_bytes, peak_rss_bytes, synchronize  # noqa: E402
+from bench.search_step import current_rss_bytes, minor_page_faults, peak_rss_bytes, synchronize  # noqa: E402
 from nas.config import SearchConfig, SpeedConfig  # noqa: E402
 from nas.loop import LoopContext  # noqa: E402
 from nas.search import Searcher  # noqa: E402
@@ -140,7 +139,7 @@ class Row:
     peak_mb: float
     rss_after_build_mb: float | None
     ops_per_step: int | None  # aten operators that do work, one step (None: a compiled row)
-    page_faults_per_step: float | None = None  # the process's minor page faults per timed step (the median round's)
+    page_faults_per_step: float  # the process's minor page faults per timed step
 
 
 class StepClock:
@@ -283,20 +282,9 @@ def over_rounds(rounds: list[Row], matmul: dict[str, float]) -> Row:
             "gflops": gflops,
             "fraction_of_matmul": gflops / matmul[first.precision],
             "peak_mb": statistics.median(r.peak_mb for r in rounds),
-            "page_faults_per_step": median_or_none([r.page_faults_per_step for r in rounds]),
+            "page_faults_per_step": statistics.median(r.page_faults_per_step for r in rounds),
         }
     )
-
-
-def median_or_none(values: list[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return statistics.median(known) if known else None
-
-
-def minor_page_faults() -> int:
-    """The process's minor page faults so far: each is a page of memory the kernel mapped (and zeroed) on first
-    touch, what a step pays for memory the allocator gave back and takes again (``search.speed.keep_freed_memory``)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def format_table(rows: list[Row], matmul: dict[str, float]) -> str:
@@ -308,7 +296,7 @@ def format_table(rows: list[Row], matmul: dict[str, float]) -> str:
     for r in rows:
         speedup = plain.get(r.order, float("nan")) / r.ms_per_step
         ops = "-" if r.ops_per_step is None else str(r.ops_per_step)
-        faults = "-" if r.page_faults_per_step is None else f"{r.page_faults_per_step / 1000:.1f}k"
+        faults = f"{r.page_faults_per_step / 1000:.1f}k"
         lines.append(
             f"{r.name:24} {r.order:6} {r.hessian:7} {r.ms_per_step:9.0f} {r.images_per_second:7.1f} {r.gflops:8.1f} "
             f"{r.fraction_of_matmul:6.1%} {r.peak_mb:8.0f} {ops:>8} {faults:>7} {speedup:10.2f}"
