@@ -193,6 +193,22 @@ def _client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+_UNIQUE_CONFLICT = ("UNIQUE constraint failed", "duplicate key value", "Duplicate entry")  # sqlite, postgres, mysql
+
+
+def _log_dataset(client: MlflowClient, run_id: str, dataset: DatasetInput) -> None:
+    """Link ``run_id`` to the training data. MLflow's store looks the dataset up, then inserts it if missing: two
+    pipelines logging the same data for the first time at once can both insert, and the later one fails on the
+    store's uniqueness constraint. Its transaction is rolled back whole, so logging again finds the earlier row."""
+    for attempt in range(3):
+        try:
+            client.log_inputs(run_id, datasets=[dataset])
+            return
+        except MlflowException as err:
+            if attempt == 2 or not any(text in str(err) for text in _UNIQUE_CONFLICT):
+                raise
+
+
 _FLUENT = threading.RLock()  # MLflow's fluent URI is process-wide: one user at a time
 
 
@@ -301,7 +317,7 @@ class Lineage:
         self._log_params(run_id, _config_params(config) | genotype_params(genotype), run.data.params)
         self._log_history(run_id, history, prefix, extra)
         if self._dataset is not None and not (run.inputs and run.inputs.dataset_inputs):
-            self.client.log_inputs(run_id, datasets=[self._dataset])
+            _log_dataset(self.client, run_id, self._dataset)
 
     def _logged_steps(self, run_id: str) -> dict[str, set[int]]:
         """Steps of the images logged by key (``log_image(key=..., step=...)``), read from the artifact names."""
@@ -397,7 +413,7 @@ class Lineage:
             self._dataset = run.inputs.dataset_inputs[0]
         else:
             self._dataset = _dataset_input(config)
-            self.client.log_inputs(self.run_id, datasets=[self._dataset])
+            _log_dataset(self.client, self.run_id, self._dataset)
         return self.run_id
 
     def _search_tags(self, config: PipelineConfig) -> dict[str, str]:

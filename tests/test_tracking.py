@@ -417,6 +417,38 @@ def test_concurrent_writers_share_one_sqlite_store(tmp_path: Path, stages: dict)
             assert "cell.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
+def test_the_same_data_inserted_by_another_pipeline_meanwhile_is_linked(tmp_path: Path, stages: dict) -> None:
+    """MLflow looks the dataset up, then inserts it. Another pipeline's row arriving in between (two pipelines of
+    one data starting at once) fails that insert on the store's uniqueness constraint; the run still gets linked,
+    to the one row. The other pipeline's insert is made, with its own id, just before ours reaches the store."""
+    import sqlite3
+
+    from sqlalchemy import event
+
+    db = tmp_path / "mlflow.db"
+    lineage = Lineage(f"sqlite:///{db}", EXPERIMENT, "late")
+    engine = lineage.client._tracking_client.store.engine
+    raced: list[str] = []
+
+    def other_pipeline_inserts_first(conn, cursor, statement: str, parameters, context, executemany) -> None:
+        if statement.lstrip().startswith("INSERT INTO datasets") and not raced:
+            raced.append(parameters[0])
+            with sqlite3.connect(db) as other:
+                other.execute(statement, ("other-pipeline", *parameters[1:]))
+
+    event.listen(engine, "before_cursor_execute", other_pipeline_inserts_first)
+    try:
+        run_id = lineage.pipeline_run(stages["config"])
+    finally:
+        event.remove(engine, "before_cursor_execute", other_pipeline_inserts_first)
+    assert len(raced) == 1, "the store no longer inserts datasets this way: the race is not reproduced"
+    digest, name, _ = dataset_digest(stages["config"])
+    (linked,) = lineage.client.get_run(run_id).inputs.dataset_inputs
+    assert (linked.dataset.name, linked.dataset.digest) == (name, digest)
+    with sqlite3.connect(db) as store:
+        assert store.execute("SELECT dataset_uuid FROM datasets").fetchall() == [("other-pipeline",)]
+
+
 def test_two_pipelines_at_once_keep_their_own_model_and_alias(tmp_path: Path, stages: dict) -> None:
     """Two pipelines of one config under different names, registering into one store at the same time."""
     from components.pipeline import model_name
