@@ -53,9 +53,10 @@ class ConsoleChannel:
     def line(self, label: str, text: str) -> None:
         self._put(("line", label, text), _labelled(label, text))
 
-    def epoch(self, label: str, epoch: int, total: int) -> None:
-        """Run ``label`` finished epoch ``epoch`` of ``total``: what the overall progress counts."""
-        self._put(("epoch", label, epoch, total), None)
+    def epoch(self, label: str, epoch: int, total: int, seconds: float = math.nan) -> None:
+        """Run ``label`` finished epoch ``epoch`` of ``total``, which took ``seconds``: what the overall progress
+        counts."""
+        self._put(("epoch", label, epoch, total, seconds), None)
 
     def _put(self, item: tuple[Any, ...], fallback: str | None) -> None:
         """Never fail the worker over its console: with the driver's queue gone (the driver ended while a task
@@ -80,9 +81,9 @@ class WorkerConsole:
         else:
             self.channel.line(self.label, text)
 
-    def epoch(self, epoch: int, total: int) -> None:
+    def epoch(self, epoch: int, total: int, seconds: float = math.nan) -> None:
         if self.channel is not None:
-            self.channel.epoch(self.label, epoch, total)
+            self.channel.epoch(self.label, epoch, total, seconds)
 
 
 @dataclass
@@ -109,20 +110,31 @@ class WorkPlan:
 
 class PipelineProgress:
     """The overall progress: each run counts its planned units times the share of its epochs done; the ETA assumes
-    the rate measured so far (FLOPs per second over the whole pipeline) for the work left."""
+    the rate measured so far (FLOPs per second) for the work left.
+
+    The rate counts only work done here, and only from when the first reported epoch began: the start-up before it
+    (Ray, workers, data) would otherwise weigh on the first ETAs as if it recurred for all the work left (a quick
+    pipeline's first ETA said 11m45s for 131 s of work), and runs read back on a resumed pipeline took no time."""
 
     def __init__(self, plan: WorkPlan, clock: Callable[[], float] = time.monotonic) -> None:
         self.plan, self.clock = plan, clock
         self.started = clock()
+        self.working_since: float | None = None  # when the first reported epoch began
         self.done: dict[str, float] = {}
+        self.read_back = 0.0  # units counted without being run here
 
-    def epoch(self, label: str, epoch: int, total: int) -> None:
+    def epoch(self, label: str, epoch: int, total: int, seconds: float = math.nan) -> None:
+        if self.working_since is None:
+            now = self.clock()
+            self.working_since = max(self.started, now - seconds) if math.isfinite(seconds) else self.started
         self.done[label] = self.plan.units(label) * min(1.0, epoch / max(total, 1))
 
     def complete(self, labels: list[str]) -> None:
-        """Runs that finished without reporting epochs here (read back on a resumed pipeline)."""
+        """Runs that finished without reporting all their epochs here (read back on a resumed pipeline)."""
         for label in labels:
-            self.done[label] = self.plan.units(label)
+            units = self.plan.units(label)
+            self.read_back += units - self.done.get(label, 0.0)
+            self.done[label] = units
 
     @property
     def fraction(self) -> float:
@@ -130,9 +142,14 @@ class PipelineProgress:
         return min(1.0, sum(self.done.values()) / total) if total > 0 else 0.0
 
     def line(self) -> str:
-        elapsed, fraction = self.clock() - self.started, self.fraction
-        eta = elapsed * (1 - fraction) / fraction if fraction > 0 else math.nan
+        now, fraction = self.clock(), self.fraction
+        worked = sum(self.done.values()) - self.read_back
+        timed = now - (self.started if self.working_since is None else self.working_since)
+        eta = 0.0 if fraction >= 1.0 else math.nan
+        if fraction < 1.0 and worked > 0 and timed > 0:
+            eta = (self.plan.total - sum(self.done.values())) * timed / worked
         left = format_duration(eta) if math.isfinite(eta) else "unknown"
+        elapsed = now - self.started
         return f"{fraction:.0%} of the planned work | {format_duration(elapsed)} elapsed | ETA {left}"
 
 

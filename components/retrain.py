@@ -103,7 +103,7 @@ def _retrain_worker(loop_config: dict[str, Any]) -> None:
     def on_epoch(report: RetrainEpoch, retrain_run: RetrainRun) -> None:
         callback.on_epoch_end(rank, world, report.epoch, retrain_run.network)
         if context.is_main:
-            console.epoch(report.epoch, config.retrain.epochs)
+            console.epoch(report.epoch, config.retrain.epochs, report.epoch_seconds)
 
         def write_files(directory: Path) -> None:
             write_json(directory / HISTORY_FILE, [e.model_dump(mode="json") for e in retrain_run.history])

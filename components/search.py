@@ -72,7 +72,7 @@ def _search_worker(loop_config: dict[str, Any]) -> None:
     def on_epoch(report: SearchEpoch, search_run: SearchRun) -> None:
         callback.on_epoch_end(rank, world, report.epoch, search_run.network)
         if context.is_main:
-            console.epoch(report.epoch, config.search.epochs)
+            console.epoch(report.epoch, config.search.epochs, report.epoch_seconds)
 
         def write_files(directory: Path) -> None:
             save_search_outputs(directory, report.genotype, search_run.history)

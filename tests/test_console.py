@@ -61,6 +61,26 @@ def test_progress_counts_each_run_by_its_share_of_the_plan_and_extrapolates_the_
     assert progress.line().endswith("ETA 0s")
 
 
+def test_the_eta_leaves_out_the_start_up_and_the_runs_read_back() -> None:
+    """Two searches at once after 30 s of start-up: the rate is the work over the time since the first reported
+    epoch began, so the ETA is right once both have reported, not stretched by the start-up; a stage read back on
+    a resumed pipeline counts as done but took no time."""
+    plan = WorkPlan(searches={"search s1": 100.0, "search s2": 100.0}, retrains={"champion": (1, 200.0)})
+    clock = Clock()
+    progress = PipelineProgress(plan, clock)
+    clock.now += 50  # 30 s of start-up, then 20 s of the first epoch of each search
+    progress.epoch("search s1", 1, 4, seconds=20.0)
+    clock.now += 1
+    progress.epoch("search s2", 1, 4, seconds=20.0)  # 50 units done in 21 s: 350 units left take 147 s
+    assert progress.line() == "12% of the planned work | 51s elapsed | ETA 2m27s"
+    resumed = PipelineProgress(plan, clock)
+    resumed.complete(["search s1", "search s2"])  # the sweep finished before the pipeline was restarted
+    assert resumed.line() == "50% of the planned work | 0s elapsed | ETA unknown"
+    clock.now += 40
+    resumed.epoch("retrain champion", 1, 4, seconds=10.0)  # 50 units in 10 s: 150 units left take 30 s
+    assert resumed.line() == "62% of the planned work | 40s elapsed | ETA 30s"
+
+
 def test_the_work_plan_counts_the_flops_of_every_search_and_retrain(tmp_path: Path) -> None:
     """In forward FLOPs per image (bench/flops.py's analytic formulas, an independent count) times the images each
     run trains on (x3: forward and backward; a search step 2 such passes first order, 5 second order) and those it
