@@ -17,7 +17,7 @@ from processes import run_bounded
 
 from components.config import load_pipeline_config, search_label, trial_configs
 from components.console import PipelineProgress, WorkPlan
-from components.driver import Prepared
+from components.driver import STARTUP_CONCURRENCY, Prepared
 from components.pipeline import work_plan
 from components.storage import Location
 from nas.data import DataSummary
@@ -159,3 +159,39 @@ def test_a_stage_prints_only_its_own_lines_unless_verbose(tmp_path: Path) -> Non
     assert verbose.returncode == 0, verbose.stderr[-3000:]
     assert sum(bool(OUR_LINE.match(line)) for line in verbose.stdout.splitlines()) == 2  # ours, once each
     assert "(TrainController pid=" in verbose.stdout + verbose.stderr  # and Ray's own, forwarded
+
+
+WORKERS_AT_ONCE = """
+import os, sys, time
+import ray
+from components.config import PipelineConfig
+from components.driver import STARTUP_CONCURRENCY, ensure_ray
+from nas.config import load_config
+
+ensure_ray(load_config("digits", ["ray.address=local"], model=PipelineConfig), ray_logs=False)
+assert STARTUP_CONCURRENCY not in os.environ, "the driver's environment changed"
+
+
+@ray.remote(num_cpus=0.01)
+class Ping:
+    def ping(self) -> int:
+        return 1
+
+
+actors = [Ping.remote() for _ in range(int(sys.argv[1]))]
+print("pings", sum(ray.get([actor.ping.remote() for actor in actors])))
+time.sleep(2)  # the driver's listener polls Ray's error channel
+ray.shutdown()
+"""
+
+
+def test_a_local_ray_starting_many_workers_says_nothing_on_the_console(tmp_path: Path) -> None:
+    """More Python workers than 4x the CPUs (a sweep's trials with their Train controllers and workers): the raylet
+    of a Ray started by a stage warned on the console with Ray's default start-up concurrency (its CPUs)."""
+    workers = 4 * (os.cpu_count() or 1) + 12  # the raylet leaves 8 out of its count (room for I/O workers)
+    env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
+    env.pop(STARTUP_CONCURRENCY, None)
+    done = run_bounded([sys.executable, "-c", WORKERS_AT_ONCE, str(workers)], timeout=240, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [f"pings {workers}"]
+    assert done.stderr == ""
