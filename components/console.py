@@ -114,7 +114,8 @@ class PipelineProgress:
 
     The rate counts only work done here, and only from when the first reported epoch began: the start-up before it
     (Ray, workers, data) would otherwise weigh on the first ETAs as if it recurred for all the work left (a quick
-    pipeline's first ETA said 11m45s for 131 s of work), and runs read back on a resumed pipeline took no time."""
+    pipeline's first ETA said 11m45s for 131 s of work), and runs or epochs read back on a resumed pipeline took no
+    time here."""
 
     def __init__(self, plan: WorkPlan, clock: Callable[[], float] = time.monotonic) -> None:
         self.plan, self.clock = plan, clock
@@ -127,7 +128,10 @@ class PipelineProgress:
         if self.working_since is None:
             now = self.clock()
             self.working_since = max(self.started, now - seconds) if math.isfinite(seconds) else self.started
-        self.done[label] = self.plan.units(label) * min(1.0, epoch / max(total, 1))
+        share = self.plan.units(label) / max(total, 1)
+        if label not in self.done:  # a run resumed from a checkpoint: its earlier epochs ran before this process
+            self.read_back += share * min(epoch - 1, total)
+        self.done[label] = share * min(epoch, total)
 
     def complete(self, labels: list[str]) -> None:
         """Runs that finished without reporting all their epochs here (read back on a resumed pipeline)."""

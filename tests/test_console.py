@@ -63,8 +63,9 @@ def test_progress_counts_each_run_by_its_share_of_the_plan_and_extrapolates_the_
 
 def test_the_eta_leaves_out_the_start_up_and_the_runs_read_back() -> None:
     """Two searches at once after 30 s of start-up: the rate is the work over the time since the first reported
-    epoch began, so the ETA is right once both have reported, not stretched by the start-up; a stage read back on
-    a resumed pipeline counts as done but took no time."""
+    epoch began, so the ETA is right once both have reported, not stretched by the start-up. A stage read back on
+    a resumed pipeline counts as done but took no time here, nor did a run's epochs before the checkpoint it
+    resumed from."""
     plan = WorkPlan(searches={"search s1": 100.0, "search s2": 100.0}, retrains={"champion": (1, 200.0)})
     clock = Clock()
     progress = PipelineProgress(plan, clock)
@@ -79,6 +80,10 @@ def test_the_eta_leaves_out_the_start_up_and_the_runs_read_back() -> None:
     clock.now += 40
     resumed.epoch("retrain champion", 1, 4, seconds=10.0)  # 50 units in 10 s: 150 units left take 30 s
     assert resumed.line() == "62% of the planned work | 40s elapsed | ETA 30s"
+    again = PipelineProgress(plan, clock)
+    clock.now += 10
+    again.epoch("search s1", 3, 4, seconds=10.0)  # resumed from its checkpoint: epochs 1-2 ran before
+    assert again.line() == "19% of the planned work | 10s elapsed | ETA 2m10s"  # 25 units in 10 s, 325 left
 
 
 def test_the_work_plan_counts_the_flops_of_every_search_and_retrain(tmp_path: Path) -> None:
