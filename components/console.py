@@ -146,15 +146,15 @@ class PipelineProgress:
         return min(1.0, sum(self.done.values()) / total) if total > 0 else 0.0
 
     def line(self) -> str:
-        now, fraction = self.clock(), self.fraction
-        worked = sum(self.done.values()) - self.read_back
-        timed = now - (self.started if self.working_since is None else self.working_since)
-        eta = 0.0 if fraction >= 1.0 else math.nan
-        if fraction < 1.0 and worked > 0 and timed > 0:
-            eta = (self.plan.total - sum(self.done.values())) * timed / worked
-        left = format_duration(eta) if math.isfinite(eta) else "unknown"
-        elapsed = now - self.started
-        return f"{fraction:.0%} of the planned work | {format_duration(elapsed)} elapsed | ETA {left}"
+        now, fraction, done = self.clock(), self.fraction, sum(self.done.values())
+        worked, timed = done - self.read_back, now - (self.working_since or self.started)
+        if fraction >= 1.0:
+            left = format_duration(0.0)
+        elif worked > 0 and timed > 0:
+            left = format_duration((self.plan.total - done) * timed / worked)
+        else:
+            left = "unknown"
+        return f"{fraction:.0%} of the planned work | {format_duration(now - self.started)} elapsed | ETA {left}"
 
 
 class Console:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import resource
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 import torch
+from processes import run_bounded
 from pydantic import ValidationError
 from torch import nn
 from torch.func import functional_call
@@ -888,7 +888,8 @@ def test_batched_edges_is_a_plain_bool_and_a_stored_null_reads_as_on() -> None:
 
 # 64 MB of float32: over glibc's largest mmap threshold, so by default every allocation of it is a fresh mapping.
 PAGE_FAULTS_OF_AN_ALLOCATION_LOOP = """
-import resource, sys, torch
+import sys, torch
+from bench.search_step import minor_page_faults
 from nas.config import SearchConfig, SpeedConfig
 from nas.search import Searcher
 
@@ -896,10 +897,10 @@ speed = SpeedConfig(keep_freed_memory=sys.argv[1] == "on")
 Searcher(SearchConfig(layers=3, channels=4, nodes=2, batch_size=8, speed=speed), in_channels=1, num_classes=3)
 for _ in range(3):  # the first ones fault their pages in either way, until the heap has room beside small objects
     torch.empty(64 << 18).fill_(1.0)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+before = minor_page_faults()
 for _ in range(4):
     torch.empty(64 << 18).fill_(1.0)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(minor_page_faults() - before)
 """
 
 
@@ -909,15 +910,9 @@ def test_a_cpu_search_keeps_freed_memory_for_the_next_allocation(keep: bool) -> 
     not mapped afresh and faulted in page by page (16384 faults per 64 MB); off, the allocator is left as it is. In
     a fresh process, since the setting is the process's."""
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", PAGE_FAULTS_OF_AN_ALLOCATION_LOOP, "on" if keep else "off"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    command = [sys.executable, "-c", PAGE_FAULTS_OF_AN_ALLOCATION_LOOP, "on" if keep else "off"]
+    done = run_bounded(command, timeout=120, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
     faults = int(done.stdout.split()[-1])
     pages = 4 * (64 << 20) // resource.getpagesize()
     if keep:
