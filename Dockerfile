@@ -16,9 +16,10 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# KubeRay runs `ray start` through bash; wget serves its probes on older Ray versions.
+# KubeRay runs `ray start` through bash; wget serves its probes on older Ray versions; gcc builds the search's
+# native depthwise kernel on each node's CPU at first use (nas/kernels.py).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends bash wget \
+    && apt-get install -y --no-install-recommends bash wget gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
 # The user KubeRay's examples run as (uid 1000), with a home for ~/.ray and the data cache.

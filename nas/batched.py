@@ -28,7 +28,6 @@ from nas.ops import (
     FactorizedReduce,
     SepConv,
     Zero,
-    dilated_as_dense,
     is_channels_last,
     offset_grids,
 )
@@ -144,8 +143,8 @@ def _conv(convs: Sequence[nn.Conv2d], x: torch.Tensor) -> torch.Tensor:
     padding = c.padding if c.padding_mode == "zeros" else 0
     if c.padding_mode != "zeros":
         x = F.pad(x, c._reversed_padding_repeated_twice, mode=c.padding_mode)
-    if isinstance(c, DepthwiseConv2d) and c.dense and c.dilation[0] > 1:
-        return dilated_as_dense(x, weight, c.stride[0], c.padding[0], c.dilation[0])
+    if isinstance(c, DepthwiseConv2d):
+        return c.convolve(x, weight)  # as each edge's would, dense dilation and native gradient included
     return F.conv2d(x, weight, bias, c.stride, padding, c.dilation, c.groups * len(convs))
 
 

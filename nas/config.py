@@ -143,6 +143,13 @@ class SpeedConfig(_Section):
         "its input (nas.ops.dilated_as_dense): the same products; PyTorch's CPU backward of a dilated depthwise "
         "convolution is several times slower than a dense one's",
     )
+    native_depthwise_grad: bool = Field(
+        True,
+        description="on CPU, the weight gradient of each depthwise convolution of 5x5 or more (sep_conv_5x5, "
+        "dil_conv_5x5) by a native kernel built from C with the machine's compiler on first use (nas/kernels.py): "
+        "5-8x faster than PyTorch's at the search's shapes, where it was the costliest operator of the step; the "
+        "same sums in another order; PyTorch's kernel runs where no compiler builds it (bench/README.md)",
+    )
     channels_last: bool = Field(
         True,
         description="supernet weights and activations in channels_last memory format (CPU: PyTorch's pooling and "

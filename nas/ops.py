@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nas import kernels
+
 OpFactory = Callable[[int, int, bool], nn.Module]
 
 _REGISTRY: dict[str, OpFactory] = {}
@@ -107,7 +109,9 @@ class ReLUConvBN(nn.Sequential):
         )
 
 
-def dilated_as_dense(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:
+def dilated_as_dense(
+    x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int, native_grad: bool = False
+) -> torch.Tensor:
     """The depthwise ``conv2d(x, weight, stride, padding, dilation, groups=channels)`` computed as a dense (dilation 1)
     convolution, where the shapes allow: the same products and sums, in operators PyTorch runs several times faster
     on CPU (its backward of a dilated depthwise convolution is slow there).
@@ -117,18 +121,97 @@ def dilated_as_dense(x: torch.Tensor, weight: torch.Tensor, stride: int, padding
       densely with padding p/d, and interleaved back;
     - stride d: only the sub-grid of residue (0, 0) is read, so it is one dense convolution of ``x[:, :, ::d, ::d]``.
     Other shapes (padding not a multiple of d, a size not divisible by d at stride 1) run the dilated convolution.
-    The result keeps the input's memory layout (channels_last or not).
+    The result keeps the input's memory layout (channels_last or not). ``native_grad``: as :func:`depthwise_conv2d`.
     """
-    groups, d = weight.shape[0], dilation
+    d = dilation
     divisible = d > 1 and padding % d == 0
     if divisible and stride == d:
-        out = F.conv2d(sub_grid(x, d), weight, None, 1, padding // d, 1, groups)
+        out = depthwise_conv2d(sub_grid(x, d), weight, 1, padding // d, 1, native_grad)
         if is_channels_last(x):
             out = out.contiguous(memory_format=torch.channels_last)
         return out
     if divisible and stride == 1 and x.shape[-2] % d == 0 and x.shape[-1] % d == 0:
-        return _batch_to_grids(F.conv2d(_grids_to_batch(x, d), weight, None, 1, padding // d, 1, groups), d)
-    return F.conv2d(x, weight, None, stride, padding, d, groups)
+        return _batch_to_grids(depthwise_conv2d(_grids_to_batch(x, d), weight, 1, padding // d, 1, native_grad), d)
+    return depthwise_conv2d(x, weight, stride, padding, d, native_grad)
+
+
+# The smallest kernel whose weight gradient the native kernel computes: oneDNN's 3x3 one is as fast (bench/README.md).
+NATIVE_GRAD_MIN_KERNEL = 5
+
+
+def depthwise_conv2d(
+    x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int, native_grad: bool = False
+) -> torch.Tensor:
+    """``F.conv2d(x, weight, None, stride, padding, dilation, groups=C)`` for a depthwise ``weight`` (C, 1, K, K).
+
+    ``native_grad`` (``search.speed.native_depthwise_grad``): where the weight needs a gradient, the kernel is at
+    least 5x5 and the tensors are float32 on the CPU (outside autocast and compiled graphs), the backward computes
+    that gradient with :mod:`nas.kernels`' native kernel (the input's gradient stays PyTorch's): the same sums in
+    another order."""
+    if (
+        native_grad
+        and not torch.compiler.is_compiling()  # a compiled graph keeps PyTorch's kernel: it cannot trace a C call
+        and weight.requires_grad
+        and torch.is_grad_enabled()
+        and native_grad_applies(x, weight)
+    ):
+        return _NativeGradDepthwise.apply(x, weight, stride, padding, dilation)
+    return F.conv2d(x, weight, None, stride, padding, dilation, weight.shape[0])
+
+
+def native_grad_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the native kernel computes this depthwise convolution's weight gradient (:func:`depthwise_conv2d`):
+    a square kernel of at least 5x5, float32 CPU tensors outside autocast, the kernel built here."""
+    return (
+        weight.shape[-1] == weight.shape[-2] >= NATIVE_GRAD_MIN_KERNEL
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and kernels.native_available()
+    )
+
+
+class _NativeGradDepthwise(torch.autograd.Function):
+    """A depthwise convolution whose backward computes the weight's gradient with the native kernel
+    (:func:`depthwise_conv2d`). Under ``create_graph`` (the exact Hessian) it differentiates a recomputed forward
+    instead, so the gradient can be differentiated again."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int):  # noqa: ANN001, ANN205
+        ctx.geometry = (stride, padding, dilation)
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, None, stride, padding, dilation, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation = ctx.geometry
+        wanted = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():
+            with torch.enable_grad():
+                y = F.conv2d(x, weight, None, stride, padding, dilation, weight.shape[0])
+            found = iter(
+                torch.autograd.grad(y, [t for t, want in zip((x, weight), wanted) if want], grad, create_graph=True)
+            )
+            return (*(next(found) if want else None for want in wanted), None, None, None)
+        d_x = d_weight = None
+        if wanted[0]:
+            d_x = torch.ops.aten.convolution_backward(
+                grad,
+                x,
+                weight,
+                None,
+                [stride] * 2,
+                [padding] * 2,
+                [dilation] * 2,
+                False,
+                [0, 0],
+                weight.shape[0],
+                [True, False, False],
+            )[0]
+        if wanted[1]:
+            d_weight = kernels.depthwise_weight_gradient(x, grad, weight.shape[-1], stride, padding, dilation)
+        return d_x, d_weight, None, None, None
 
 
 class _SubGrid(torch.autograd.Function):
@@ -209,21 +292,25 @@ def _batch_to_grids(y: torch.Tensor, d: int) -> torch.Tensor:
 
 class DepthwiseConv2d(nn.Conv2d):
     """One filter per channel (groups = channels, no bias), optionally dilated. ``dense`` (off by default; the
-    supernet sets it from ``search.speed.dense_dilation``) computes a dilated one with :func:`dilated_as_dense`.
-    The parameters and state dict are those of the ``nn.Conv2d`` it extends."""
+    supernet sets it from ``search.speed.dense_dilation``) computes a dilated one with :func:`dilated_as_dense`;
+    ``native_grad`` (likewise, from ``search.speed.native_depthwise_grad``) its weight gradient with the native
+    kernel (:func:`depthwise_conv2d`). The parameters and state dict are those of the ``nn.Conv2d`` it extends."""
 
     def __init__(self, channels: int, kernel: int, stride: int, padding: int, dilation: int):
         super().__init__(channels, channels, kernel, stride, padding, dilation=dilation, groups=channels, bias=False)
         self.dense = False
+        self.native_grad = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.convolve(x, self.weight)
 
     def convolve(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """This convolution with ``weight`` for its own (a separable convolution's backward recomputes it)."""
-        if self.dense and self.dilation[0] > 1:
-            return dilated_as_dense(x, weight, self.stride[0], self.padding[0], self.dilation[0])
-        return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+        """This convolution with ``weight`` for its own (a separable convolution's backward recomputes it, and the
+        batched edges pass their concatenated weights)."""
+        stride, padding, dilation = self.stride[0], self.padding[0], self.dilation[0]
+        if self.dense and dilation > 1:
+            return dilated_as_dense(x, weight, stride, padding, dilation, self.native_grad)
+        return depthwise_conv2d(x, weight, stride, padding, dilation, self.native_grad)
 
 
 class _SeparableRecomputed(torch.autograd.Function):
@@ -286,6 +373,7 @@ class _SeparableRecomputed(torch.autograd.Function):
             return depthwise_input_gradient(depthwise, d_y, x, weight), None, None, None
         if wanted[0] or wanted[1]:
             stride, padding = list(depthwise.stride), list(depthwise.padding)
+            native = wanted[1] and depthwise.native_grad and native_grad_applies(x, weight)
             d_x, d_weight, _ = torch.ops.aten.convolution_backward(
                 d_y,
                 x,
@@ -297,8 +385,10 @@ class _SeparableRecomputed(torch.autograd.Function):
                 False,
                 [0, 0],
                 weight.shape[0],
-                [wanted[0], wanted[1], False],
+                [wanted[0], wanted[1] and not native, False],
             )
+            if native:
+                d_weight = kernels.depthwise_weight_gradient(x, d_y, weight.shape[-1], stride[0], padding[0], 1)
         return d_x, d_weight, d_pointwise, None
 
 

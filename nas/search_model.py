@@ -352,6 +352,7 @@ class MixedOp(nn.Module):
         for module in self.ops.modules():
             if isinstance(module, DepthwiseConv2d):
                 module.dense = speed.dense_dilation
+                module.native_grad = speed.native_depthwise_grad
         self.active = tuple(i for i, name in enumerate(primitives) if not (speed.skip_none and name == "none"))
         self.after_relu = tuple(speed.shared_relu and starts_with_relu(op) for op in self.ops)
         self.stacked = speed.stacked_mixture

@@ -1,0 +1,171 @@
+"""The native depthwise weight-gradient kernel (nas/kernels.py, nas/depthwise_grad.c,
+``search.speed.native_depthwise_grad``): the same gradient as PyTorch's over the geometries a search meets and odd
+ones, built once into a cache, reached by every 5x5 depthwise convolution of a search step, and PyTorch's kernel
+where no compiler builds it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from nas import kernels
+from nas.config import SearchConfig, SpeedConfig
+from nas.ops import depthwise_conv2d, dilated_as_dense
+from nas.search import Searcher
+
+
+def pytorch_weight_gradient(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, s: int, p: int, d: int):
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, None, [s] * 2, [p] * 2, [d] * 2, False, [0, 0], weight.shape[0], [False, True, False]
+    )[1]
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "channels_first", "sub_grid"])
+@pytest.mark.parametrize(
+    ("channels", "kernel", "stride", "padding", "dilation", "height", "width"),
+    [
+        (16, 5, 1, 2, 1, 32, 32),  # sep_conv_5x5 at the search's size
+        (80, 5, 1, 2, 1, 16, 16),  # five edges batched: several full vectors of 16 channels
+        (37, 5, 2, 2, 1, 15, 17),  # a reduction: stride 2, odd sizes, channels past the last full vector
+        (5, 5, 1, 4, 2, 9, 7),  # dilated, no dense re-layout
+        (3, 7, 1, 3, 1, 6, 11),  # 7x7, a kernel wider than the image's height
+        (20, 5, 1, 0, 1, 8, 8),  # no padding
+        (4, 5, 3, 4, 1, 10, 9),  # stride 3, padding past half the kernel
+        (1, 6, 2, 1, 1, 7, 7),  # an even kernel, one channel
+        (17, 3, 1, 1, 1, 12, 12),  # 3x3: the kernel computes it too (the search keeps PyTorch's there)
+    ],
+)
+def test_the_native_weight_gradient_equals_pytorchs(
+    channels: int, kernel: int, stride: int, padding: int, dilation: int, height: int, width: int, layout: str
+) -> None:
+    gen = torch.Generator().manual_seed(channels * 7 + kernel)
+    x = torch.randn(3, channels, height, width, generator=gen)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "sub_grid":  # a strided view of a channels_last tensor, as the dense dilation hands over
+        x = torch.randn(3, channels, 2 * height, 2 * width, generator=gen)
+        x = x.contiguous(memory_format=torch.channels_last)[:, :, 1::2, ::2]
+    weight = torch.randn(channels, 1, kernel, kernel, generator=gen)
+    out = F.conv2d(x, weight, None, stride, padding, dilation, channels)
+    grad = torch.randn(out.shape, generator=gen)
+    want = pytorch_weight_gradient(x.double(), grad.double(), weight.double(), stride, padding, dilation)
+    got = kernels.depthwise_weight_gradient(x, grad, kernel, stride, padding, dilation)
+    assert got.shape == weight.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dilation", [1, 2])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_depthwise_convolution_with_the_native_gradient_has_pytorchs_gradients_and_hessian(
+    stride: int, dilation: int
+) -> None:
+    """Through :func:`nas.ops.depthwise_conv2d` and the dense dilation: the input's and the weight's gradients, and
+    (``create_graph``, the exact Hessian) a second derivative."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 12, 12).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randn(6, 1, 5, 5, requires_grad=True)
+    padding = 2 * dilation
+    results = []
+    for native in (True, False):
+        out = dilated_as_dense(x, weight, stride, padding, dilation, native_grad=native)
+        first = torch.autograd.grad(out.square().sum(), [x, weight], create_graph=True)
+        second = torch.autograd.grad(sum(g.sin().sum() for g in first), [x, weight])
+        plain = torch.autograd.grad(
+            depthwise_conv2d(x, weight, stride, padding, dilation, native).square().sum(), [x, weight]
+        )
+        results.append((*first, *second, *plain))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+class WeightGradients(TorchDispatchMode):
+    """Counts PyTorch's depthwise convolution backwards that compute a weight gradient, by kernel size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_kernel: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func is torch.ops.aten.convolution_backward.default:
+            weight, groups, mask = args[2], args[9], args[10]
+            if mask[1] and groups == weight.shape[0] > 1 and weight.shape[1] == 1:
+                self.by_kernel[weight.shape[-1]] = self.by_kernel.get(weight.shape[-1], 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("batched_edges", [True, False])
+def test_the_native_gradient_reaches_every_5x5_depthwise_convolution_of_a_search_step(batched_edges: bool) -> None:
+    """Second order, default switches: no 5x5 depthwise weight gradient is left to PyTorch (sep_conv_5x5,
+    dil_conv_5x5 in normal and reduction cells, edge by edge and batched); off, PyTorch computes them all."""
+    counts = {}
+    for native in (True, False):
+        cfg = SearchConfig(
+            layers=3,
+            channels=4,
+            nodes=2,
+            batch_size=4,
+            speed=SpeedConfig(native_depthwise_grad=native, batched_edges=batched_edges),
+        )
+        torch.manual_seed(0)
+        searcher = Searcher(cfg, in_channels=1, num_classes=3)
+        x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))
+        with WeightGradients() as seen:
+            searcher.step(x, y, x, y)
+        counts[native] = seen.by_kernel
+    assert counts[True].get(5, 0) == 0
+    assert counts[False][5] > 0
+    assert counts[True].get(3) == counts[False][3] > 0  # 3x3: PyTorch's, as fast
+
+
+def test_without_a_compiler_pytorchs_kernel_runs_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    kernels.depthwise_library.cache_clear()
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(2, 4, 8, 8)
+        weight = torch.randn(4, 1, 5, 5, requires_grad=True)
+        with pytest.warns(UserWarning, match="no C compiler"):
+            assert not kernels.native_available()
+        out = depthwise_conv2d(x, weight, 1, 2, 1, native_grad=True)
+        assert out.grad_fn.name() == "ConvolutionBackward0"  # PyTorch's own
+        assert not (tmp_path / "cache").exists()
+    finally:
+        kernels.depthwise_library.cache_clear()
+
+
+def test_the_kernel_is_built_once_into_the_cache_and_loaded_from_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    kernels.depthwise_library.cache_clear()
+    try:
+        assert kernels.native_available()
+        built = list((tmp_path / "raydarts" / "kernels").iterdir())
+        assert [p.suffix for p in built] == [".so"]  # no temporary file left
+        stamp = built[0].stat().st_mtime_ns
+        kernels.depthwise_library.cache_clear()
+        assert kernels.native_available()
+        assert list((tmp_path / "raydarts" / "kernels").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
+    finally:
+        kernels.depthwise_library.cache_clear()
+
+
+def test_a_failed_build_warns_and_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(kernels, "SOURCE", broken)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    kernels.depthwise_library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="not built"):
+            assert not kernels.native_available()
+        assert list((tmp_path / "cache" / "raydarts" / "kernels").iterdir()) == []
+    finally:
+        kernels.depthwise_library.cache_clear()
