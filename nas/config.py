@@ -148,7 +148,9 @@ class SpeedConfig(_Section):
         description="on CPU, the weight gradient of each depthwise convolution of 5x5 or more (sep_conv_5x5, "
         "dil_conv_5x5) by a native kernel built from C with the machine's compiler on first use (nas/kernels.py): "
         "5-8x faster than PyTorch's at the search's shapes, where it was the costliest operator of the step; the "
-        "same sums in another order; PyTorch's kernel runs where no compiler builds it (bench/README.md)",
+        "same sums in another order. With dense_dilation, each dilated one at stride 1 (dil_conv_3x3 too) then keeps "
+        "its input as it is for the backward, not its re-laid sub-grids. PyTorch's kernel runs where no compiler "
+        "builds it (bench/README.md)",
     )
     channels_last: bool = Field(
         True,

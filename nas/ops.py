@@ -131,8 +131,42 @@ def dilated_as_dense(
             out = out.contiguous(memory_format=torch.channels_last)
         return out
     if divisible and stride == 1 and x.shape[-2] % d == 0 and x.shape[-1] % d == 0:
+        if native_grad and _native_weight_gradient(x, weight, min_kernel=1):
+            return _DenseDilatedNativeGrad.apply(x, weight, padding, d)
         return _batch_to_grids(depthwise_conv2d(_grids_to_batch(x, d), weight, 1, padding // d, 1, native_grad), d)
     return depthwise_conv2d(x, weight, stride, padding, d, native_grad)
+
+
+class _DenseDilatedNativeGrad(torch.autograd.Function):
+    """:func:`dilated_as_dense` at stride 1 that keeps only its input for the backward, not the re-laid copy of it
+    (one activation less per dilated convolution): the weight's gradient comes from the native kernel on the input
+    as it is (dilated), the input's from the dense re-layout without the forward (:func:`depthwise_input_gradient`'s
+    way). Under ``create_graph`` (the exact Hessian) the backward differentiates a recomputed forward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, padding: int, d: int):  # noqa: ANN001, ANN205
+        ctx.geometry = (padding, d)
+        ctx.save_for_backward(x, weight)
+        return _batch_to_grids(F.conv2d(_grids_to_batch(x, d), weight, None, 1, padding // d, 1, weight.shape[0]), d)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        x, weight = ctx.saved_tensors
+        padding, d = ctx.geometry
+        wanted = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():
+            with torch.enable_grad():
+                y = dilated_as_dense(x, weight, 1, padding, d)
+            found = iter(torch.autograd.grad(y, [t for t, w in zip((x, weight), wanted) if w], grad, create_graph=True))
+            return (*(next(found) if want else None for want in wanted), None, None)
+        d_x = d_weight = None
+        if wanted[0]:
+            n, c, h, w = x.shape
+            stand_in = _stand_in((d * d * n, c, h // d, w // d), x)
+            d_x = _batch_to_grids(_input_gradient(_grids_to_batch(grad, d), weight, stand_in, 1, padding // d, 1), d)
+        if wanted[1]:
+            d_weight = kernels.depthwise_weight_gradient(x, grad, weight.shape[-1], 1, padding, d)
+        return d_x, d_weight, None, None
 
 
 # The smallest kernel whose weight gradient the native kernel computes: oneDNN's 3x3 one is as fast (bench/README.md).
@@ -148,27 +182,28 @@ def depthwise_conv2d(
     least 5x5 and the tensors are float32 on the CPU (outside autocast and compiled graphs), the backward computes
     that gradient with :mod:`nas.kernels`' native kernel (the input's gradient stays PyTorch's): the same sums in
     another order."""
-    if (
-        native_grad
-        and not torch.compiler.is_compiling()  # a compiled graph keeps PyTorch's kernel: it cannot trace a C call
-        and weight.requires_grad
-        and torch.is_grad_enabled()
-        and native_grad_applies(x, weight)
-    ):
+    if native_grad and _native_weight_gradient(x, weight, NATIVE_GRAD_MIN_KERNEL):
         return _NativeGradDepthwise.apply(x, weight, stride, padding, dilation)
     return F.conv2d(x, weight, None, stride, padding, dilation, weight.shape[0])
 
 
-def native_grad_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def native_grad_applies(x: torch.Tensor, weight: torch.Tensor, min_kernel: int = NATIVE_GRAD_MIN_KERNEL) -> bool:
     """Whether the native kernel computes this depthwise convolution's weight gradient (:func:`depthwise_conv2d`):
-    a square kernel of at least 5x5, float32 CPU tensors outside autocast, the kernel built here."""
+    a square kernel of at least ``min_kernel``, float32 CPU tensors outside autocast and compiled graphs (a graph
+    cannot trace a C call), the kernel built here."""
     return (
-        weight.shape[-1] == weight.shape[-2] >= NATIVE_GRAD_MIN_KERNEL
+        weight.shape[-1] == weight.shape[-2] >= min_kernel
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
         and kernels.native_available()
     )
+
+
+def _native_weight_gradient(x: torch.Tensor, weight: torch.Tensor, min_kernel: int) -> bool:
+    """Whether this forward records a native weight gradient: the weight needs one, and the kernel applies."""
+    return weight.requires_grad and torch.is_grad_enabled() and native_grad_applies(x, weight, min_kernel)
 
 
 class _NativeGradDepthwise(torch.autograd.Function):
@@ -196,19 +231,7 @@ class _NativeGradDepthwise(torch.autograd.Function):
             return (*(next(found) if want else None for want in wanted), None, None, None)
         d_x = d_weight = None
         if wanted[0]:
-            d_x = torch.ops.aten.convolution_backward(
-                grad,
-                x,
-                weight,
-                None,
-                [stride] * 2,
-                [padding] * 2,
-                [dilation] * 2,
-                False,
-                [0, 0],
-                weight.shape[0],
-                [True, False, False],
-            )[0]
+            d_x = _input_gradient(grad, weight, x, stride, padding, dilation)
         if wanted[1]:
             d_weight = kernels.depthwise_weight_gradient(x, grad, weight.shape[-1], stride, padding, dilation)
         return d_x, d_weight, None, None, None
@@ -398,26 +421,42 @@ def depthwise_input_gradient(
     """The gradient of ``depthwise.convolve(x, weight)`` for ``x``, given the output's ``d_y``, by the operators its
     own backward runs (the same values) but without its forward: the input's values are never read, only its
     shape. A stride-d dense dilation (a reduction cell) takes the general way: it recomputes."""
-    groups, d = weight.shape[0], depthwise.dilation[0]
-    stride, padding = depthwise.stride[0], depthwise.padding[0]
-    layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-
-    def input_gradient(grad: torch.Tensor, shape: Sequence[int], s: int, p: int, dilation: int) -> torch.Tensor:
-        stand_in = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
-        return torch.ops.aten.convolution_backward(
-            grad, stand_in, weight, None, [s] * 2, [p] * 2, [dilation] * 2, False, [0, 0], groups, [True, False, False]
-        )[0]
-
+    d, stride, padding = depthwise.dilation[0], depthwise.stride[0], depthwise.padding[0]
     dense = depthwise.dense and d > 1 and padding % d == 0
     if dense and stride == 1 and x.shape[-2] % d == 0 and x.shape[-1] % d == 0:
         n, c, h, w = x.shape
-        grids = input_gradient(_grids_to_batch(d_y, d), (d * d * n, c, h // d, w // d), 1, padding // d, 1)
-        return _batch_to_grids(grids, d)
+        stand_in = _stand_in((d * d * n, c, h // d, w // d), x)
+        return _batch_to_grids(_input_gradient(_grids_to_batch(d_y, d), weight, stand_in, 1, padding // d, 1), d)
     if dense and stride == d:
         with torch.enable_grad():
             leaf = x.detach().requires_grad_()
             return torch.autograd.grad(depthwise.convolve(leaf, weight), leaf, d_y)[0]
-    return input_gradient(d_y, x.shape, stride, padding, d)
+    return _input_gradient(d_y, weight, _stand_in(x.shape, x), stride, padding, d)
+
+
+def _input_gradient(
+    grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: int, padding: int, dilation: int
+) -> torch.Tensor:
+    """The input's gradient of a depthwise convolution of ``x``, given its output's ``grad``: PyTorch's backward,
+    which reads only the input's shape and layout (``x`` may be an unfilled stand-in: :func:`_stand_in`)."""
+    return torch.ops.aten.convolution_backward(
+        grad,
+        x,
+        weight,
+        None,
+        [stride] * 2,
+        [padding] * 2,
+        [dilation] * 2,
+        False,
+        [0, 0],
+        weight.shape[0],
+        [True, False, False],
+    )[0]
+
+
+def _stand_in(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """An unfilled tensor of ``shape`` with ``like``'s dtype, device and memory layout."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_layout(like))
 
 
 def separable(depthwise: DepthwiseConv2d, pointwise: nn.Conv2d, x: torch.Tensor, recompute: bool) -> torch.Tensor:

@@ -98,27 +98,42 @@ class WeightGradients(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("batched_edges", [True, False])
-def test_the_native_gradient_reaches_every_5x5_depthwise_convolution_of_a_search_step(batched_edges: bool) -> None:
-    """Second order, default switches: no 5x5 depthwise weight gradient is left to PyTorch (sep_conv_5x5,
-    dil_conv_5x5 in normal and reduction cells, edge by edge and batched); off, PyTorch computes them all."""
+def test_the_native_gradient_reaches_every_5x5_and_dilated_depthwise_convolution_of_a_search_step(
+    batched_edges: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Second order, default switches: every 5x5 depthwise weight gradient (sep_conv_5x5, dil_conv_5x5 in normal and
+    reduction cells, edge by edge and batched) and every dilated one at stride 1 (dil_conv_3x3 too: its dense
+    re-layout is then not kept) comes from the native kernel, each weight gradient computed once either way; off,
+    PyTorch computes them all."""
+    native_calls: dict[int, int] = {}
+    native = kernels.depthwise_weight_gradient
+
+    def counted(x: torch.Tensor, grad: torch.Tensor, kernel: int, stride: int, padding: int, dilation: int):  # noqa: ANN202
+        native_calls[kernel] = native_calls.get(kernel, 0) + 1
+        return native(x, grad, kernel, stride, padding, dilation)
+
+    monkeypatch.setattr(kernels, "depthwise_weight_gradient", counted)
     counts = {}
-    for native in (True, False):
+    for on in (True, False):
         cfg = SearchConfig(
             layers=3,
             channels=4,
             nodes=2,
             batch_size=4,
-            speed=SpeedConfig(native_depthwise_grad=native, batched_edges=batched_edges),
+            speed=SpeedConfig(native_depthwise_grad=on, batched_edges=batched_edges),
         )
         torch.manual_seed(0)
         searcher = Searcher(cfg, in_channels=1, num_classes=3)
         x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))
         with WeightGradients() as seen:
             searcher.step(x, y, x, y)
-        counts[native] = seen.by_kernel
-    assert counts[True].get(5, 0) == 0
-    assert counts[False][5] > 0
-    assert counts[True].get(3) == counts[False][3] > 0  # 3x3: PyTorch's, as fast
+        counts[on] = seen.by_kernel
+        if on:
+            on_native, native_calls = native_calls, {}
+    assert native_calls == {}  # nothing native with the switch off
+    assert counts[True].get(5, 0) == 0 and on_native[5] == counts[False][5] > 0
+    assert 0 < on_native[3] < counts[False][3]  # the dilated 3x3 ones; sep_conv_3x3's stay PyTorch's (as fast)
+    assert counts[True][3] + on_native[3] == counts[False][3]
 
 
 def test_without_a_compiler_pytorchs_kernel_runs_with_one_warning(

@@ -505,11 +505,24 @@ def test_recomputing_the_depthwise_outputs_keeps_eight_or_six_activations_less_p
     """sep_conv_3x3 and sep_conv_5x5 each keep neither of their two depthwise outputs; dil_conv_3x3 and dil_conv_5x5
     keep neither the input's sub-grids stacked along the batch nor the output interleaved back (stride 1), nor the
     output of the stride-d sub-grid (stride 2)."""
-    outside, inside = two_mixed_ops(stride, channels_last=True, switch="recompute_depthwise")
+    outside, inside = two_mixed_ops(
+        stride, channels_last=True, switch="recompute_depthwise", native_depthwise_grad=False
+    )  # with the native gradient the dilated ones keep no sub-grids either way (below)
     x = torch.randn(4, 4, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_()
     kept = kept_for_the_backward((outside, inside), x)
     depthwise_output = x.numel() // stride**2 * x.element_size()  # both at the output's size (the first has the stride)
     assert kept[0] - kept[1] == (8 if stride == 1 else 6) * depthwise_output
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_the_native_gradient_keeps_no_sub_grids_of_a_dilated_convolution(stride: int) -> None:
+    """At stride 1, dil_conv_3x3 and dil_conv_5x5 keep their input as it is (already kept: the shared ReLU's output)
+    instead of its sub-grids stacked along the batch: two activations less per edge. At stride 2 they read a view
+    of the input, nothing copied, so nothing changes."""
+    outside, inside = two_mixed_ops(stride, channels_last=True, switch="native_depthwise_grad")
+    x = torch.randn(4, 4, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    kept = kept_for_the_backward((outside, inside), x)
+    assert kept[0] - kept[1] == (2 * x.numel() * x.element_size() if stride == 1 else 0)
 
 
 @pytest.mark.parametrize("dense_dilation", [True, False])
