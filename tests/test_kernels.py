@@ -184,3 +184,14 @@ def test_a_failed_build_warns_and_leaves_nothing_behind(monkeypatch: pytest.Monk
         assert list((tmp_path / "cache" / "raydarts" / "kernels").iterdir()) == []
     finally:
         kernels.depthwise_library.cache_clear()
+
+
+def test_the_kernel_runs_on_pytorchs_own_openmp_runtime() -> None:
+    """Linked by soname, the kernel's OpenMP runtime is the one PyTorch loaded: one thread pool in the process, not
+    two whose idle threads would spin against each other on the same cores."""
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    kernels.depthwise_weight_gradient(x, torch.randn_like(x), 5, 1, 2, 1)
+    mapped = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "/" in line}
+    runtimes = {p for p in mapped if Path(p).name.startswith(("libgomp", "libiomp", "libomp"))}  # full paths
+    assert len(runtimes) == 1, runtimes
+    assert any(Path(p).name.startswith("depthwise_grad-") for p in mapped)
