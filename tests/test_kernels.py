@@ -5,17 +5,21 @@ where no compiler builds it."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from processes import run_bounded
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nas import kernels
 from nas.config import SearchConfig, SpeedConfig
 from nas.ops import depthwise_conv2d, dilated_as_dense
 from nas.search import Searcher
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytorch_weight_gradient(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, s: int, p: int, d: int):
@@ -186,12 +190,23 @@ def test_a_failed_build_warns_and_leaves_nothing_behind(monkeypatch: pytest.Monk
         kernels.depthwise_library.cache_clear()
 
 
+OPENMP_RUNTIMES = """
+from pathlib import Path
+import torch
+from nas import kernels
+x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+kernels.depthwise_weight_gradient(x, torch.randn_like(x), 5, 1, 2, 1)
+mapped = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "/" in line}
+assert any(Path(p).name.startswith("depthwise_grad-") for p in mapped), mapped
+print("\\n".join(sorted(p for p in mapped if Path(p).name.startswith(("libgomp", "libiomp", "libomp")))))
+"""
+
+
 def test_the_kernel_runs_on_pytorchs_own_openmp_runtime() -> None:
-    """Linked by soname, the kernel's OpenMP runtime is the one PyTorch loaded: one thread pool in the process, not
-    two whose idle threads would spin against each other on the same cores."""
-    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
-    kernels.depthwise_weight_gradient(x, torch.randn_like(x), 5, 1, 2, 1)
-    mapped = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "/" in line}
-    runtimes = {p for p in mapped if Path(p).name.startswith(("libgomp", "libiomp", "libomp"))}  # full paths
+    """Linked by soname, the kernel's OpenMP runtime is the one PyTorch loaded: one thread pool, not two whose idle
+    threads would spin against each other on the same cores. In a fresh process holding only PyTorch and the kernel
+    (other libraries bring their own runtimes: scikit-learn's wheels do)."""
+    done = run_bounded([sys.executable, "-c", OPENMP_RUNTIMES], timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    runtimes = done.stdout.split()
     assert len(runtimes) == 1, runtimes
-    assert any(Path(p).name.startswith("depthwise_grad-") for p in mapped)
