@@ -147,7 +147,8 @@ class PipelineProgress:
 
     def line(self) -> str:
         now, fraction, done = self.clock(), self.fraction, sum(self.done.values())
-        worked, timed = done - self.read_back, now - (self.working_since or self.started)
+        since = self.started if self.working_since is None else self.working_since  # a clock may read 0.0
+        worked, timed = done - self.read_back, now - since
         if fraction >= 1.0:
             left = format_duration(0.0)
         elif worked > 0 and timed > 0:

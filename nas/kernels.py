@@ -66,7 +66,8 @@ def _build(cc: str, target: Path) -> None:
             [cc, *FLAGS, str(SOURCE), "-o", temporary], capture_output=True, text=True, timeout=BUILD_SECONDS
         )
         if done.returncode != 0:
-            raise OSError(f"{cc} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+            last = (done.stderr or done.stdout).strip().splitlines()[-1:]
+            raise OSError(f"{cc} failed: {last[0] if last else f'exit status {done.returncode}'}")
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):

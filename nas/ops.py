@@ -157,8 +157,7 @@ class _DenseDilatedNativeGrad(torch.autograd.Function):
         if torch.is_grad_enabled():
             with torch.enable_grad():
                 y = dilated_as_dense(x, weight, 1, padding, d)
-            found = iter(torch.autograd.grad(y, [t for t, w in zip((x, weight), wanted) if w], grad, create_graph=True))
-            return (*(next(found) if want else None for want in wanted), None, None)
+            return (*_gradients_to_differentiate_again(y, (x, weight), wanted, grad), None, None)
         d_x = d_weight = None
         if wanted[0]:
             n, c, h, w = x.shape
@@ -167,6 +166,15 @@ class _DenseDilatedNativeGrad(torch.autograd.Function):
         if wanted[1]:
             d_weight = kernels.depthwise_weight_gradient(x, grad, weight.shape[-1], 1, padding, d)
         return d_x, d_weight, None, None
+
+
+def _gradients_to_differentiate_again(
+    y: torch.Tensor, inputs: Sequence[torch.Tensor], wanted: Sequence[bool], grad: torch.Tensor
+) -> list[torch.Tensor | None]:
+    """The gradients of the recomputed ``y`` for the ``wanted`` ``inputs`` (None for the others), with a graph: a
+    backward under ``create_graph`` (the exact Hessian) whose result is differentiated again."""
+    found = iter(torch.autograd.grad(y, [t for t, want in zip(inputs, wanted) if want], grad, create_graph=True))
+    return [next(found) if want else None for want in wanted]
 
 
 # The smallest kernel whose weight gradient the native kernel computes: oneDNN's 3x3 one is as fast (bench/README.md).
@@ -225,10 +233,7 @@ class _NativeGradDepthwise(torch.autograd.Function):
         if torch.is_grad_enabled():
             with torch.enable_grad():
                 y = F.conv2d(x, weight, None, stride, padding, dilation, weight.shape[0])
-            found = iter(
-                torch.autograd.grad(y, [t for t, want in zip((x, weight), wanted) if want], grad, create_graph=True)
-            )
-            return (*(next(found) if want else None for want in wanted), None, None, None)
+            return (*_gradients_to_differentiate_again(y, (x, weight), wanted, grad), None, None, None)
         d_x = d_weight = None
         if wanted[0]:
             d_x = _input_gradient(grad, weight, x, stride, padding, dilation)
