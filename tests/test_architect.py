@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from nas import Architect, SearchNetwork
+from nas.architect import TensorSlots
 
 PRIMS = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "dil_conv_3x3")
 LR, MOMENTUM, WD = 0.1, 0.9, 3e-4
@@ -119,6 +120,31 @@ def test_side_losses_equal_the_network_s_own_and_leave_its_statistics(setup, tra
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     moved = [k for k, v in reference.state_dict().items() if not torch.equal(before[k], v)]
     assert bool(moved) == training  # the reference's own forward did move its statistics in training mode
+
+
+def test_tensor_slots_stand_in_everywhere_and_restore_whatever_happens() -> None:
+    """Given tensors replace a module's parameters and buffers for a block only: a tied weight in all its places,
+    the originals back afterwards (also when the block raises), and an unknown name refused with nothing left changed."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 3))
+    net[2].weight = net[0].weight  # tied
+    slots = TensorSlots(net)
+    x = torch.randn(4, 3)
+    originals = {k: v for k, v in net.state_dict(keep_vars=True).items()}
+    eye = torch.eye(3, dtype=torch.float32)
+    statistics = [("1.running_mean", None), ("1.running_var", None), ("1.num_batches_tracked", None)]
+    with slots.substituted([("0.weight", eye), ("2.bias", torch.zeros(3)), *statistics]):
+        assert net[0].weight is eye and net[2].weight is eye and net[1].running_mean is None
+        normalized = F.batch_norm(x, None, None, net[1].weight, net[1].bias, training=True)
+        assert torch.equal(net(x), normalized)  # both linear maps are the identity now
+    assert net[1].num_batches_tracked == 0  # no statistics were updated
+    assert all(v is originals[k] for k, v in net.state_dict(keep_vars=True).items())
+    with pytest.raises(RuntimeError, match="inside"), slots.substituted([("0.weight", eye)]):
+        raise RuntimeError("inside")
+    assert net[0].weight is originals["0.weight"] and net[2].weight is originals["0.weight"]
+    with pytest.raises(KeyError, match="0.wieght"), slots.substituted([("2.bias", torch.zeros(3)), ("0.wieght", eye)]):
+        pass
+    assert all(v is originals[k] for k, v in net.state_dict(keep_vars=True).items())
 
 
 def test_first_order_is_the_plain_validation_gradient(setup) -> None:  # noqa: ANN001
