@@ -124,7 +124,7 @@ def test_side_losses_equal_the_network_s_own_and_leave_its_statistics(setup, tra
 
 def test_tensor_slots_stand_in_everywhere_and_restore_whatever_happens() -> None:
     """Given tensors replace a module's parameters and buffers for a block only: a tied weight in all its places,
-    the originals back afterwards (also when the block raises), and an unknown name refused with nothing left changed."""
+    the originals back afterwards (also when the block raises), an unknown name refused with nothing left changed."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 3))
     net[2].weight = net[0].weight  # tied
