@@ -101,6 +101,8 @@ def cases() -> list[Case]:
         Case("default-keep_freed_memory", "second", {**default, "keep_freed_memory": False}),
         Case("default-native_depthwise_grad", "first", {**default, "native_depthwise_grad": False}),
         Case("default-native_depthwise_grad", "second", {**default, "native_depthwise_grad": False}),
+        Case("default-weightless_once", "first", {**default, "weightless_once": False}),
+        Case("default-weightless_once", "second", {**default, "weightless_once": False}),
         Case("default+checkpoint", "first", {**default, "checkpoint_cells": True}),
         Case("default+checkpoint", "second", {**default, "checkpoint_cells": True}),
         Case("default+bf16", "first", default, precision="bf16"),

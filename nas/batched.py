@@ -47,6 +47,7 @@ class RunningStats:
         self.new_means: list[torch.Tensor] = []
         self.new_variances: list[torch.Tensor] = []
         self.counters: list[torch.Tensor] = []
+        self.followers: list[tuple[nn.BatchNorm2d, int]] = []  # (norm, index of its leader's entry in self.means)
 
     def add(self, norms: Sequence[nn.BatchNorm2d], mean: torch.Tensor, variance: torch.Tensor) -> None:
         """``mean``, ``variance``: the updated running statistics of all of ``norms``' channels, in order."""
@@ -58,13 +59,50 @@ class RunningStats:
             self.new_variances.append(v)
             self.counters.append(norm.num_batches_tracked)
 
+    def follow(self, norms: Sequence[nn.BatchNorm2d], leaders: Sequence[nn.BatchNorm2d]) -> None:
+        """``norms`` normalized the same batch as ``leaders`` (already added), each as its leader: a candidate without
+        weights computed once for the edges leaving one state (``search.speed.weightless_once``). Each takes its
+        leader's update, new = leader's new + (1 − momentum)·(own − leader's old): the exponential average of the
+        same batch statistics, and bit for bit the leader's where the two had the same statistics."""
+        index = {id(m): i for i, m in enumerate(self.means)}
+        for norm, leader in zip(norms, leaders):
+            self.followers.append((norm, index[id(leader.running_mean)]))
+
     def apply(self) -> None:
         if not self.means:
             return
         with torch.no_grad():
+            if self.followers:  # from the leaders' old statistics, before they are overwritten below
+                norms, leads = [n for n, _ in self.followers], [i for _, i in self.followers]
+                keep = [1.0 - n.momentum for n in norms]
+                for own, old, new in (
+                    ("running_mean", self.means, self.new_means),
+                    ("running_var", self.variances, self.new_variances),
+                ):
+                    moved = torch._foreach_sub([getattr(n, own) for n in norms], [old[i] for i in leads])
+                    torch._foreach_mul_(moved, keep)
+                    torch._foreach_add_(moved, [new[i] for i in leads])
+                    torch._foreach_copy_([getattr(n, own) for n in norms], moved)
+                torch._foreach_add_([n.num_batches_tracked for n in norms], 1)
             torch._foreach_copy_(self.means, self.new_means)
             torch._foreach_copy_(self.variances, self.new_variances)
             torch._foreach_add_(self.counters, 1)
+
+
+def weightless(modules: Sequence[nn.Module]) -> bool:
+    """Whether ``modules`` (one candidate on m edges) are alike and act channel by channel without weights (pooling,
+    identity, 'none'; with an affine-free closing batch norm): on the same input they give the same output, so one
+    computation can serve all the edges leaving one state."""
+    first = modules[0]
+    layers = (
+        list(first) if isinstance(first, nn.Sequential) and type(first).forward is nn.Sequential.forward else [first]
+    )
+    if any(True for _ in first.parameters()):
+        return False
+    if not all(isinstance(m, CHANNEL_WISE) or type(m) is nn.BatchNorm2d for m in layers):
+        return False
+    text = repr(first)
+    return all(type(m) is type(first) and repr(m) == text for m in modules)
 
 
 def batchable(module: nn.Module) -> bool:

@@ -132,6 +132,12 @@ class SpeedConfig(_Section):
         "channels) it runs several edges wide, 1.5-1.8x faster (bench/README.md). Not with ray.sync_bn, whose "
         "cross-rank norms run edge by edge",
     )
+    weightless_once: bool = Field(
+        True,
+        description="with batched_edges on CPU: a candidate without weights (max and average pooling with their "
+        "affine-free batch norms, skip_connect at stride 1) computed once for all the edges leaving a state, whose "
+        "outputs are the same, not once per edge; the edges still weigh it each by its own α",
+    )
     node_shuffle: bool = Field(
         True,
         description="PC-DARTS: each node sums its edges' partial-channel mixtures and passed-by channels apart, then "

@@ -1,11 +1,14 @@
 """CPU kernels where PyTorch's own are slow: C source in this package, built with the machine's C compiler on first use.
 
-The one kernel here is the weight gradient of a depthwise convolution larger than 3x3 (``depthwise_grad.c``). oneDNN
-runs it with a generic kernel that at the search's shapes takes 5-10 times as long as this one and about ten times
-its own forward; in a second-order DARTS step it was the costliest operator (bench/README.md). The search uses it
-through ``search.speed.native_depthwise_grad`` (nas.ops.depthwise_conv2d).
+- The weight gradient of a depthwise convolution larger than 3x3 (``depthwise_grad.c``). oneDNN runs it with a
+  generic kernel that at the search's shapes takes 5-10 times as long as this one and about ten times its own
+  forward; in a second-order DARTS step it was the costliest operator (bench/README.md). The search uses it through
+  ``search.speed.native_depthwise_grad`` (nas.ops.depthwise_conv2d).
+- The gradients of the batched eq. 1 sum for a candidate computed once per state (``edge_sum_grad.c``,
+  ``search.speed.weightless_once``): each edge's weight and the candidate's output in one pass over the sum's
+  gradient, where PyTorch's operators write and read a product of that size for each.
 
-The library is built once per machine, source and compiler, with ``-march=native``, into
+The library (both files) is built once per machine, source and compiler, with ``-march=native``, into
 ``$XDG_CACHE_HOME/raydarts/kernels`` (``~/.cache`` by default) under a name that hashes all four, so a machine with
 another CPU sharing the home folder builds its own. Processes that build at once (Ray workers) each write their own
 file and rename it into place. Where no compiler builds it, a warning says why once and the callers keep PyTorch's
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("depthwise_grad.c")
+SOURCES = (Path(__file__).with_name("depthwise_grad.c"), Path(__file__).with_name("edge_sum_grad.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 BUILD_SECONDS = 120
 
@@ -57,13 +60,13 @@ def _machine() -> str:
 
 
 def _build(cc: str, target: Path) -> None:
-    """Compile the source into ``target``, atomically (a temporary file in the same folder renamed into place)."""
+    """Compile the sources into ``target``, atomically (a temporary file in the same folder renamed into place)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".tmp")
     os.close(handle)
     try:
         done = subprocess.run(
-            [cc, *FLAGS, str(SOURCE), "-o", temporary], capture_output=True, text=True, timeout=BUILD_SECONDS
+            [cc, *FLAGS, *map(str, SOURCES), "-o", temporary], capture_output=True, text=True, timeout=BUILD_SECONDS
         )
         if done.returncode != 0:
             last = (done.stderr or done.stdout).strip().splitlines()[-1:]
@@ -75,38 +78,44 @@ def _build(cc: str, target: Path) -> None:
 
 
 @functools.cache
-def depthwise_library() -> ctypes.CDLL | None:
+def native_library() -> ctypes.CDLL | None:
     """The built kernel library, loaded (built first where it is not in the cache); None, with one warning, where it
     cannot be built or loaded. Cached for the process: a loaded shared library stays loaded."""
     cc = compiler()
     if cc is None:
         warnings.warn(
-            "search.speed.native_depthwise_grad: no C compiler (cc, gcc, clang or $CC); PyTorch's kernel runs",
+            "native kernels (search.speed.native_depthwise_grad, weightless_once): no C compiler (cc, gcc, clang or "
+            "$CC); PyTorch's operators run",
             stacklevel=2,
         )
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _machine()]).encode()).hexdigest()
-        target = cache_folder() / f"depthwise_grad-{key[:16]}.so"
+        texts = [source.read_text() for source in SOURCES]
+        key = hashlib.sha256("\0".join([*texts, *FLAGS, version, _machine()]).encode()).hexdigest()
+        target = cache_folder() / f"raydarts_kernels-{key[:16]}.so"
         if not target.exists():
             _build(cc, target)
         library = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as error:
         warnings.warn(
-            f"search.speed.native_depthwise_grad: the kernel was not built ({error}); PyTorch's kernel runs",
+            f"native kernels (search.speed.native_depthwise_grad, weightless_once): not built ({error}); PyTorch's "
+            "operators run",
             stacklevel=2,
         )
         return None
     function = library.depthwise_weight_grad_f32
     function.restype = None
     function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 16 + [ctypes.c_int]
+    function = library.edge_sum_once_grad_f32
+    function.restype = None
+    function.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     return library
 
 
 def native_available() -> bool:
-    """Whether the native kernel is built and loaded here (building it on the first call)."""
-    return depthwise_library() is not None
+    """Whether the native kernels are built and loaded here (building them on the first call)."""
+    return native_library() is not None
 
 
 def depthwise_weight_gradient(
@@ -115,9 +124,9 @@ def depthwise_weight_gradient(
     """The weight gradient, (C, 1, K, K), of ``conv2d(x, weight, None, stride, padding, dilation, groups=C)`` given
     the output's ``grad``: float32 CPU tensors of 4 dimensions, any strides (copied channels_last where the channels
     are not the innermost dimension). The library must be available (:func:`native_available`)."""
-    library = depthwise_library()
+    library = native_library()
     if library is None:
-        raise RuntimeError("the native depthwise kernel is not available here (nas.kernels.native_available)")
+        raise RuntimeError("the native kernels are not available here (nas.kernels.native_available)")
     if x.dtype != torch.float32 or grad.dtype != torch.float32 or x.device.type != "cpu":
         raise TypeError(f"the native depthwise kernel takes float32 CPU tensors, not {x.dtype} on {x.device}")
     x, grad = (t if t.stride(1) == 1 else t.contiguous(memory_format=torch.channels_last) for t in (x, grad))
@@ -146,3 +155,48 @@ def depthwise_weight_gradient(
         torch.get_num_threads(),
     )
     return out
+
+
+def once_per_state_gradients(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor | None,
+    invstd: torch.Tensor | None,
+    weights: torch.Tensor,
+    want_weights: bool,
+    want_output: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """For a candidate computed once per state in the batched eq. 1 sum (``search.speed.weightless_once``): each
+    edge's weight gradient Σ grad_e · x̂ and Σ_e weights[e] · grad_e (what reaches the candidate's normalized output),
+    from the sum's ``grad`` (N, states·r·C, H, W), the candidate's input ``x`` (N, states·C, H, W), its batch norm's
+    ``mean`` and ``invstd`` (None: x̂ = x) and ``weights`` (states, r). Float32 CPU tensors, copied channels_last
+    where they are not. The library must be available (:func:`native_available`)."""
+    library = native_library()
+    if library is None:
+        raise RuntimeError("the native kernels are not available here (nas.kernels.native_available)")
+    tensors = [t for t in (grad, x, mean, invstd, weights) if t is not None]
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        raise TypeError("the native kernels take float32 CPU tensors")
+    grad, x = (t.contiguous(memory_format=torch.channels_last) for t in (grad, x))
+    states, r = weights.shape
+    n, uc, h, w = x.shape
+    if grad.shape[1] != uc * r or uc % states:
+        raise ValueError(f"a gradient of {grad.shape[1]} channels does not fit {states}x{r} edges of {uc} channels")
+    weights, mean, invstd = (None if t is None else t.contiguous() for t in (weights, mean, invstd))
+    d_weights = torch.empty(states * r) if want_weights else None
+    d_output = torch.empty((n, uc, h, w), memory_format=torch.channels_last) if want_output else None
+    library.edge_sum_once_grad_f32(
+        grad.data_ptr(),
+        x.data_ptr(),
+        None if mean is None else mean.data_ptr(),
+        None if invstd is None else invstd.data_ptr(),
+        weights.data_ptr(),
+        None if d_weights is None else d_weights.data_ptr(),
+        None if d_output is None else d_output.data_ptr(),
+        n * h * w,
+        states,
+        r,
+        uc // states,
+        torch.get_num_threads(),
+    )
+    return d_weights, d_output

@@ -15,7 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas.batched import RunningStats, batchable, batched, batched_after_relu, batched_layers, stacked_norm_arguments
+from nas import kernels
+from nas.batched import (
+    RunningStats,
+    batchable,
+    batched,
+    batched_after_relu,
+    batched_layers,
+    one_norm,
+    stacked_norm_arguments,
+    weightless,
+)
 from nas.config import SearchConfig, SpeedConfig
 from nas.genotypes import Genotype, derive_genotype
 from nas.ops import (
@@ -174,33 +184,44 @@ class _EdgeWeightedSum(torch.autograd.Function):
     of channels, after its closing batch norm over all m·C channels where ``norms[k]`` gives one (m batch norms of
     C channels each: every channel is normalized by its own statistics). Each (N, m·C, H, W) tensor is worked on as
     its (N, H, W, m, C) pixels, a view of the same memory, so the sum and every gradient stay channels_last (a
-    stack of 4-d channels_last tensors is laid out channels-first, and its gradient with it)."""
+    stack of 4-d channels_last tensors is laid out channels-first, and its gradient with it).
+
+    The m edges leave ``sources`` states, m / sources edges each, edge-major by state. A candidate marked in
+    ``once`` was computed once per state (``search.speed.weightless_once``): its input has sources·C channels, and
+    each state's block is added to every edge leaving that state; its gradient is the weighted sum of theirs."""
 
     @staticmethod
-    def forward(ctx, weights: torch.Tensor, norms: tuple, *inputs: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, weights: torch.Tensor, norms: tuple, once: tuple, sources: int, *inputs: torch.Tensor):  # noqa: ANN001, ANN205
         m = weights.shape[1]
         total, means, invstds = None, [], []
-        for k, (x, norm) in enumerate(zip(inputs, norms)):
+        for k, (x, norm, shared) in enumerate(zip(inputs, norms, once)):
             y, mean, invstd = closing_norm_forward(x, norm)
-            blocks, w = edge_blocks(y, m), weights[k].view(m, 1)
+            blocks = edge_blocks(y, sources).unsqueeze(-2) if shared else edge_blocks(y, m).unflatten(3, (sources, -1))
+            w = weights[k].view(sources, -1, 1)
             total = blocks * w if total is None else total.addcmul_(blocks, w)
             means.append(mean)
             invstds.append(invstd)
         ctx.eps = [None if norm is None else norm[3] for norm in norms]
+        ctx.layout = (once, sources)
         ctx.save_for_backward(weights, *inputs, *means, *invstds)
-        return total.flatten(-2).permute(0, 3, 1, 2)
+        return total.flatten(-3).permute(0, 3, 1, 2)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
         weights, *rest = ctx.saved_tensors
-        n, m = len(ctx.eps), weights.shape[1]
+        (once, sources), n, m = ctx.layout, len(ctx.eps), weights.shape[1]
         inputs, means, invstds = rest[:n], rest[n : 2 * n], rest[2 * n :]
         grad = dense_as(grad, inputs[0])
         blocks = edge_blocks(grad, m)
         want_weights = ctx.needs_input_grad[0]
         d_weights, d_inputs = [], []
         for k, (x, mean, invstd, eps) in enumerate(zip(inputs, means, invstds, ctx.eps)):
-            want_x = ctx.needs_input_grad[2 + k]
+            want_x = ctx.needs_input_grad[4 + k]
+            if once[k]:
+                d_weight, d_x = _once_gradients(blocks, weights[k], x, mean, invstd, eps, sources, want_weights, want_x)
+                d_weights.append(d_weight)
+                d_inputs.append(d_x)
+                continue
             if eps is None:
                 d_weights.append((blocks * edge_blocks(x, m)).sum((0, 1, 2, 4)) if want_weights else None)
                 d_x = (blocks * weights[k].view(m, 1)).flatten(-2).permute(0, 3, 1, 2) if want_x else None
@@ -215,7 +236,59 @@ class _EdgeWeightedSum(torch.autograd.Function):
             )
             d_weights.append(d_scale.view(m, -1).sum(1) if want_weights else None)
             d_inputs.append(d_x)
-        return (torch.stack(d_weights) if want_weights else None, None, *d_inputs)
+        return (torch.stack(d_weights) if want_weights else None, None, None, None, *d_inputs)
+
+
+def _once_gradients(
+    blocks: torch.Tensor,
+    weights: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor | None,
+    invstd: torch.Tensor | None,
+    eps: float | None,
+    sources: int,
+    want_weights: bool,
+    want_x: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """:class:`_EdgeWeightedSum`'s gradients for a candidate computed once per state: each edge's weight gets
+    Σ grad_e · x̂ over its block (x̂ the normalized input, or the input where there is no norm); the input gets the
+    norm's backward of Σ_e weights[e] · grad_e over the edges leaving its state. Both in one pass by a native kernel
+    where it is built (:func:`nas.kernels.once_per_state_gradients`), else in PyTorch's operators; those also where
+    the gradient is to be differentiated again (the exact Hessian)."""
+    if not torch.is_grad_enabled() and x.dtype == torch.float32 and kernels.native_available():
+        d_weights, combined = kernels.once_per_state_gradients(
+            blocks.flatten(-2).permute(0, 3, 1, 2), x, mean, invstd, weights.view(sources, -1), want_weights, want_x
+        )
+        if combined is None or eps is None:
+            return d_weights, combined
+        d_x = torch.ops.aten.native_batch_norm_backward(
+            combined, x, torch.ones_like(mean), None, None, mean, invstd, True, eps, [True, False, False]
+        )[0]
+        return d_weights, d_x
+    per_state = blocks.unflatten(3, (sources, -1))  # (N, H, W, states, edges of each, C)
+    d_weights = d_x = None
+    if want_weights:
+        # x̂ as a function of x, its batch statistics included: the exact Hessian differentiates this again
+        normalized = x if eps is None else F.batch_norm(x, None, None, None, None, True, 0.0, eps)
+        d_weights = (per_state * edge_blocks(normalized, sources).unsqueeze(-2)).sum((0, 1, 2, 5)).flatten()
+    if want_x:
+        combined = (per_state * weights.view(sources, -1, 1)).sum(4).flatten(-2).permute(0, 3, 1, 2)
+        d_x = combined
+        if eps is not None:
+            unit = torch.ones_like(mean)
+            d_x = torch.ops.aten.native_batch_norm_backward(
+                combined, x, unit, None, None, mean, invstd, True, eps, [True, False, False]
+            )[0]
+    return d_weights, d_x
+
+
+def stacks_channels_last(inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether ``torch.cat(inputs, dim=1)`` would be :func:`nas.ops.is_channels_last` (cat lays its result out as its
+    inputs suggest), without making it."""
+    x = inputs[0]
+    if x.dim() != 4 or x.shape[2] * x.shape[3] == 1 or x.shape[1] * len(inputs) == 1:
+        return False  # a 1x1 image or a single channel: plainly contiguous either way
+    return x.stride(1) == 1 and x.stride(3) >= x.shape[1]  # channels innermost, a dense or sliced channels_last
 
 
 def edge_blocks(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -443,6 +516,8 @@ class SearchCell(nn.Module):
         self.partial = partial
         self.node_shuffle = speed.node_shuffle and partial > 1
         self.groups = edge_groups(nodes)
+        self.weightless_once = speed.weightless_once
+        self._weightless: dict[tuple[int, int], str] = {}
         self._index: dict[tuple[object, torch.device], torch.Tensor] = {}
         self._batchable: tuple[int, bool] | None = None
 
@@ -514,10 +589,10 @@ class SearchCell(nn.Module):
             stride = self.edges[group[0][1]].stride  # one stride per group: a reduction's cell-input edges, or 1
             if self.partial > 1:
                 parts = {source: partial_split(states[source], self.partial, stride) for source, _ in group}
-                stack = torch.cat([parts[source][0] for source, _ in group], dim=1)
+                inputs = [parts[source][0] for source, _ in group]
             else:
-                stack = torch.cat([states[source] for source, _ in group], dim=1)
-            for (source, edge), output in zip(group, self.mixture(group, stack, weights, edge_weights, stats)):
+                inputs = [states[source] for source, _ in group]
+            for (source, edge), output in zip(group, self.mixture(g, inputs, weights, edge_weights, stats)):
                 incoming[self.target[edge]].append(output)
                 if self.partial > 1:
                     bypass = parts[source][1]
@@ -536,23 +611,48 @@ class SearchCell(nn.Module):
 
     def mixture(
         self,
-        group: EdgeGroup,
-        stack: torch.Tensor,
+        g: int,
+        inputs: Sequence[torch.Tensor],
         weights: torch.Tensor,
         edge_weights: torch.Tensor | None,
         stats: RunningStats,
     ) -> Sequence[torch.Tensor]:
-        """Eq. 1 for the m edges of ``group`` at once, given their inputs stacked edge by edge: the m edges' outputs.
-        On CPU in channels_last as one in-place sum (:class:`_EdgeWeightedSum`, with each candidate's closing batch
-        norm inside it under ``search.speed.norm_in_sum`` as :meth:`MixedOp.normalized_mixture` does), else as one
-        product over the stacked candidates (fewer operators to launch on a GPU)."""
+        """Eq. 1 for the m edges of group ``g`` at once, given each edge's input: the m edges' outputs. Each candidate
+        runs on the inputs stacked edge by edge along the channels. On CPU in channels_last as one in-place sum
+        (:class:`_EdgeWeightedSum`, with each candidate's closing batch norm inside it under
+        ``search.speed.norm_in_sum`` as :meth:`MixedOp.normalized_mixture` does; a candidate without weights once per
+        state under ``search.speed.weightless_once``), else as one product over the stacked candidates (fewer
+        operators to launch on a GPU)."""
+        group = self.groups[g]
         first = self.edges[group[0][1]]
-        relu_stack = F.relu(stack) if any(first.after_relu) else stack  # search.speed.shared_relu: one ReLU
-        in_place = stack.device.type == "cpu" and is_channels_last(stack)
-        normalize = in_place and first.norm_in_sum and stack.dtype == torch.float32 and torch.is_grad_enabled()
+        m = len(group)
+        in_place = inputs[0].device.type == "cpu" and stacks_channels_last(inputs)
+        normalize = in_place and first.norm_in_sum and inputs[0].dtype == torch.float32 and torch.is_grad_enabled()
+        sources = self.sources[g]
+        once = tuple(
+            in_place and self.weightless_once and sources < m and self.once_per_state(g, k, normalize)
+            for k in first.active
+        )
+        distinct = inputs[:: m // sources]  # the edges leave their states edge-major by state (edge_groups)
+        stack = relu_stack = None
+        if not all(once):
+            if any(once):  # search.speed.weightless_once: what the other candidates need, each ReLU once per state
+                if not all(first.after_relu[k] for k, shared in zip(first.active, once) if not shared):
+                    stack = torch.cat(list(inputs), dim=1)
+                if any(first.after_relu):
+                    relus = [F.relu(x) for x in distinct]
+                    relu_stack = torch.cat([r for r in relus for _ in range(m // sources)], dim=1)
+            else:
+                stack = torch.cat(list(inputs), dim=1)
+                relu_stack = F.relu(stack) if any(first.after_relu) else stack  # search.speed.shared_relu: one ReLU
         outputs, norms = [], []
-        for k in first.active:
+        for k, shared in zip(first.active, once):
             candidates = [self.edges[edge].ops[k] for _, edge in group]
+            if shared:
+                output, norm = self.run_once_per_state(candidates, distinct, stats)
+                outputs.append(output)
+                norms.append(norm)
+                continue
             splits = [closing_norm(op, first.after_relu[k]) for op in candidates] if normalize else [None]
             norm = None
             if all(split is not None for split in splits):
@@ -572,9 +672,59 @@ class SearchCell(nn.Module):
         w = w.to(outputs[0].dtype)
         k, m = w.shape
         if in_place:  # the norms inside the sum (if any) are computed there
-            return _EdgeWeightedSum.apply(w, tuple(norms), *outputs).split(outputs[0].shape[1] // m, dim=1)
+            total = _EdgeWeightedSum.apply(w, tuple(norms), once, sources if any(once) else 1, *outputs)
+            return total.split(total.shape[1] // m, dim=1)
         stacked = torch.stack([o.unflatten(1, (m, -1)) for o in outputs])
         return (stacked * w.view(k, 1, m, 1, 1, 1)).sum(0).unbind(1)  # unbind: one backward operator, not m
+
+    @functools.cached_property
+    def sources(self) -> tuple[int, ...]:
+        """For each group, how many states its edges leave where each state has as many (edge_groups lists them
+        state by state), else the number of edges (no state is shared evenly)."""
+        counts = []
+        for group in self.groups:
+            by_state = [source for source, _ in group]
+            states = list(dict.fromkeys(by_state))
+            even = by_state == [s for s in states for _ in range(len(group) // len(states))]
+            counts.append(len(states) if even else len(group))
+        return tuple(counts)
+
+    def once_per_state(self, g: int, k: int, normalize: bool) -> bool:
+        """Whether candidate ``k`` of group ``g``'s edges can be computed once per state: it acts channel by channel
+        without weights, alike on every edge (:func:`nas.batched.weightless`, looked at once), and takes no shared
+        ReLU; with a batch norm, only inside the sum in training (batch statistics, the same for every edge)."""
+        kind = self._weightless.get((g, k))
+        if kind is None:
+            candidates = [self.edges[edge].ops[k] for _, edge in self.groups[g]]
+            normalized = any(isinstance(m, nn.BatchNorm2d) for m in candidates[0].modules())
+            kind = "normalized" if normalized else "plain"
+            if self.edges[self.groups[g][0][1]].after_relu[k] or not weightless(candidates):
+                kind = "no"
+            self._weightless[(g, k)] = kind
+        return kind == "plain" or (kind == "normalized" and normalize and self.training)
+
+    def run_once_per_state(
+        self, candidates: Sequence[nn.Module], distinct: Sequence[torch.Tensor], stats: RunningStats
+    ) -> tuple[torch.Tensor, tuple | None]:
+        """A candidate without weights on the group's states stacked (one block per state, not per edge), and its
+        closing batch norm's arguments for the sum (None: no norm in the sum), the statistics of the first edge
+        leaving each state updated by it and the other edges' following (:meth:`RunningStats.follow`)."""
+        x = distinct[0] if len(distinct) == 1 else torch.cat(list(distinct), dim=1)
+        split = closing_norm(candidates[0], False)
+        if split is None:  # no batch norm (once_per_state)
+            return candidates[0](x), None
+        per_state = len(candidates) // len(distinct)
+        norms = [closing_norm(op, False)[1] for op in candidates]
+        if not one_norm(norms):
+            raise RuntimeError("weightless candidates of one group must have alike batch norms")
+        leaders = norms[::per_state]
+        norm = stacked_norm_arguments(leaders, stats)
+        if norm is not None and norm[0] is not None:
+            followers = [(n, leaders[i // per_state]) for i, n in enumerate(norms) if i % per_state]
+            stats.follow([n for n, _ in followers], [lead for _, lead in followers])
+        for layer in split[0]:
+            x = layer(x)
+        return x, norm
 
     def gather(self, rows: torch.Tensor, group: EdgeGroup) -> torch.Tensor:
         """``rows[[edge for each edge of group]]``, with the index tensor kept per device."""
@@ -606,7 +756,7 @@ def checkpointed_cell(
     """``cell(s0, s1, weights, edge_weights)`` with activation checkpointing: activations recomputed in the backward.
 
     The cell's parameters are passed as inputs (``functional_call`` in the recomputation), so the recomputation
-    uses the tensors the forward used even when the architect ran it under ``functional_call`` with other weights;
+    uses the tensors the forward used even when the architect ran it with other weights standing in for its own;
     the recomputation updates copies of the batch-norm running statistics, so the real ones are updated once, as
     without checkpointing (in training the output uses batch statistics, never the running ones).
     """

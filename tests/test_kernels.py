@@ -1,7 +1,8 @@
-"""The native depthwise weight-gradient kernel (nas/kernels.py, nas/depthwise_grad.c,
-``search.speed.native_depthwise_grad``): the same gradient as PyTorch's over the geometries a search meets and odd
-ones, built once into a cache, reached by every 5x5 depthwise convolution of a search step, and PyTorch's kernel
-where no compiler builds it."""
+"""The native kernels (nas/kernels.py): the depthwise weight gradient (nas/depthwise_grad.c,
+``search.speed.native_depthwise_grad``), the same gradient as PyTorch's over the geometries a search meets and odd
+ones, reached by every 5x5 depthwise convolution of a search step; the once-per-state gradients of the batched sum
+(nas/edge_sum_grad.c, ``search.speed.weightless_once``) against their formulas; built once into a cache, and
+PyTorch's operators where no compiler builds them."""
 
 from __future__ import annotations
 
@@ -140,12 +141,53 @@ def test_the_native_gradient_reaches_every_5x5_and_dilated_depthwise_convolution
     assert counts[True][3] + on_native[3] == counts[False][3]
 
 
+@pytest.mark.parametrize("normalized", [True, False], ids=["norm", "no-norm"])
+@pytest.mark.parametrize(
+    ("states", "r", "channels", "height", "sliced"),
+    [(1, 4, 16, 8, False), (2, 4, 16, 5, False), (1, 3, 20, 4, True), (2, 2, 3, 3, True), (3, 2, 37, 2, False)],
+)
+def test_the_once_per_state_gradients_equal_their_formulas(
+    states: int, r: int, channels: int, height: int, sliced: bool, normalized: bool
+) -> None:
+    """d_w[u, j] = Σ grad[u, j] · x̂[u] and Σ_j w[u, j] · grad[u, j], against float64 PyTorch; inputs that are channel
+    slices (PC-DARTS's partial channels), channel counts off the vector width, each output alone."""
+    gen = torch.Generator().manual_seed(states * 100 + channels)
+    n, width = 3, height + 1
+    grad = torch.randn(n, states * r * channels, height, width, generator=gen)
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    x = torch.randn(n, 2 * states * channels, height, width, generator=gen).contiguous(
+        memory_format=torch.channels_last
+    )
+    x = x[:, : states * channels] if sliced else x[:, : states * channels].contiguous(memory_format=torch.channels_last)
+    mean = torch.randn(states * channels, generator=gen) if normalized else None
+    invstd = torch.rand(states * channels, generator=gen) + 0.5 if normalized else None
+    weights = torch.softmax(torch.randn(states, r, generator=gen), 1)
+
+    g64 = grad.double().permute(0, 2, 3, 1).unflatten(-1, (states, r, channels))
+    x64 = x.double()
+    if normalized:
+        x64 = (x64 - mean.double().view(1, -1, 1, 1)) * invstd.double().view(1, -1, 1, 1)
+    x64 = x64.permute(0, 2, 3, 1).unflatten(-1, (states, 1, channels))
+    want_w = (g64 * x64).sum((0, 1, 2, 5)).flatten()
+    want_g = (g64 * weights.double().view(states, r, 1)).sum(4).flatten(-2).permute(0, 3, 1, 2)
+    d_w, d_g = kernels.once_per_state_gradients(grad, x, mean, invstd, weights, True, True)
+    torch.testing.assert_close(d_w.double(), want_w, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(d_g.double(), want_g, rtol=1e-5, atol=1e-5)
+    assert d_g.is_contiguous(memory_format=torch.channels_last) or d_g.shape[2] * d_g.shape[3] == 1
+    only_w, none = kernels.once_per_state_gradients(grad, x, mean, invstd, weights, True, False)
+    assert none is None and torch.equal(only_w, d_w)
+    none, only_g = kernels.once_per_state_gradients(grad, x, mean, invstd, weights, False, True)
+    assert none is None and torch.equal(only_g, d_g)
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.once_per_state_gradients(grad[:, 1:], x, mean, invstd, weights, True, True)
+
+
 def test_without_a_compiler_pytorchs_kernel_runs_with_one_warning(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    kernels.depthwise_library.cache_clear()
+    kernels.native_library.cache_clear()
     try:
         torch.manual_seed(0)
         x = torch.randn(2, 4, 8, 8)
@@ -156,38 +198,38 @@ def test_without_a_compiler_pytorchs_kernel_runs_with_one_warning(
         assert out.grad_fn.name() == "ConvolutionBackward0"  # PyTorch's own
         assert not (tmp_path / "cache").exists()
     finally:
-        kernels.depthwise_library.cache_clear()
+        kernels.native_library.cache_clear()
 
 
 def test_the_kernel_is_built_once_into_the_cache_and_loaded_from_it(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    kernels.depthwise_library.cache_clear()
+    kernels.native_library.cache_clear()
     try:
         assert kernels.native_available()
         built = list((tmp_path / "raydarts" / "kernels").iterdir())
         assert [p.suffix for p in built] == [".so"]  # no temporary file left
         stamp = built[0].stat().st_mtime_ns
-        kernels.depthwise_library.cache_clear()
+        kernels.native_library.cache_clear()
         assert kernels.native_available()
         assert list((tmp_path / "raydarts" / "kernels").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
     finally:
-        kernels.depthwise_library.cache_clear()
+        kernels.native_library.cache_clear()
 
 
 def test_a_failed_build_warns_and_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")
-    monkeypatch.setattr(kernels, "SOURCE", broken)
+    monkeypatch.setattr(kernels, "SOURCES", (broken,))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    kernels.depthwise_library.cache_clear()
+    kernels.native_library.cache_clear()
     try:
         with pytest.warns(UserWarning, match="not built"):
             assert not kernels.native_available()
         assert list((tmp_path / "cache" / "raydarts" / "kernels").iterdir()) == []
     finally:
-        kernels.depthwise_library.cache_clear()
+        kernels.native_library.cache_clear()
 
 
 OPENMP_RUNTIMES = """
@@ -197,7 +239,7 @@ from nas import kernels
 x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
 kernels.depthwise_weight_gradient(x, torch.randn_like(x), 5, 1, 2, 1)
 mapped = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "/" in line}
-assert any(Path(p).name.startswith("depthwise_grad-") for p in mapped), mapped
+assert any(Path(p).name.startswith("raydarts_kernels-") for p in mapped), mapped
 print("\\n".join(sorted(p for p in mapped if Path(p).name.startswith(("libgomp", "libiomp", "libomp")))))
 """
 

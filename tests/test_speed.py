@@ -3,6 +3,7 @@ the plain path's α and w after 3 steps (within 1e-4)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import resource
 import sys
@@ -17,7 +18,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from nas import SearchNetwork
+from nas import SearchNetwork, kernels
 from nas.architect import laid_out_as
 from nas.batched import RunningStats, batched, batched_after_relu
 from nas.config import SearchConfig, SpeedConfig
@@ -77,7 +78,10 @@ def plain_second_order() -> tuple:
 
 @pytest.mark.parametrize("switch", [name for name in CPU_SWITCHES if name != "node_shuffle"])  # PC-DARTS's: below
 def test_each_switch_alone_gives_the_plain_paths_alpha_and_weights(switch: str, plain_second_order: tuple) -> None:
-    needs = {"recompute_depthwise": {"norm_in_sum": True}}  # it acts inside norm_in_sum's sum, so alone it would not
+    needs = {  # switches that act inside others', so alone they would not
+        "recompute_depthwise": {"norm_in_sum": True},
+        "weightless_once": {"batched_edges": True, "channels_last": True, "norm_in_sum": True},
+    }
     speed = PLAIN.model_copy(update={switch: True, **needs.get(switch, {})})
     assert_same(three_steps(tiny_config(speed)), plain_second_order)
 
@@ -412,7 +416,7 @@ def test_the_batched_cpu_sum_equals_each_edges_own_sum_twice_differentiated(norm
         return tuple(_NormalizedWeightedSum.apply(ws[:, e], norms(b), *dense[e]) for e, b in enumerate(blocks))
 
     def together(ws: torch.Tensor, xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        return _EdgeWeightedSum.apply(ws, norms(slice(None)), *xs).split(c, dim=1)
+        return _EdgeWeightedSum.apply(ws, norms(slice(None)), (False,) * k, 1, *xs).split(c, dim=1)
 
     start = [(rm.clone(), rv.clone()) for rm, rv in running]
     results = []
@@ -432,6 +436,136 @@ def test_the_batched_cpu_sum_equals_each_edges_own_sum_twice_differentiated(norm
     # float32 sums in another order: atol 1e-6 holds at this seed, but fails for 1-3% of seeds, norms or none
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("states", [1, 2])
+def test_a_candidate_computed_once_per_state_equals_it_on_every_edge(states: int) -> None:
+    """The batched sum (nas.search_model._EdgeWeightedSum) with candidates given once per state (one with its batch
+    norm inside the sum, one without) against the same sum with those inputs repeated for every edge leaving the
+    state: values, the running statistics the norms leave, gradients by the native kernel (nothing to differentiate
+    again) and by PyTorch's operators (differentiated again: the exact Hessian's double backward), and second
+    derivatives."""
+    from nas.search_model import _EdgeWeightedSum
+
+    gen = torch.Generator().manual_seed(states)
+    r, c = 3, 4
+    m = states * r
+    full = [torch.randn(2, m * c, 3, 3, generator=gen).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    once = [
+        torch.randn(2, states * c, 3, 3, generator=gen).contiguous(memory_format=torch.channels_last) for _ in range(2)
+    ]
+    weights = torch.softmax(torch.randn(4, m, generator=gen), 0)
+    upstream = torch.randn(2, m * c, 3, 3, generator=gen)
+    probes = [torch.randn(4, m, generator=gen), *(torch.randn(x.shape, generator=gen) for x in full + once)]
+    leaders = (torch.rand(states * c, generator=gen), 1 + torch.rand(states * c, generator=gen))
+
+    def repeated(x: torch.Tensor) -> torch.Tensor:  # each state's block once for each of its edges
+        blocks = x.split(c, dim=1)
+        return torch.cat([b for b in blocks for _ in range(r)], dim=1).contiguous(memory_format=torch.channels_last)
+
+    def run(shared: bool, create_graph: bool) -> list[torch.Tensor]:
+        ws = weights.clone().requires_grad_()
+        xs = [x.clone().requires_grad_() for x in full + once]
+        full_stats = [torch.zeros(m * c), torch.ones(m * c)]
+        stats = [t.clone() for t in leaders]
+        if not shared:  # every edge with its state's statistics
+            stats = [repeated(t.view(1, -1, 1, 1)).flatten() for t in stats]
+        norms = (None, (*full_stats, 0.1, 1e-5), None, (*stats, 0.1, 1e-5))
+        if shared:
+            total = _EdgeWeightedSum.apply(ws, norms, (False, False, True, True), states, *xs)
+        else:
+            total = _EdgeWeightedSum.apply(ws, norms, (False,) * 4, 1, *xs[:2], *map(repeated, xs[2:]))
+        grads = torch.autograd.grad(total, [ws, *xs], upstream, create_graph=create_graph)
+        second = []
+        if create_graph:
+            second = torch.autograd.grad(sum((g * p).sum() for g, p in zip(grads, probes)), [ws, *xs])
+        return [total, *grads, *second, *full_stats, *stats]
+
+    for create_graph in (False, True):
+        got, want = run(True, create_graph), run(False, create_graph)
+        if not create_graph:
+            assert kernels.native_available()  # the gradients above came from the native kernel
+        assert not torch.equal(got[-2], leaders[0])  # the norm moved the statistics
+        for a, b in zip(got[:-2], want[:-2], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for a, b in zip(got[-2:], want[-2:]):  # each edge's: its state's
+            torch.testing.assert_close(b.view(states, r, c), a.view(states, 1, c).expand(states, r, c))
+
+
+def test_edges_following_a_leaders_batch_norm_update_their_own_statistics() -> None:
+    """RunningStats.follow: an edge whose candidate was computed by another edge leaving the same state (a leader)
+    ends with the running statistics its own batch norm would have reached on that batch, from its own old ones."""
+    from nas.batched import stacked_norm_arguments
+
+    gen = torch.Generator().manual_seed(0)
+    c = 3
+    norms = [nn.BatchNorm2d(c, affine=False, momentum=0.25) for _ in range(4)]
+    for norm in norms:
+        norm.running_mean.copy_(torch.randn(c, generator=gen))
+        norm.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+    own = [copy.deepcopy(n) for n in norms]
+    x = torch.randn(5, 2 * c, 4, 4, generator=gen)  # two states, c channels each; edges 0, 1 leave the first
+    for norm, block in zip(own, [x[:, :c], x[:, :c], x[:, c:], x[:, c:]]):
+        norm(block)
+    stats = RunningStats()
+    mean, var, momentum, eps = stacked_norm_arguments([norms[0], norms[2]], stats)
+    torch.native_batch_norm(x, None, None, mean, var, True, momentum, eps)
+    stats.follow([norms[1], norms[3]], [norms[0], norms[2]])
+    stats.apply()
+    for got, want in zip(norms, own):
+        torch.testing.assert_close(got.running_mean, want.running_mean)
+        torch.testing.assert_close(got.running_var, want.running_var)
+        assert got.num_batches_tracked == want.num_batches_tracked == 1
+
+
+class PoolChannels(TorchDispatchMode):
+    """The channels every pooling operator is handed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.channels = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        if func.overloadpacket in (torch.ops.aten.max_pool2d_with_indices, torch.ops.aten.avg_pool2d):
+            self.channels += args[0].shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("partial_channels", [1, 4], ids=["darts", "pc-darts"])
+def test_weightless_candidates_run_once_per_state_in_training_and_per_edge_in_eval(partial_channels: int) -> None:
+    """``weightless_once``: in training the pooling candidates see each state once, not once for each edge leaving
+    it (14 edges leave 5 states in a normal cell of 4 nodes), for the same output and gradients. In eval mode, where
+    each edge's batch norm uses its own running statistics, they run for every edge, and the output is still the
+    same with the switch on and off."""
+    x = torch.randn(2, 1, 8, 8)
+    nets, outputs, channels = [], [], []
+    for once in (True, False):
+        torch.manual_seed(0)
+        net = tiny_network(SpeedConfig(weightless_once=once), partial_channels).to(memory_format=torch.channels_last)
+        with PoolChannels() as pools:
+            outputs.append(net(x))
+        nets.append(net)
+        channels.append(pools.channels)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    # nodes=2: the cell inputs' 4 edges leave 2 states, node 0's one edge its own state: 3 of 5 blocks (PC-DARTS
+    # also max-pools the channels its reductions pass by, as many either way)
+    assert channels[0] * 5 == channels[1] * 3 if partial_channels == 1 else channels[0] < channels[1]
+    grads = [torch.autograd.grad(out.square().sum(), list(net.alphas())) for out, net in zip(outputs, nets)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for net in nets:  # each edge's own running statistics, the same in both networks
+        gen = torch.Generator().manual_seed(1)
+        for name, buffer in sorted(net.named_buffers()):
+            if "running" in name:
+                buffer.copy_(torch.rand(buffer.shape, generator=gen) + 0.5)
+        net.eval()
+    evaluated = []
+    for net in nets:
+        with PoolChannels() as pools:
+            evaluated.append(net(x))
+        channels.append(pools.channels)
+    torch.testing.assert_close(evaluated[0], evaluated[1], rtol=1e-5, atol=1e-5)
+    assert channels[2] == channels[3]
 
 
 def two_mixed_ops(
@@ -796,22 +930,24 @@ class ReLUCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("once", [False, True], ids=["", "weightless_once"])
 @pytest.mark.parametrize("partial_channels", [1, 4], ids=["darts", "pc-darts"])
-def test_batched_edges_share_one_relu_per_stack(partial_channels: int) -> None:
+def test_batched_edges_share_one_relu_per_stack(partial_channels: int, once: bool) -> None:
     """With batched edges, ``shared_relu`` takes one ReLU of each group's stacked inputs for every candidate that
-    begins with one (four in a normal cell, five with the reduction's skip): fewer ReLUs, the same output."""
+    begins with one (four in a normal cell, five with the reduction's skip): fewer ReLUs, the same output. With
+    ``weightless_once``, one ReLU of each state the group's edges leave (two for the cell inputs' edges)."""
     x = torch.randn(2, 1, 8, 8)
     outputs, counts = [], []
     for shared in (True, False):
         torch.manual_seed(0)
-        speed = SpeedConfig(batched_edges=True, shared_relu=shared)
+        speed = SpeedConfig(batched_edges=True, shared_relu=shared, weightless_once=once)
         net = tiny_network(speed, partial_channels)
         with ReLUCount() as relus:
             outputs.append(net(x))
         counts.append(relus.count)
     torch.testing.assert_close(outputs[0], outputs[1])
     groups, cells = 2, 3  # nodes=2: the cell inputs' edges, then node 0's
-    assert counts[1] - counts[0] >= 3 * groups * cells
+    assert counts[1] - counts[0] >= (3 * groups - once) * cells
 
 
 def assert_batched_as_alone(name: str, stride: int, layout: torch.memory_format, run: Callable) -> None:
