@@ -182,6 +182,7 @@ class Architect:
         buffers = [n for n, _ in network.named_buffers()]
         self._statistics = [n for n in buffers if n.rsplit(".", 1)[-1] in BATCH_NORM_STATISTICS]
         self._other_buffers = [n for n in buffers if n.rsplit(".", 1)[-1] not in BATCH_NORM_STATISTICS]
+        self._no_statistics: list[tuple[str, Tensor | None]] = [(n, None) for n in self._statistics]
 
     def current_xi(self) -> float:
         """ξ of the virtual step: the configured value, or the weight optimizer's current learning rate."""
@@ -204,7 +205,7 @@ class Architect:
         if not self.network.training:
             return [(n, b.clone()) for n, b in self.network.named_buffers()]
         others = [(n, self.network.get_buffer(n).clone()) for n in self._other_buffers]
-        return [(n, None) for n in self._statistics] + others
+        return self._no_statistics + others
 
     def step(self, train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor) -> Tensor:
         """Set ``α.grad`` to the (first- or second-order) α gradient; return the validation loss used."""
