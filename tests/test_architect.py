@@ -145,6 +145,10 @@ def test_tensor_slots_stand_in_everywhere_and_restore_whatever_happens() -> None
     with pytest.raises(KeyError, match="0.wieght"), slots.substituted([("2.bias", torch.zeros(3)), ("0.wieght", eye)]):
         pass
     assert all(v is originals[k] for k, v in net.state_dict(keep_vars=True).items())
+    net[1] = torch.nn.BatchNorm1d(3)  # swapped in after the slots were made (as ray.sync_bn swaps its norms)
+    with slots.substituted([("1.weight", torch.full((3,), 2.0))]):
+        assert torch.equal(net[1].weight, torch.full((3,), 2.0))
+    assert torch.equal(net[1].weight, torch.ones(3))
 
 
 def test_first_order_is_the_plain_validation_gradient(setup) -> None:  # noqa: ANN001
