@@ -30,6 +30,7 @@ from nas.ops import (
     Zero,
     is_channels_last,
     offset_grids,
+    separable_recomputed,
 )
 
 CHANNEL_WISE = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Identity, Zero)
@@ -145,11 +146,37 @@ def batched_after_relu(modules: Sequence[nn.Module], relu_x: torch.Tensor, stats
     return batched_layers([list(m)[1:] for m in modules], relu_x, stats)  # a Sequential that begins with ReLU
 
 
-def batched_layers(layers: Sequence[Sequence[nn.Module]], x: torch.Tensor, stats: RunningStats) -> torch.Tensor:
-    """``x`` through each edge's ``layers`` in turn (the same kinds on every edge), each layer batched over edges."""
-    for layer in range(len(layers[0])):
+def batched_layers(
+    layers: Sequence[Sequence[nn.Module]], x: torch.Tensor, stats: RunningStats, recompute_depthwise: bool = False
+) -> torch.Tensor:
+    """``x`` through each edge's ``layers`` in turn (the same kinds on every edge), each layer batched over edges;
+    with ``recompute_depthwise`` each depthwise convolution and the plain 1x1 one after it as one separable
+    convolution that recomputes the depthwise output in the backward (``search.speed.recompute_depthwise``)."""
+    first, layer = layers[0], 0
+    while layer < len(first):
+        if recompute_depthwise and layer + 1 < len(first) and _separable(first[layer], first[layer + 1]):
+            depthwise, pointwise = [edge[layer] for edge in layers], [edge[layer + 1] for edge in layers]
+            weight = torch.cat([m.weight for m in depthwise])
+            x = separable_recomputed(x, weight, torch.cat([m.weight for m in pointwise]), depthwise[0], len(layers))
+            layer += 2
+            continue
         x = batched([edge[layer] for edge in layers], x, stats)
+        layer += 1
     return x
+
+
+def _separable(depthwise: nn.Module, pointwise: nn.Module) -> bool:
+    """A depthwise convolution followed by a plain 1x1 one (stride 1, no padding, groups or bias)."""
+    return (
+        type(depthwise) is DepthwiseConv2d
+        and depthwise.padding_mode == "zeros"
+        and type(pointwise) is nn.Conv2d
+        and pointwise.kernel_size == (1, 1)
+        and pointwise.stride == (1, 1)
+        and pointwise.padding == (0, 0)
+        and pointwise.groups == 1
+        and pointwise.bias is None
+    )
 
 
 def one_norm(norms: Sequence[nn.BatchNorm2d]) -> bool:

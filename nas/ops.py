@@ -346,21 +346,25 @@ class _SeparableRecomputed(torch.autograd.Function):
     output where it needs it: one or two activations less kept per separable or dilated convolution (the dense
     dilation's two re-laid copies), for one more depthwise convolution per backward that asks for a weight gradient.
 
-    ``depthwise``: the :class:`DepthwiseConv2d`. An undilated one goes back by ``convolution_backward`` directly,
+    ``depthwise``: the :class:`DepthwiseConv2d`; ``groups``: the pointwise convolution's (the batched edges run m
+    edges' pointwise convolutions as one of m groups). An undilated one goes back by ``convolution_backward`` directly,
     recomputing nothing when only the input's gradient is asked (an α-only pass); a dilated one recomputes its
     forward with a graph and differentiates that. Under ``create_graph`` (the exact Hessian) every kind does, so the
     gradient can be differentiated again."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, pointwise: torch.Tensor, depthwise: DepthwiseConv2d):  # noqa: ANN001, ANN205
-        ctx.depthwise = depthwise
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, pointwise: torch.Tensor, depthwise: DepthwiseConv2d, groups: int
+    ):  # noqa: ANN001, ANN205, E501
+        ctx.depthwise, ctx.groups = depthwise, groups
         ctx.save_for_backward(x, weight, pointwise)
-        return F.conv2d(depthwise.convolve(x, weight), pointwise)
+        return F.conv2d(depthwise.convolve(x, weight), pointwise, None, 1, 0, 1, groups)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
         x, weight, pointwise = ctx.saved_tensors
         depthwise: DepthwiseConv2d = ctx.depthwise
+        groups: int = ctx.groups
         wanted = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled() or (depthwise.dilation[0] != 1 and (wanted[1] or wanted[2])):
             create_graph = torch.is_grad_enabled()  # a gradient that will be differentiated again
@@ -369,14 +373,14 @@ class _SeparableRecomputed(torch.autograd.Function):
                     t if create_graph else t.detach().requires_grad_(want)
                     for t, want in zip((x, weight, pointwise), wanted)
                 ]
-                z = F.conv2d(depthwise.convolve(leaves[0], leaves[1]), leaves[2])
+                z = F.conv2d(depthwise.convolve(leaves[0], leaves[1]), leaves[2], None, 1, 0, 1, groups)
             found = iter(
                 torch.autograd.grad(z, [t for t, want in zip(leaves, wanted) if want], grad, create_graph=create_graph)
             )
-            return (*(next(found) if want else None for want in wanted), None)
+            return (*(next(found) if want else None for want in wanted), None, None)
         # The depthwise output is needed only for the pointwise weight's gradient; the input gradients read the
         # weights alone, so otherwise an unfilled tensor stands in for its shape.
-        shape = (grad.shape[0], pointwise.shape[1], *grad.shape[2:])
+        shape = (grad.shape[0], pointwise.shape[1] * groups, *grad.shape[2:])
         layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
         y = (
             depthwise.convolve(x, weight)
@@ -393,12 +397,12 @@ class _SeparableRecomputed(torch.autograd.Function):
             [1, 1],
             False,
             [0, 0],
-            1,
+            groups,
             [wanted[0] or wanted[1], wanted[2], False],
         )
         d_x = d_weight = None
         if depthwise.dilation[0] != 1:  # only the input's gradient is asked (above): no forward to recompute
-            return depthwise_input_gradient(depthwise, d_y, x, weight), None, None, None
+            return depthwise_input_gradient(depthwise, d_y, x, weight), None, None, None, None
         if wanted[0] or wanted[1]:
             stride, padding = list(depthwise.stride), list(depthwise.padding)
             native = wanted[1] and depthwise.native_grad and native_grad_applies(x, weight)
@@ -417,7 +421,7 @@ class _SeparableRecomputed(torch.autograd.Function):
             )
             if native:
                 d_weight = kernels.depthwise_weight_gradient(x, d_y, weight.shape[-1], stride[0], padding[0], 1)
-        return d_x, d_weight, d_pointwise, None
+        return d_x, d_weight, d_pointwise, None, None
 
 
 def depthwise_input_gradient(
@@ -476,7 +480,15 @@ def separable(depthwise: DepthwiseConv2d, pointwise: nn.Conv2d, x: torch.Tensor,
     )
     if not recompute or not plain_pointwise:
         return pointwise(depthwise(x))
-    return _SeparableRecomputed.apply(x, depthwise.weight, pointwise.weight, depthwise)
+    return separable_recomputed(x, depthwise.weight, pointwise.weight, depthwise, 1)
+
+
+def separable_recomputed(
+    x: torch.Tensor, weight: torch.Tensor, pointwise: torch.Tensor, depthwise: DepthwiseConv2d, groups: int
+) -> torch.Tensor:
+    """``conv2d(depthwise.convolve(x, weight), pointwise, groups=groups)``, the depthwise output recomputed in the
+    backward instead of kept (:class:`_SeparableRecomputed`)."""
+    return _SeparableRecomputed.apply(x, weight, pointwise, depthwise, groups)
 
 
 class DilConv(nn.Sequential):

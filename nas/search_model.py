@@ -658,9 +658,9 @@ class SearchCell(nn.Module):
             if all(split is not None for split in splits):
                 norm = stacked_norm_arguments([split[1] for split in splits], stats)
             if norm is not None:
-                outputs.append(
-                    batched_layers([split[0] for split in splits], relu_stack if first.after_relu[k] else stack, stats)
-                )
+                inputs_k = relu_stack if first.after_relu[k] else stack
+                leaves = [split[0] for split in splits]
+                outputs.append(batched_layers(leaves, inputs_k, stats, first.recompute_depthwise))
             elif first.after_relu[k]:
                 outputs.append(batched_after_relu(candidates, relu_stack, stats))
             else:

@@ -79,10 +79,18 @@ def plain_second_order() -> tuple:
 @pytest.mark.parametrize("switch", [name for name in CPU_SWITCHES if name != "node_shuffle"])  # PC-DARTS's: below
 def test_each_switch_alone_gives_the_plain_paths_alpha_and_weights(switch: str, plain_second_order: tuple) -> None:
     needs = {  # switches that act inside others', so alone they would not
-        "recompute_depthwise": {"norm_in_sum": True},
+        "recompute_depthwise": {"norm_in_sum": True, "batched_edges": True, "channels_last": True},
         "weightless_once": {"batched_edges": True, "channels_last": True, "norm_in_sum": True},
     }
     speed = PLAIN.model_copy(update={switch: True, **needs.get(switch, {})})
+    assert_same(three_steps(tiny_config(speed)), plain_second_order)
+
+
+def test_recomputed_depthwise_outputs_edge_by_edge_give_the_plain_paths_alpha_and_weights(
+    plain_second_order: tuple,
+) -> None:
+    """recompute_depthwise where the edges run one by one (MixedOp's sum), as above with the batched edges."""
+    speed = PLAIN.model_copy(update={"recompute_depthwise": True, "norm_in_sum": True, "channels_last": True})
     assert_same(three_steps(tiny_config(speed)), plain_second_order)
 
 
@@ -646,6 +654,31 @@ def test_recomputing_the_depthwise_outputs_keeps_eight_or_six_activations_less_p
     kept = kept_for_the_backward((outside, inside), x)
     depthwise_output = x.numel() // stride**2 * x.element_size()  # both at the output's size (the first has the stride)
     assert kept[0] - kept[1] == (8 if stride == 1 else 6) * depthwise_output
+
+
+def test_recomputing_the_depthwise_outputs_with_batched_edges_keeps_them_for_no_edge() -> None:
+    """With batched edges, ``recompute_depthwise`` keeps none of the stacked depthwise outputs of the separable and
+    dilated convolutions (two per sep_conv, one per dil_conv, each the size of the stacked input at the candidates'
+    stride), for the same output and gradients (against the plain path: test_each_switch_alone...)."""
+    x = torch.randn(2, 1, 8, 8)
+    kept, outputs = [], []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        speed = SpeedConfig(recompute_depthwise=recompute, native_depthwise_grad=False)
+        net = tiny_network(speed).to(memory_format=torch.channels_last)
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor, storages: dict[int, int] = storages) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            outputs.append(net(x))
+        kept.append(sum(storages.values()))
+    torch.testing.assert_close(outputs[0], outputs[1])
+    # the first cell (a normal one: 8x8, 4 channels an edge, 5 edges in 2 groups): 2 + 2 + 1 + 1 depthwise outputs
+    # of every edge, 6 x 5 x (2 x 4 x 8 x 8) floats, at least (the dense dilation's copies come on top)
+    assert kept[0] - kept[1] >= 6 * 5 * 2 * 4 * 8 * 8 * 4
 
 
 @pytest.mark.parametrize("stride", [1, 2])
