@@ -122,8 +122,8 @@ class SpeedConfig(_Section):
         False,
         description="a memory option, with norm_in_sum: the depthwise output of each separable and dilated convolution "
         "(sep_conv_*, dil_conv_*) recomputed in the backward instead of kept, where a weight gradient needs it "
-        "(nas.ops.separable): 13-23% less peak memory for 8-13% more time on CPU (bench/README.md); only where edges "
-        "run one by one (batched_edges false): the batched edges do not recompute yet",
+        "(nas.ops.separable; with batched_edges one such convolution over the stacked edges): less peak memory for "
+        "more time on CPU (bench/README.md)",
     )
     batched_edges: bool = Field(
         True,
