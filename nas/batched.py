@@ -30,6 +30,7 @@ from nas.ops import (
     Zero,
     is_channels_last,
     offset_grids,
+    plain_pointwise,
     separable_recomputed,
 )
 
@@ -167,16 +168,7 @@ def batched_layers(
 
 def _separable(depthwise: nn.Module, pointwise: nn.Module) -> bool:
     """A depthwise convolution followed by a plain 1x1 one (stride 1, no padding, groups or bias)."""
-    return (
-        type(depthwise) is DepthwiseConv2d
-        and depthwise.padding_mode == "zeros"
-        and type(pointwise) is nn.Conv2d
-        and pointwise.kernel_size == (1, 1)
-        and pointwise.stride == (1, 1)
-        and pointwise.padding == (0, 0)
-        and pointwise.groups == 1
-        and pointwise.bias is None
-    )
+    return type(depthwise) is DepthwiseConv2d and depthwise.padding_mode == "zeros" and plain_pointwise(pointwise)
 
 
 def one_norm(norms: Sequence[nn.BatchNorm2d]) -> bool:

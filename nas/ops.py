@@ -471,16 +471,21 @@ def _stand_in(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
 def separable(depthwise: DepthwiseConv2d, pointwise: nn.Conv2d, x: torch.Tensor, recompute: bool) -> torch.Tensor:
     """``pointwise(depthwise(x))``; with ``recompute`` (and a plain 1x1 ``pointwise``: stride 1, no padding, groups or
     bias), the depthwise output is recomputed in the backward instead of kept (:class:`_SeparableRecomputed`)."""
-    plain_pointwise = (
-        pointwise.kernel_size == (1, 1)
-        and pointwise.stride == (1, 1)
-        and pointwise.padding == (0, 0)
-        and pointwise.groups == 1
-        and pointwise.bias is None
-    )
-    if not recompute or not plain_pointwise:
+    if not recompute or not plain_pointwise(pointwise):
         return pointwise(depthwise(x))
     return separable_recomputed(x, depthwise.weight, pointwise.weight, depthwise, 1)
+
+
+def plain_pointwise(conv: nn.Module) -> bool:
+    """A plain 1x1 convolution (stride 1, no padding, groups or bias): what :class:`_SeparableRecomputed` runs."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.groups == 1
+        and conv.bias is None
+    )
 
 
 def separable_recomputed(

@@ -259,26 +259,20 @@ def _once_gradients(
         d_weights, combined = kernels.once_per_state_gradients(
             blocks.flatten(-2).permute(0, 3, 1, 2), x, mean, invstd, weights.view(sources, -1), want_weights, want_x
         )
-        if combined is None or eps is None:
-            return d_weights, combined
-        d_x = torch.ops.aten.native_batch_norm_backward(
-            combined, x, torch.ones_like(mean), None, None, mean, invstd, True, eps, [True, False, False]
-        )[0]
-        return d_weights, d_x
-    per_state = blocks.unflatten(3, (sources, -1))  # (N, H, W, states, edges of each, C)
-    d_weights = d_x = None
-    if want_weights:
-        # x̂ as a function of x, its batch statistics included: the exact Hessian differentiates this again
-        normalized = x if eps is None else F.batch_norm(x, None, None, None, None, True, 0.0, eps)
-        d_weights = (per_state * edge_blocks(normalized, sources).unsqueeze(-2)).sum((0, 1, 2, 5)).flatten()
-    if want_x:
-        combined = (per_state * weights.view(sources, -1, 1)).sum(4).flatten(-2).permute(0, 3, 1, 2)
-        d_x = combined
-        if eps is not None:
-            unit = torch.ones_like(mean)
-            d_x = torch.ops.aten.native_batch_norm_backward(
-                combined, x, unit, None, None, mean, invstd, True, eps, [True, False, False]
-            )[0]
+    else:
+        per_state = blocks.unflatten(3, (sources, -1))  # (N, H, W, states, edges of each, C)
+        d_weights = combined = None
+        if want_weights:
+            # x̂ as a function of x, its batch statistics included: the exact Hessian differentiates this again
+            normalized = x if eps is None else F.batch_norm(x, None, None, None, None, True, 0.0, eps)
+            d_weights = (per_state * edge_blocks(normalized, sources).unsqueeze(-2)).sum((0, 1, 2, 5)).flatten()
+        if want_x:
+            combined = (per_state * weights.view(sources, -1, 1)).sum(4).flatten(-2).permute(0, 3, 1, 2)
+    if combined is None or eps is None:
+        return d_weights, combined
+    d_x = torch.ops.aten.native_batch_norm_backward(
+        combined, x, torch.ones_like(mean), None, None, mean, invstd, True, eps, [True, False, False]
+    )[0]
     return d_weights, d_x
 
 
