@@ -29,6 +29,8 @@ from nas.ops import (
     SepConv,
     Zero,
     is_channels_last,
+    norm_relu_separable,
+    norm_relu_separable_layers,
     offset_grids,
     plain_pointwise,
     separable_recomputed,
@@ -152,9 +154,29 @@ def batched_layers(
 ) -> torch.Tensor:
     """``x`` through each edge's ``layers`` in turn (the same kinds on every edge), each layer batched over edges;
     with ``recompute_depthwise`` each depthwise convolution and the plain 1x1 one after it as one separable
-    convolution that recomputes the depthwise output in the backward (``search.speed.recompute_depthwise``)."""
+    convolution that recomputes the depthwise output in the backward, and a training batch norm and ReLU before
+    one (a sep_conv's middle) taken into it, so that the ReLU's output is recomputed too
+    (``search.speed.recompute_depthwise``)."""
     first, layer = layers[0], 0
     while layer < len(first):
+        if recompute_depthwise and norm_relu_separable_layers(first[layer : layer + 4]):
+            norms = [edge[layer] for edge in layers]
+            arguments = stacked_norm_arguments(norms, stats)
+            if arguments is not None:
+                depthwise, pointwise = [edge[layer + 2] for edge in layers], [edge[layer + 3] for edge in layers]
+                affine = norms[0].affine
+                x = norm_relu_separable(
+                    x,
+                    torch.cat([n.weight for n in norms]) if affine else None,
+                    torch.cat([n.bias for n in norms]) if affine else None,
+                    arguments,
+                    torch.cat([m.weight for m in depthwise]),
+                    torch.cat([m.weight for m in pointwise]),
+                    depthwise[0],
+                    len(layers),
+                )
+                layer += 4
+                continue
         if recompute_depthwise and layer + 1 < len(first) and _separable(first[layer], first[layer + 1]):
             depthwise, pointwise = [edge[layer] for edge in layers], [edge[layer + 1] for edge in layers]
             weight = torch.cat([m.weight for m in depthwise])

@@ -364,64 +364,125 @@ class _SeparableRecomputed(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
         x, weight, pointwise = ctx.saved_tensors
         depthwise: DepthwiseConv2d = ctx.depthwise
-        groups: int = ctx.groups
         wanted = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled() or (depthwise.dilation[0] != 1 and (wanted[1] or wanted[2])):
-            create_graph = torch.is_grad_enabled()  # a gradient that will be differentiated again
+        if torch.is_grad_enabled():  # a gradient that will be differentiated again: through a recomputed forward
             with torch.enable_grad():
-                leaves = [
-                    t if create_graph else t.detach().requires_grad_(want)
-                    for t, want in zip((x, weight, pointwise), wanted)
-                ]
-                z = F.conv2d(depthwise.convolve(leaves[0], leaves[1]), leaves[2], None, 1, 0, 1, groups)
-            found = iter(
-                torch.autograd.grad(z, [t for t, want in zip(leaves, wanted) if want], grad, create_graph=create_graph)
-            )
-            return (*(next(found) if want else None for want in wanted), None, None)
-        # The depthwise output is needed only for the pointwise weight's gradient; the input gradients read the
-        # weights alone, so otherwise an unfilled tensor stands in for its shape.
-        shape = (grad.shape[0], pointwise.shape[1] * groups, *grad.shape[2:])
-        layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-        y = (
-            depthwise.convolve(x, weight)
-            if wanted[2]
-            else torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
-        )
-        d_y, d_pointwise, _ = torch.ops.aten.convolution_backward(
-            grad,
-            y,
-            pointwise,
+                z = F.conv2d(depthwise.convolve(x, weight), pointwise, None, 1, 0, 1, ctx.groups)
+            return (*_gradients_to_differentiate_again(z, (x, weight, pointwise), wanted, grad), None, None)
+        return (*separable_gradients(grad, x, weight, pointwise, depthwise, ctx.groups, wanted), None, None)
+
+
+def separable_gradients(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    pointwise: torch.Tensor,
+    depthwise: DepthwiseConv2d,
+    groups: int,
+    wanted: Sequence[bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """The gradients of ``conv2d(depthwise.convolve(x, weight), pointwise, groups=groups)`` for the ``wanted`` of
+    (x, weight, pointwise), given the output's ``grad``, not to be differentiated again, recomputing the depthwise
+    output only where a weight gradient needs it. An undilated depthwise convolution goes back by
+    ``convolution_backward`` directly; a dilated one recomputes its forward with a graph and differentiates that,
+    unless only the input's gradient is asked (an α-only pass)."""
+    if depthwise.dilation[0] != 1 and (wanted[1] or wanted[2]):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(want) for t, want in zip((x, weight, pointwise), wanted)]
+            z = F.conv2d(depthwise.convolve(leaves[0], leaves[1]), leaves[2], None, 1, 0, 1, groups)
+        found = iter(torch.autograd.grad(z, [t for t, want in zip(leaves, wanted) if want], grad))
+        return tuple(next(found) if want else None for want in wanted)
+    # The depthwise output is needed only for the pointwise weight's gradient; the input gradients read the
+    # weights alone, so otherwise an unfilled tensor stands in for its shape.
+    shape = (grad.shape[0], pointwise.shape[1] * groups, *grad.shape[2:])
+    y = depthwise.convolve(x, weight) if wanted[2] else _stand_in(shape, x)
+    d_y, d_pointwise, _ = torch.ops.aten.convolution_backward(
+        grad,
+        y,
+        pointwise,
+        None,
+        [1, 1],
+        [0, 0],
+        [1, 1],
+        False,
+        [0, 0],
+        groups,
+        [wanted[0] or wanted[1], wanted[2], False],
+    )
+    if depthwise.dilation[0] != 1:  # only the input's gradient is asked (above): no forward to recompute
+        return depthwise_input_gradient(depthwise, d_y, x, weight), None, d_pointwise
+    d_x = d_weight = None
+    if wanted[0] or wanted[1]:
+        stride, padding = list(depthwise.stride), list(depthwise.padding)
+        native = wanted[1] and depthwise.native_grad and native_grad_applies(x, weight)
+        d_x, d_weight, _ = torch.ops.aten.convolution_backward(
+            d_y,
+            x,
+            weight,
             None,
-            [1, 1],
-            [0, 0],
+            stride,
+            padding,
             [1, 1],
             False,
             [0, 0],
-            groups,
-            [wanted[0] or wanted[1], wanted[2], False],
+            weight.shape[0],
+            [wanted[0], wanted[1] and not native, False],
         )
-        d_x = d_weight = None
-        if depthwise.dilation[0] != 1:  # only the input's gradient is asked (above): no forward to recompute
-            return depthwise_input_gradient(depthwise, d_y, x, weight), None, None, None, None
-        if wanted[0] or wanted[1]:
-            stride, padding = list(depthwise.stride), list(depthwise.padding)
-            native = wanted[1] and depthwise.native_grad and native_grad_applies(x, weight)
-            d_x, d_weight, _ = torch.ops.aten.convolution_backward(
-                d_y,
-                x,
-                weight,
-                None,
-                stride,
-                padding,
-                [1, 1],
-                False,
-                [0, 0],
-                weight.shape[0],
-                [wanted[0], wanted[1] and not native, False],
+        if native:
+            d_weight = kernels.depthwise_weight_gradient(x, d_y, weight.shape[-1], stride[0], padding[0], 1)
+    return d_x, d_weight, d_pointwise
+
+
+class _NormReluSeparable(torch.autograd.Function):
+    """``conv2d(depthwise.convolve(relu(batch_norm(u)), weight), pointwise, groups=groups)``, the batch norm in
+    training (batch statistics; the running ones updated once, in the forward), keeping for the backward only ``u``
+    (which the norm's own backward keeps anyway), its per-channel mean and 1/σ and the weights: neither the ReLU's
+    output nor the depthwise output. The backward recomputes both (one more batch norm and depthwise convolution),
+    then goes back through the ReLU and the norm. This is the middle of a sep_conv (``search.speed.
+    recompute_depthwise``); under ``create_graph`` (the exact Hessian) it differentiates a recomputed forward."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        u: torch.Tensor,
+        scale: torch.Tensor | None,
+        shift: torch.Tensor | None,
+        weight: torch.Tensor,
+        pointwise: torch.Tensor,
+        norm: tuple,
+        depthwise: DepthwiseConv2d,
+        groups: int,
+    ):  # noqa: ANN001, ANN205
+        running_mean, running_var, momentum, eps = norm
+        y, mean, invstd = torch.native_batch_norm(u, scale, shift, running_mean, running_var, True, momentum, eps)
+        ctx.depthwise, ctx.groups, ctx.eps = depthwise, groups, eps
+        ctx.save_for_backward(u, scale, shift, weight, pointwise, mean, invstd)
+        return F.conv2d(depthwise.convolve(y.relu_(), weight), pointwise, None, 1, 0, 1, groups)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        u, scale, shift, weight, pointwise, mean, invstd = ctx.saved_tensors
+        depthwise: DepthwiseConv2d = ctx.depthwise
+        wanted = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled():
+            with torch.enable_grad():
+                r = F.relu(F.batch_norm(u, None, None, scale, shift, True, 0.0, ctx.eps))
+                z = F.conv2d(depthwise.convolve(r, weight), pointwise, None, 1, 0, 1, ctx.groups)
+            found = _gradients_to_differentiate_again(z, (u, scale, shift, weight, pointwise), wanted, grad)
+            return (*found, None, None, None)
+        # the same kernel on the same input: the forward's normalized values, bit for bit
+        r = torch.native_batch_norm(u, scale, shift, None, None, True, 0.0, ctx.eps)[0].relu_()
+        want_r = any(wanted[:3])
+        d_r, d_weight, d_pointwise = separable_gradients(
+            grad, r, weight, pointwise, depthwise, ctx.groups, (want_r, wanted[3], wanted[4])
+        )
+        d_u = d_scale = d_shift = None
+        if want_r:
+            d_y = torch.ops.aten.threshold_backward(d_r, r, 0)
+            d_u, d_scale, d_shift = torch.ops.aten.native_batch_norm_backward(
+                d_y, u, scale, None, None, mean, invstd, True, ctx.eps, list(wanted[:3])
             )
-            if native:
-                d_weight = kernels.depthwise_weight_gradient(x, d_y, weight.shape[-1], stride[0], padding[0], 1)
-        return d_x, d_weight, d_pointwise, None, None
+        return d_u, d_scale, d_shift, d_weight, d_pointwise, None, None, None
 
 
 def depthwise_input_gradient(
@@ -494,6 +555,37 @@ def separable_recomputed(
     """``conv2d(depthwise.convolve(x, weight), pointwise, groups=groups)``, the depthwise output recomputed in the
     backward instead of kept (:class:`_SeparableRecomputed`)."""
     return _SeparableRecomputed.apply(x, weight, pointwise, depthwise, groups)
+
+
+def norm_relu_separable(
+    u: torch.Tensor,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    norm: tuple[torch.Tensor | None, torch.Tensor | None, float, float],
+    weight: torch.Tensor,
+    pointwise: torch.Tensor,
+    depthwise: DepthwiseConv2d,
+    groups: int,
+) -> torch.Tensor:
+    """A training batch norm of ``u`` (affine ``scale`` and ``shift`` or None; ``norm``: the running mean and
+    variance or None, the averaging factor, ε), ReLU, then :func:`separable_recomputed`, keeping neither the ReLU's
+    output nor the depthwise output for the backward (:class:`_NormReluSeparable`)."""
+    return _NormReluSeparable.apply(u, scale, shift, weight, pointwise, norm, depthwise, groups)
+
+
+def norm_relu_separable_layers(layers: Sequence[nn.Module]) -> bool:
+    """Whether ``layers`` are a batch norm in training (batch statistics), a ReLU, a depthwise convolution and a plain
+    1x1 one: what :func:`norm_relu_separable` runs as one."""
+    if len(layers) < 4 or type(layers[0]) is not nn.BatchNorm2d or type(layers[1]) is not nn.ReLU:
+        return False
+    norm, depthwise = layers[0], layers[2]
+    batch_statistics = norm.training or not (norm.track_running_stats and norm.running_mean is not None)
+    return (
+        batch_statistics
+        and type(depthwise) is DepthwiseConv2d
+        and depthwise.padding_mode == "zeros"
+        and plain_pointwise(layers[3])
+    )
 
 
 class DilConv(nn.Sequential):

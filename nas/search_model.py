@@ -37,6 +37,8 @@ from nas.ops import (
     forward_after_relu,
     global_average_pool,
     is_channels_last,
+    norm_relu_separable,
+    norm_relu_separable_layers,
     separable,
     starts_with_relu,
 )
@@ -328,9 +330,17 @@ def closing_norm(op: nn.Module, after_relu: bool) -> tuple[list[nn.Module], nn.B
 
 def run_leaves(modules: Sequence[nn.Module], x: torch.Tensor, recompute_depthwise: bool) -> torch.Tensor:
     """``x`` through ``modules`` in turn, each depthwise convolution and the pointwise one after it as one
-    :func:`separable` convolution."""
+    :func:`separable` convolution; with ``recompute_depthwise`` a training batch norm and ReLU before one as
+    :func:`nas.ops.norm_relu_separable`."""
     i = 0
     while i < len(modules):
+        if recompute_depthwise and norm_relu_separable_layers(modules[i : i + 4]):
+            norm, depthwise, pointwise = modules[i], modules[i + 2], modules[i + 3]
+            x = norm_relu_separable(
+                x, norm.weight, norm.bias, norm_arguments(norm), depthwise.weight, pointwise.weight, depthwise, 1
+            )
+            i += 4
+            continue
         if isinstance(modules[i], DepthwiseConv2d) and i + 1 < len(modules) and type(modules[i + 1]) is nn.Conv2d:
             x = separable(modules[i], modules[i + 1], x, recompute_depthwise)
             i += 2
