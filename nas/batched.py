@@ -28,6 +28,7 @@ from nas.ops import (
     FactorizedReduce,
     SepConv,
     Zero,
+    forward_layer,
     is_channels_last,
     norm_relu_separable,
     norm_relu_separable_layers,
@@ -154,9 +155,9 @@ def batched_layers(
 ) -> torch.Tensor:
     """``x`` through each edge's ``layers`` in turn (the same kinds on every edge), each layer batched over edges;
     with ``recompute_depthwise`` each depthwise convolution and the plain 1x1 one after it as one separable
-    convolution that recomputes the depthwise output in the backward, and a training batch norm and ReLU before
-    one (a sep_conv's middle) taken into it, so that the ReLU's output is recomputed too
-    (``search.speed.recompute_depthwise``)."""
+    convolution that recomputes the depthwise output in the backward, a training batch norm and ReLU before one (a
+    sep_conv's middle) taken into it, so that the ReLU's output is recomputed too, and a max pooling's argmax
+    recomputed (``search.speed.recompute_depthwise``)."""
     first, layer = layers[0], 0
     while layer < len(first):
         if recompute_depthwise and norm_relu_separable_layers(first[layer : layer + 4]):
@@ -183,7 +184,10 @@ def batched_layers(
             x = separable_recomputed(x, weight, torch.cat([m.weight for m in pointwise]), depthwise[0], len(layers))
             layer += 2
             continue
-        x = batched([edge[layer] for edge in layers], x, stats)
+        if recompute_depthwise and isinstance(first[layer], CHANNEL_WISE):
+            x = forward_layer(first[layer], x, recompute=True)
+        else:
+            x = batched([edge[layer] for edge in layers], x, stats)
         layer += 1
     return x
 

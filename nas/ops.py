@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from nas import kernels
 
@@ -586,6 +587,44 @@ def norm_relu_separable_layers(layers: Sequence[nn.Module]) -> bool:
         and depthwise.padding_mode == "zeros"
         and plain_pointwise(layers[3])
     )
+
+
+class _MaxPoolRecomputed(torch.autograd.Function):
+    """``pool(x)`` for an ``nn.MaxPool2d`` keeping only ``x`` for the backward, not the argmax indices (int64: twice
+    the size of a float32 output), which the backward finds again from ``x`` with one more pooling. Under
+    ``create_graph`` (the exact Hessian) it differentiates a recomputed forward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pool: nn.MaxPool2d) -> torch.Tensor:  # noqa: ANN001
+        ctx.pool = pool
+        ctx.save_for_backward(x)
+        return pool(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:  # noqa: ANN001
+        (x,) = ctx.saved_tensors
+        pool: nn.MaxPool2d = ctx.pool
+        if torch.is_grad_enabled():
+            with torch.enable_grad():
+                y = pool(x)
+            return _gradients_to_differentiate_again(y, (x,), (True,), grad)[0], None
+        geometry = (
+            _pair(pool.kernel_size),
+            _pair(pool.stride if pool.stride is not None else pool.kernel_size),
+            _pair(pool.padding),
+            _pair(pool.dilation),
+            pool.ceil_mode,
+        )
+        indices = torch.ops.aten.max_pool2d_with_indices(x, *geometry)[1]
+        return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, *geometry, indices), None
+
+
+def forward_layer(layer: nn.Module, x: torch.Tensor, recompute: bool) -> torch.Tensor:
+    """``layer(x)``; with ``recompute`` (``search.speed.recompute_depthwise``) a max pooling that keeps no argmax
+    indices for the backward (:class:`_MaxPoolRecomputed`)."""
+    if recompute and type(layer) is nn.MaxPool2d and not layer.return_indices and torch.is_grad_enabled():
+        return _MaxPoolRecomputed.apply(x, layer)
+    return layer(x)
 
 
 class DilConv(nn.Sequential):

@@ -35,6 +35,7 @@ from nas.ops import (
     ReLUConvBN,
     build_op,
     forward_after_relu,
+    forward_layer,
     global_average_pool,
     is_channels_last,
     norm_relu_separable,
@@ -331,7 +332,7 @@ def closing_norm(op: nn.Module, after_relu: bool) -> tuple[list[nn.Module], nn.B
 def run_leaves(modules: Sequence[nn.Module], x: torch.Tensor, recompute_depthwise: bool) -> torch.Tensor:
     """``x`` through ``modules`` in turn, each depthwise convolution and the pointwise one after it as one
     :func:`separable` convolution; with ``recompute_depthwise`` a training batch norm and ReLU before one as
-    :func:`nas.ops.norm_relu_separable`."""
+    :func:`nas.ops.norm_relu_separable`, and a max pooling's argmax recomputed (:func:`nas.ops.forward_layer`)."""
     i = 0
     while i < len(modules):
         if recompute_depthwise and norm_relu_separable_layers(modules[i : i + 4]):
@@ -345,7 +346,7 @@ def run_leaves(modules: Sequence[nn.Module], x: torch.Tensor, recompute_depthwis
             x = separable(modules[i], modules[i + 1], x, recompute_depthwise)
             i += 2
         else:
-            x = modules[i](x)
+            x = forward_layer(modules[i], x, recompute_depthwise)
             i += 1
     return x
 
@@ -649,11 +650,13 @@ class SearchCell(nn.Module):
             else:
                 stack = torch.cat(list(inputs), dim=1)
                 relu_stack = F.relu(stack) if any(first.after_relu) else stack  # search.speed.shared_relu: one ReLU
-        outputs, norms = [], []
+        outputs, norms, states = [], [], None
         for k, shared in zip(first.active, once):
             candidates = [self.edges[edge].ops[k] for _, edge in group]
             if shared:
-                output, norm = self.run_once_per_state(candidates, distinct, stats)
+                if states is None:  # one stack of the states for every such candidate (what the poolings keep)
+                    states = distinct[0] if len(distinct) == 1 else torch.cat(list(distinct), dim=1)
+                output, norm = self.run_once_per_state(candidates, states, len(distinct), stats)
                 outputs.append(output)
                 norms.append(norm)
                 continue
@@ -708,16 +711,15 @@ class SearchCell(nn.Module):
         return kind == "plain" or (kind == "normalized" and normalize and self.training)
 
     def run_once_per_state(
-        self, candidates: Sequence[nn.Module], distinct: Sequence[torch.Tensor], stats: RunningStats
+        self, candidates: Sequence[nn.Module], x: torch.Tensor, sources: int, stats: RunningStats
     ) -> tuple[torch.Tensor, tuple | None]:
-        """A candidate without weights on the group's states stacked (one block per state, not per edge), and its
-        closing batch norm's arguments for the sum (None: no norm in the sum), the statistics of the first edge
-        leaving each state updated by it and the other edges' following (:meth:`RunningStats.follow`)."""
-        x = distinct[0] if len(distinct) == 1 else torch.cat(list(distinct), dim=1)
+        """A candidate without weights on ``x``, the group's ``sources`` states stacked (one block per state, not per
+        edge), and its closing batch norm's arguments for the sum (None: no norm in the sum), the statistics of the
+        first edge leaving each state updated by it and the other edges' following (:meth:`RunningStats.follow`)."""
         split = closing_norm(candidates[0], False)
         if split is None:  # no batch norm (once_per_state)
             return candidates[0](x), None
-        per_state = len(candidates) // len(distinct)
+        per_state = len(candidates) // sources
         norms = [closing_norm(op, False)[1] for op in candidates]
         if not one_norm(norms):
             raise RuntimeError("weightless candidates of one group must have alike batch norms")
@@ -727,7 +729,7 @@ class SearchCell(nn.Module):
             followers = [(n, leaders[i // per_state]) for i, n in enumerate(norms) if i % per_state]
             stats.follow([n for n, _ in followers], [lead for _, lead in followers])
         for layer in split[0]:
-            x = layer(x)
+            x = forward_layer(layer, x, self.edges[0].recompute_depthwise)
         return x, norm
 
     def gather(self, rows: torch.Tensor, group: EdgeGroup) -> torch.Tensor:
