@@ -123,8 +123,9 @@ class SpeedConfig(_Section):
         description="a memory option, with norm_in_sum: the depthwise output of each separable and dilated convolution "
         "(sep_conv_*, dil_conv_*) recomputed in the backward instead of kept, where a weight gradient needs it "
         "(nas.ops.separable; with batched_edges one such convolution over the stacked edges), and in a sep_conv the "
-        "batch norm and ReLU between its two halves recomputed too (nas.ops.norm_relu_separable): less peak memory "
-        "for more time on CPU (bench/README.md)",
+        "batch norm and ReLU between its two halves recomputed too (nas.ops.norm_relu_separable), and the argmax of "
+        "each max pooling found again in its backward (nas.ops.forward_layer): about half the plain path's peak "
+        "memory for about 10% more time than the default on CPU (bench/README.md)",
     )
     batched_edges: bool = Field(
         True,
