@@ -23,6 +23,8 @@ achieved FLOP/s as a fraction of the measured matmul rate, and peak memory. Ever
   for compiled rows (their kernels are fused, not dispatched one by one) nor for captured ones (one graph launch).
 - Page faults per step: the process's minor page faults over the timed steps, per step: pages the kernel mapped
   and zeroed because the allocator had given memory back (``search.speed.keep_freed_memory`` keeps it).
+- GC ms per step: the time Python's cyclic garbage collector ran over the timed steps (``gc.callbacks``), per step,
+  collections between steps included (``search.speed.pause_gc`` pauses it during a step).
 - Compiled rows (``search.speed.compile``, inductor) spend their first steps compiling, and CUDA-graph rows
   (``search.speed.cuda_graph``, GPU only) run two steps eagerly and capture the third: their warmup is at least 3
   steps. On CPU the compile itself takes minutes.
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import multiprocessing
 import platform
@@ -103,6 +106,9 @@ def cases() -> list[Case]:
         Case("default-native_depthwise_grad", "second", {**default, "native_depthwise_grad": False}),
         Case("default-weightless_once", "first", {**default, "weightless_once": False}),
         Case("default-weightless_once", "second", {**default, "weightless_once": False}),
+        Case("default-pause_gc", "first", {**default, "pause_gc": False}),
+        Case("default-pause_gc", "second", {**default, "pause_gc": False}),
+        Case("pc-darts K=4-pause_gc", "second", {**default, "pause_gc": False}, partial_channels=4),
         Case("default+checkpoint", "first", {**default, "checkpoint_cells": True}),
         Case("default+checkpoint", "second", {**default, "checkpoint_cells": True}),
         Case("default+bf16", "first", default, precision="bf16"),
@@ -144,6 +150,27 @@ class Row:
     rss_after_build_mb: float | None
     ops_per_step: int | None  # aten operators that do work, one step (None: a compiled row)
     page_faults_per_step: float  # the process's minor page faults per timed step
+    gc_ms_per_step: float = 0.0  # time in Python's garbage collector per timed step
+
+
+class CollectionClock:
+    """Seconds Python's cyclic garbage collector has run since this was entered, from ``gc.callbacks``."""
+
+    def __init__(self) -> None:
+        self.seconds, self.started = 0.0, 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self.started
+
+    def __enter__(self) -> CollectionClock:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self)
 
 
 class StepClock:
@@ -228,13 +255,16 @@ def measure(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> R
     # The first steps compile, or run eagerly and then capture the step's CUDA graph (nas/graphed.py).
     captured = case.speed.get("compile") or case.speed.get("cuda_graph")
     warmup = max(args.warmup, 3) if captured else args.warmup
+    collections = CollectionClock()
     for i in range(warmup + args.iters):
         if i == warmup:
             faults_before = minor_page_faults()
+            collections.__enter__()
         seconds = clock.time(lambda: searcher.step(x_w, y_w, x_a, y_a))
         if i >= warmup:
             times.append(seconds)
     synchronize(device)
+    collections.__exit__()
     faults = (minor_page_faults() - faults_before) / args.iters
     peak = (torch.cuda.max_memory_allocated(device) - allocated) if cuda else peak_rss_bytes() - (rss_after_build or 0)
     ops = None
@@ -261,6 +291,7 @@ def measure(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> R
         rss_after_build_mb=None if rss_after_build is None else rss_after_build / MB,
         ops_per_step=ops,
         page_faults_per_step=faults,
+        gc_ms_per_step=1000 * collections.seconds / args.iters,
     )
 
 
@@ -287,6 +318,7 @@ def over_rounds(rounds: list[Row], matmul: dict[str, float]) -> Row:
             "fraction_of_matmul": gflops / matmul[first.precision],
             "peak_mb": statistics.median(r.peak_mb for r in rounds),
             "page_faults_per_step": statistics.median(r.page_faults_per_step for r in rounds),
+            "gc_ms_per_step": statistics.median(r.gc_ms_per_step for r in rounds),
         }
     )
 
@@ -295,7 +327,7 @@ def format_table(rows: list[Row], matmul: dict[str, float]) -> str:
     plain = {r.order: r.ms_per_step for r in rows if r.name == "plain"}
     lines = [
         f"{'path':24} {'order':6} {'hessian':7} {'ms/step':>9} {'img/s':>7} {'GFLOP/s':>8} {'of mm':>6} "
-        f"{'peak MB':>8} {'ops/step':>8} {'faults':>7} {'plain/this':>10}"
+        f"{'peak MB':>8} {'ops/step':>8} {'faults':>7} {'GC ms':>6} {'plain/this':>10}"
     ]
     for r in rows:
         speedup = plain.get(r.order, float("nan")) / r.ms_per_step
@@ -303,7 +335,7 @@ def format_table(rows: list[Row], matmul: dict[str, float]) -> str:
         faults = f"{r.page_faults_per_step / 1000:.1f}k"
         lines.append(
             f"{r.name:24} {r.order:6} {r.hessian:7} {r.ms_per_step:9.0f} {r.images_per_second:7.1f} {r.gflops:8.1f} "
-            f"{r.fraction_of_matmul:6.1%} {r.peak_mb:8.0f} {ops:>8} {faults:>7} {speedup:10.2f}"
+            f"{r.fraction_of_matmul:6.1%} {r.peak_mb:8.0f} {ops:>8} {faults:>7} {r.gc_ms_per_step:6.1f} {speedup:10.2f}"
         )
     rates = ", ".join(f"{kind} {rate:.1f} GFLOP/s" for kind, rate in matmul.items())
     lines.append(f"matmul rate: {rates}")

@@ -176,6 +176,13 @@ class SpeedConfig(_Section):
         "at batch 16, a million at batch 48, where the second-order step gets 1.37x faster), the same peak "
         "(bench/README.md); a process-wide setting of glibc's malloc, made when the search is built",
     )
+    pause_gc: bool = Field(
+        True,
+        description="Python's cyclic garbage collector paused during each search step and back as it was after "
+        "(nas.loop.collection_paused): the step's autograd graph, tens of thousands of objects, is freed by "
+        "reference counting when the step ends instead of being walked by collections during it, each full one "
+        "also walking the supernet's modules (about 0.2 s every few steps; bench/README.md)",
+    )
     compile: bool = Field(
         False,
         description="torch.compile the supernet's forward (falls back to eager if compiling fails; for GPUs: on a "

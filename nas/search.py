@@ -11,6 +11,7 @@ One process, on the digits preset::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from nas.loop import (
     Meter,
     Progress,
     autocast,
+    collection_paused,
     keep_freed_memory,
     rng_state,
     seed_everything,
@@ -150,9 +152,15 @@ class Searcher:
     def step(self, x_w: Tensor, y_w: Tensor, x_a: Tensor, y_a: Tensor) -> tuple[Tensor, Tensor]:
         """One search step: the α step (architect on both batches, then Adam), then the weight step on the weight
         batch. Returns the weight step's (loss, logits), what :meth:`Meter.update` takes with ``y_w``. With
-        ``search.speed.cuda_graph``, a replay of the step's recorded CUDA graph (nas/graphed.py)."""
-        if self.graphed is None:
-            return self.eager_step(x_w, y_w, x_a, y_a)
+        ``search.speed.cuda_graph``, a replay of the step's recorded CUDA graph (nas/graphed.py); with
+        ``search.speed.pause_gc``, no garbage collection during it (:func:`nas.loop.collection_paused`)."""
+        with collection_paused() if self.config.speed.pause_gc else contextlib.nullcontext():
+            if self.graphed is None:
+                return self.eager_step(x_w, y_w, x_a, y_a)
+            return self.graphed_step(x_w, y_w, x_a, y_a)
+
+    def graphed_step(self, x_w: Tensor, y_w: Tensor, x_a: Tensor, y_a: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`step` as a replay of its CUDA graph, captured first where no graph fits the step's key."""
         architect, xi = self.architect, self.architect.current_xi()
         counts = architect.first_order_steps, architect.second_order_steps
         key = (step_key((self.w_optimizer, self.a_optimizer), xi, (x_w, y_w, x_a, y_a)), self.network.training)

@@ -77,13 +77,16 @@ def test_a_row_over_rounds_is_their_median_not_their_mean() -> None:
     """One slow round (the host busy for a minute) must not move the row: the median of three is the middle one."""
     from bench.speed import Row, over_rounds
 
-    def row(ms: float, peak: float, faults: float) -> Row:
+    def row(ms: float, peak: float, faults: float, collecting: float) -> Row:
         images, gflops = 32 / ms * 1000, 1.5 / ms * 1000  # 32 images and 1.5 GFLOP a step
-        return Row("default", "first", "fd", "fp32", ms, [ms], [ms], images, 1.5, gflops, 0.0, peak, 9.0, 7, faults)
+        return Row(
+            "default", "first", "fd", "fp32", ms, [ms], [ms], images, 1.5, gflops, 0.0, peak, 9.0, 7, faults, collecting
+        )
 
-    combined = over_rounds([row(1000, 100, 5e4), row(3000, 300, 9e4), row(1200, 110, 6e4)], {"fp32": 10.0})
+    rounds = [row(1000, 100, 5e4, 30.0), row(3000, 300, 9e4, 90.0), row(1200, 110, 6e4, 2.0)]
+    combined = over_rounds(rounds, {"fp32": 10.0})
     assert combined.ms_per_step == 1200 and combined.ms_rounds == [1000, 3000, 1200] and combined.peak_mb == 110
-    assert combined.page_faults_per_step == 6e4
+    assert combined.page_faults_per_step == 6e4 and combined.gc_ms_per_step == 30.0
     assert combined.ms_all == [1000, 3000, 1200] and combined.ops_per_step == 7
     assert combined.images_per_second == pytest.approx(32 / 1.2) and combined.gflops == pytest.approx(1.25)
     assert combined.fraction_of_matmul == pytest.approx(0.125)

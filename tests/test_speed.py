@@ -4,6 +4,7 @@ the plain path's α and w after 3 steps (within 1e-4)."""
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import resource
 import sys
@@ -1210,3 +1211,35 @@ def test_a_cpu_search_keeps_freed_memory_for_the_next_allocation(keep: bool) -> 
         assert faults <= pages // 4  # none once the heap is warm; one allocation of the four at the most
     else:
         assert faults >= pages * 9 // 10
+
+
+@pytest.mark.parametrize("pause", [True, False])
+def test_a_search_step_runs_no_garbage_collection_with_pause_gc_and_leaves_the_collector_as_it_was(pause: bool) -> None:
+    """``search.speed.pause_gc``: no collection starts between the step's first forward and its weight update, even
+    with a threshold of one allocation, and the collector is on again after the step (also after one that raised),
+    unless it was off before; off, collections run during the step as usual."""
+    cfg = tiny_config(SpeedConfig(pause_gc=pause))
+    torch.manual_seed(0)
+    searcher = Searcher(cfg, in_channels=1, num_classes=3)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    inside, collections = [False], []
+    searcher.network.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
+    searcher.w_optimizer.register_step_post_hook(lambda *_: inside.__setitem__(0, False))
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1)
+    gc.callbacks.append(lambda phase, _: collections.append(phase) if inside[0] and phase == "start" else None)
+    try:
+        searcher.step(x, y, x, y)
+        after, during = gc.isenabled(), len(collections)
+        with pytest.raises(ValueError, match="batch_size"):
+            searcher.step(x, y[:3], x, y)  # labels that do not fit the batch
+        after_an_error = gc.isenabled()
+        gc.disable()
+        searcher.step(x, y, x, y)
+        off_before = gc.isenabled()
+    finally:
+        gc.callbacks.pop()
+        gc.set_threshold(*thresholds)
+        gc.enable()
+    assert after and after_an_error and not off_before
+    assert (during == 0) if pause else (during > 10)
