@@ -150,11 +150,11 @@ class Row:
     rss_after_build_mb: float | None
     ops_per_step: int | None  # aten operators that do work, one step (None: a compiled row)
     page_faults_per_step: float  # the process's minor page faults per timed step
-    gc_ms_per_step: float = 0.0  # time in Python's garbage collector per timed step
+    gc_ms_per_step: float  # time in Python's garbage collector per timed step
 
 
 class CollectionClock:
-    """Seconds Python's cyclic garbage collector has run since this was entered, from ``gc.callbacks``."""
+    """Seconds Python's cyclic garbage collector runs between :meth:`start` and :meth:`stop` (``gc.callbacks``)."""
 
     def __init__(self) -> None:
         self.seconds, self.started = 0.0, 0.0
@@ -165,11 +165,10 @@ class CollectionClock:
         else:
             self.seconds += time.perf_counter() - self.started
 
-    def __enter__(self) -> CollectionClock:
+    def start(self) -> None:
         gc.callbacks.append(self)
-        return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
         gc.callbacks.remove(self)
 
 
@@ -259,12 +258,12 @@ def measure(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> R
     for i in range(warmup + args.iters):
         if i == warmup:
             faults_before = minor_page_faults()
-            collections.__enter__()
+            collections.start()
         seconds = clock.time(lambda: searcher.step(x_w, y_w, x_a, y_a))
         if i >= warmup:
             times.append(seconds)
     synchronize(device)
-    collections.__exit__()
+    collections.stop()
     faults = (minor_page_faults() - faults_before) / args.iters
     peak = (torch.cuda.max_memory_allocated(device) - allocated) if cuda else peak_rss_bytes() - (rss_after_build or 0)
     ops = None

@@ -119,16 +119,18 @@ def batchable(module: nn.Module) -> bool:
     return True
 
 
-def batched(modules: Sequence[nn.Module], x: torch.Tensor, stats: RunningStats) -> torch.Tensor:
+def batched(
+    modules: Sequence[nn.Module], x: torch.Tensor, stats: RunningStats, recompute_depthwise: bool = False
+) -> torch.Tensor:
     """``cat([modules[e](block e of x) for e], dim=1)`` with one operator per layer where the kind allows.
 
     ``modules``: the same candidate of m edges (same structure, own weights); ``x``: (N, m·C, H, W), edge e's input
-    in channels [e·C, (e+1)·C)."""
+    in channels [e·C, (e+1)·C). ``recompute_depthwise``: as :func:`batched_layers`."""
     first = modules[0]
     if isinstance(first, CHANNEL_WISE):
-        return first(x)
+        return forward_layer(first, x, recompute_depthwise)
     if isinstance(first, nn.Sequential) and type(first).forward is nn.Sequential.forward:
-        return batched_layers([list(m) for m in modules], x, stats)
+        return batched_layers([list(m) for m in modules], x, stats, recompute_depthwise)
     if type(first) in (nn.Conv2d, DepthwiseConv2d):
         return _conv(modules, x)
     if type(first) is nn.BatchNorm2d:
@@ -184,10 +186,7 @@ def batched_layers(
             x = separable_recomputed(x, weight, torch.cat([m.weight for m in pointwise]), depthwise[0], len(layers))
             layer += 2
             continue
-        if recompute_depthwise and isinstance(first[layer], CHANNEL_WISE):
-            x = forward_layer(first[layer], x, recompute=True)
-        else:
-            x = batched([edge[layer] for edge in layers], x, stats)
+        x = batched([edge[layer] for edge in layers], x, stats, recompute_depthwise)
         layer += 1
     return x
 
