@@ -89,12 +89,21 @@ class GraphedStep:
             return tuple(t.detach().clone() for t in self._outputs)
 
     def _on_side_stream(self, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
-        side = torch.cuda.Stream(self.device)
+        """An eager step on the stream the capture will use. The backward's gradient accumulators (one per weight,
+        kept by autograd while anything references them) remember the stream they were made on; made on the capture
+        stream, the captured backward finds them there, with no crossing to another stream to record."""
+        side = self._capture_stream()
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             outputs = self.step(*inputs)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        return outputs
+        # Detached: the caller keeping a loss must not keep this step's autograd graph (and its accumulators) alive.
+        return tuple(t.detach() for t in outputs)
+
+    def _capture_stream(self) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
 
     def _capture(self, key: Hashable, inputs: Sequence[Tensor]) -> None:
         """Record one step on copies of ``inputs``; nothing runs until the first replay."""
@@ -102,12 +111,11 @@ class GraphedStep:
         if self.before_capture is not None:
             self.before_capture()
         self._inputs = [t.clone() for t in inputs]
-        self._stream = self._stream or torch.cuda.Stream(self.device)
         graph = torch.cuda.CUDAGraph()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             # thread_local: CUDA calls of other threads (a data loader's, Ray's) do not spoil this thread's capture.
-            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, stream=self._capture_stream(), capture_error_mode="thread_local"):
                 self._outputs = tuple(self.step(*self._inputs))
         empty = [str(w.message) for w in caught if "empty" in str(w.message).lower()]
         if empty:  # nothing was recorded: every replay would do nothing
