@@ -42,6 +42,7 @@ from components.trainer import (
     worker_console,
 )
 from nas.genotypes import Genotype
+from nas.loop import LoopContext
 from nas.search import SearchEpoch
 
 OUTPUTS_MARKER = "history.json"  # published last: a search whose outputs hold it has finished
@@ -58,6 +59,18 @@ class SearchStageResult:
 
 
 # --- inside each worker ---------------------------------------------------------------------------------------------
+def _say_if_native_kernels_missing(config: PipelineConfig, context: LoopContext) -> None:
+    """A CPU worker whose config asks for the native kernels but cannot build them (no C compiler there) runs
+    PyTorch's slower operators; its warning would stay in its own Ray log, so each such rank says it on the console."""
+    from nas import kernels
+
+    speed = config.search.speed
+    if context.device.type == "cpu" and (speed.native_depthwise_grad or speed.weightless_once):
+        problem = kernels.native_problem()
+        if problem is not None:
+            context.log(f"rank {context.rank}: {problem}")
+
+
 def _search_worker(loop_config: dict[str, Any]) -> None:
     from nas.artifacts import save_epoch_pictures, save_search_outputs, write_json
     from nas.search import SearchRun
@@ -65,6 +78,7 @@ def _search_worker(loop_config: dict[str, Any]) -> None:
     config, callback, context = start_worker(loop_config, average_alpha_gradients=True)
     rank, world = context.rank, context.world_size
     console = worker_console(loop_config)
+    _say_if_native_kernels_missing(config, context)
     run = SearchRun(config, context)
     watch(context, callback, run.network)
     restore_latest(run, context, "search")

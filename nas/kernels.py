@@ -12,8 +12,9 @@ The library (both files) is built once per machine, source and compiler, with ``
 ``$XDG_CACHE_HOME/raydarts/kernels`` (``~/.cache`` by default) under a name that hashes all four, so a machine with
 another CPU sharing the home folder builds its own. Processes that build at once (Ray workers) each write their own
 file and rename it into place. Where no compiler builds it, a warning says why once and the callers keep PyTorch's
-kernel. It is linked against the OpenMP runtime by its soname, which PyTorch has already loaded: the kernel runs on
-PyTorch's own thread pool, with ``torch.get_num_threads()`` threads.
+kernel; a search's Ray worker also says it on the driver's console (:func:`native_problem`). It is linked against
+the OpenMP runtime by its soname, which PyTorch has already loaded: the kernel runs on PyTorch's own thread pool, with
+``torch.get_num_threads()`` threads.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -77,33 +79,41 @@ def _build(cc: str, target: Path) -> None:
             os.remove(temporary)
 
 
+@dataclass(frozen=True)
+class NativeKernels:
+    """The built kernel library, or why there is none (the text of the one warning given)."""
+
+    library: ctypes.CDLL | None
+    problem: str | None = None
+
+
 @functools.cache
-def native_library() -> ctypes.CDLL | None:
-    """The built kernel library, loaded (built first where it is not in the cache); None, with one warning, where it
-    cannot be built or loaded. Cached for the process: a loaded shared library stays loaded."""
+def native_kernels() -> NativeKernels:
+    """The kernel library, loaded (built first where it is not in the cache), or why it cannot be, with one warning.
+    Cached for the process: a loaded shared library stays loaded."""
     cc = compiler()
     if cc is None:
-        warnings.warn(
-            "native kernels (search.speed.native_depthwise_grad, weightless_once): no C compiler (cc, gcc, clang or "
-            "$CC); PyTorch's operators run",
-            stacklevel=2,
-        )
-        return None
+        return _without("no C compiler (cc, gcc, clang or $CC)")
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        texts = [source.read_text() for source in SOURCES]
-        key = hashlib.sha256("\0".join([*texts, *FLAGS, version, _machine()]).encode()).hexdigest()
-        target = cache_folder() / f"raydarts_kernels-{key[:16]}.so"
-        if not target.exists():
-            _build(cc, target)
-        library = ctypes.CDLL(str(target))
+        return NativeKernels(_load(cc))
     except (OSError, subprocess.SubprocessError) as error:
-        warnings.warn(
-            f"native kernels (search.speed.native_depthwise_grad, weightless_once): not built ({error}); PyTorch's "
-            "operators run",
-            stacklevel=2,
-        )
-        return None
+        return _without(f"not built ({error})")
+
+
+def _without(problem: str) -> NativeKernels:
+    text = f"native kernels (search.speed.native_depthwise_grad, weightless_once): {problem}; PyTorch's operators run"
+    warnings.warn(text, stacklevel=3)
+    return NativeKernels(None, text)
+
+
+def _load(cc: str) -> ctypes.CDLL:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    texts = [source.read_text() for source in SOURCES]
+    key = hashlib.sha256("\0".join([*texts, *FLAGS, version, _machine()]).encode()).hexdigest()
+    target = cache_folder() / f"raydarts_kernels-{key[:16]}.so"
+    if not target.exists():
+        _build(cc, target)
+    library = ctypes.CDLL(str(target))
     function = library.depthwise_weight_grad_f32
     function.restype = None
     function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 16 + [ctypes.c_int]
@@ -113,9 +123,20 @@ def native_library() -> ctypes.CDLL | None:
     return library
 
 
+def native_library() -> ctypes.CDLL | None:
+    """The built kernel library (:func:`native_kernels`); None where it cannot be built or loaded."""
+    return native_kernels().library
+
+
 def native_available() -> bool:
     """Whether the native kernels are built and loaded here (building them on the first call)."""
-    return native_library() is not None
+    return native_kernels().library is not None
+
+
+def native_problem() -> str | None:
+    """Why the native kernels are not available here, as one line (None where they are): what a Ray worker says on
+    the driver's console, where its own warning would stay in its log."""
+    return native_kernels().problem
 
 
 def depthwise_weight_gradient(

@@ -129,7 +129,7 @@ def test_the_work_plan_counts_the_flops_of_every_search_and_retrain(tmp_path: Pa
     assert work_plan(Prepared(config, Location(str(tmp_path)))).total == 0  # no preflight, no data: no ETA
 
 
-def _search(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def _search(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "components.search", "--config", "digits", "--name", "console"]
     for override in (
         "search.epochs=2",
@@ -144,26 +144,34 @@ def _search(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
         f"ray.storage_path={tmp_path / 'store'}",
     ):
         command += ["--set", override]
-    env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1", **(env or {})}
     return run_bounded([*command, *extra], timeout=300, cwd=ROOT, env=env)
 
 
 def test_a_stage_prints_only_its_own_lines_unless_verbose(tmp_path: Path) -> None:
-    quiet = _search(tmp_path / "quiet")
+    """The quiet run's worker has no C compiler (the cluster the stage starts inherits $CC): it says so on the
+    console, once, where its own warning would stay in its Ray log; the verbose run's worker has one and says
+    nothing of it."""
+    quiet = _search(tmp_path / "quiet", env={"CC": str(tmp_path / "no-such-compiler")})
     assert quiet.returncode == 0, quiet.stderr[-3000:]
     lines = quiet.stdout.splitlines()
-    epochs = [line for line in lines if OUR_LINE.match(line)]
-    assert [line.split(" | ")[0] for line in epochs] == [
+    ours = [line for line in lines if OUR_LINE.match(line)]
+    assert ours[0] == (
+        "[search s2 ξ=lr 2nd] rank 0: native kernels (search.speed.native_depthwise_grad, weightless_once): "
+        "no C compiler (cc, gcc, clang or $CC); PyTorch's operators run"
+    )
+    assert [line.split(" | ")[0] for line in ours[1:]] == [
         "[search s2 ξ=lr 2nd] search epoch 1/2",  # the digits preset's seed and order name the run
         "[search s2 ξ=lr 2nd] search epoch 2/2",
     ]
-    assert [line.split(":")[0] for line in lines[len(epochs) :]] == ["genotype", "outputs"]
+    assert [line.split(":")[0] for line in lines[len(ours) :]] == ["genotype", "outputs"]
     assert quiet.stderr == ""  # no Ray, Train or MLflow line
 
     verbose = _search(tmp_path / "verbose", "--verbose")
     assert verbose.returncode == 0, verbose.stderr[-3000:]
     assert sum(bool(OUR_LINE.match(line)) for line in verbose.stdout.splitlines()) == 2  # ours, once each
     assert "(TrainController pid=" in verbose.stdout + verbose.stderr  # and Ray's own, forwarded
+    assert "native kernels" not in verbose.stdout + verbose.stderr  # built (or found in the cache) here
 
 
 WORKERS_AT_ONCE = """

@@ -187,35 +187,37 @@ def test_without_a_compiler_pytorchs_kernel_runs_with_one_warning(
 ) -> None:
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    kernels.native_library.cache_clear()
+    kernels.native_kernels.cache_clear()
     try:
         torch.manual_seed(0)
         x = torch.randn(2, 4, 8, 8)
         weight = torch.randn(4, 1, 5, 5, requires_grad=True)
-        with pytest.warns(UserWarning, match="no C compiler"):
+        with pytest.warns(UserWarning, match="no C compiler") as caught:
             assert not kernels.native_available()
+        assert kernels.native_problem() == str(caught[0].message)  # the line a Ray worker sends to the console
+        assert kernels.native_problem().startswith("native kernels (search.speed.native_depthwise_grad")
         out = depthwise_conv2d(x, weight, 1, 2, 1, native_grad=True)
         assert out.grad_fn.name() == "ConvolutionBackward0"  # PyTorch's own
         assert not (tmp_path / "cache").exists()
     finally:
-        kernels.native_library.cache_clear()
+        kernels.native_kernels.cache_clear()
 
 
 def test_the_kernel_is_built_once_into_the_cache_and_loaded_from_it(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    kernels.native_library.cache_clear()
+    kernels.native_kernels.cache_clear()
     try:
-        assert kernels.native_available()
+        assert kernels.native_available() and kernels.native_problem() is None
         built = list((tmp_path / "raydarts" / "kernels").iterdir())
         assert [p.suffix for p in built] == [".so"]  # no temporary file left
         stamp = built[0].stat().st_mtime_ns
-        kernels.native_library.cache_clear()
+        kernels.native_kernels.cache_clear()
         assert kernels.native_available()
         assert list((tmp_path / "raydarts" / "kernels").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
     finally:
-        kernels.native_library.cache_clear()
+        kernels.native_kernels.cache_clear()
 
 
 def test_a_failed_build_warns_and_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -223,13 +225,14 @@ def test_a_failed_build_warns_and_leaves_nothing_behind(monkeypatch: pytest.Monk
     broken.write_text("this is not C\n")
     monkeypatch.setattr(kernels, "SOURCES", (broken,))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    kernels.native_library.cache_clear()
+    kernels.native_kernels.cache_clear()
     try:
         with pytest.warns(UserWarning, match="not built"):
             assert not kernels.native_available()
+        assert "not built" in kernels.native_problem() and "broken.c" in kernels.native_problem()
         assert list((tmp_path / "cache" / "raydarts" / "kernels").iterdir()) == []
     finally:
-        kernels.native_library.cache_clear()
+        kernels.native_kernels.cache_clear()
 
 
 OPENMP_RUNTIMES = """
