@@ -9,6 +9,7 @@ every weight and buffer. Exits 1 if any differs by more than the tolerances, or 
 twice and replay six times.
 
     python bench/cuda_graph_check.py                    # batch 64, 5 cells, C=16, 32x32, both orders
+    python bench/cuda_graph_check.py --partial-channels 4   # PC-DARTS (K=4, edge normalization)
 """
 
 from __future__ import annotations
@@ -29,22 +30,27 @@ TOLERANCE = 1e-4  # α, weights, buffers and the loss
 GRADIENT_TOLERANCE = 1e-3  # the α gradient, relative to its norm
 
 
-def run(order: str, graphed: bool, args: argparse.Namespace) -> tuple[Searcher, list[dict]]:
-    """8 steps of one searcher; per step its seconds (synchronized), loss and α gradient."""
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    # Both searchers from one config: Adam built capturable, as the graph needs. Capturable Adam rounds its bias
-    # correction differently (α differs by about 1e-9 after one step), and the supernet's ReLU and max-pool kinks
-    # turn so small a difference into weight gradients 1e-5 apart within a step; so the eager reference calls
-    # eager_step under the same config, and the replay is the only difference between the two.
-    speed = SpeedConfig(cuda_graph=True)  # batched edges, the default
-    cfg = SearchConfig(
+def search_config(order: str, args: argparse.Namespace) -> SearchConfig:
+    """The config of both searchers. Adam is built capturable, as the graph needs, in both: capturable Adam rounds
+    its bias correction differently (α differs by about 1e-9 after one step), and the supernet's ReLU and max-pool
+    kinks turn so small a difference into weight gradients 1e-5 apart within a step; so the eager reference calls
+    eager_step under this same config, and the replay is the only difference between the two."""
+    return SearchConfig(
         layers=args.layers,
         channels=args.channels,
         batch_size=args.batch,
         xi=0.0 if order == "first" else None,
-        speed=speed,
+        speed=SpeedConfig(cuda_graph=True),  # batched edges, the default
+        partial_channels=args.partial_channels,
+        edge_normalization=args.partial_channels > 1,
     )
+
+
+def run(order: str, graphed: bool, args: argparse.Namespace) -> tuple[Searcher, list[dict]]:
+    """8 steps of one searcher; per step its seconds (synchronized), loss and α gradient."""
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    cfg = search_config(order, args)
     searcher = Searcher(cfg, 3, 10, LoopContext(device=device))
     gen = torch.Generator(device="cpu").manual_seed(1)
     steps = []
@@ -73,20 +79,26 @@ def largest_difference(a: Searcher, b: Searcher) -> tuple[float, str]:
     return worst, name
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--layers", type=int, default=5)
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--size", type=int, default=32)
-    args = parser.parse_args(argv)
+    parser.add_argument("--partial-channels", type=int, default=1, help="PC-DARTS's K (with edge normalization)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         print("cuda_graph check: no CUDA device", file=sys.stderr)
         return 1
     torch.backends.cudnn.deterministic = True  # so that the two runs differ only by what the graph changes
     torch.backends.cudnn.benchmark = False
     failed = False
+    label = "DARTS" if args.partial_channels == 1 else f"PC-DARTS K={args.partial_channels}"
     for order in ("first", "second"):
         eager, eager_steps = run(order, False, args)
         graphed, graphed_steps = run(order, True, args)
@@ -107,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         failed |= not ok
         print(
-            f"cuda_graph {order} order: {'PASS' if ok else 'FAIL'}; largest difference {worst:.2e} ({where}), "
+            f"cuda_graph {label} {order} order: {'PASS' if ok else 'FAIL'}; largest difference {worst:.2e} ({where}), "
             f"loss {loss_gap:.2e}, α gradient {grad_gap:.2e} of its norm; {step.captures} captures, "
             f"{step.replays} replays, failed={step.failed}"
         )

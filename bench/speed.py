@@ -2,8 +2,11 @@
 second order, the exact Hessian-vector product and the memory option, with the machine's fp32 matmul rate.
 
 Per row: ms per step (median over ``--iters`` timed steps after ``--warmup``), images/s (2 × batch per step),
-achieved FLOP/s as a fraction of the measured matmul rate, and peak memory. Every row runs in a fresh process;
-``--rounds R`` runs the selected rows R times in turn and reports each row's median over its rounds.
+achieved FLOP/s as a fraction of the measured matmul rate, and peak memory. On CPU every row runs in a fresh
+process (its peak RSS is its own); on CUDA all run in this one, each after the last one's memory is freed: the
+allocator's peak is per row anyway, and CUDA's and cuDNN's start-up (about 20 s on an H200, its kernels loaded on
+first use) is paid once, not once per row. ``--rounds R`` runs the selected rows R times in turn and reports each
+row's median over its rounds.
 
 - FLOPs of a step are nominal: the supernet's forward FLOPs per image (``bench/flops.py``, convolutions and the
   classifier, 2 per multiply-accumulate) × 3 per forward/backward pass × batch × passes, with 2 passes for a first-
@@ -130,6 +133,8 @@ def cases() -> list[Case]:
         Case("default+cuda_graph", "second", {**default, "cuda_graph": True}),
         Case("default-batched+cuda_graph", "first", {**default, "batched_edges": False, "cuda_graph": True}),
         Case("default-batched+cuda_graph", "second", {**default, "batched_edges": False, "cuda_graph": True}),
+        Case("pc-darts K=4+cuda_graph", "first", {**default, "cuda_graph": True}, partial_channels=4),
+        Case("pc-darts K=4+cuda_graph", "second", {**default, "cuda_graph": True}, partial_channels=4),
     ]
 
 
@@ -141,7 +146,7 @@ class Row:
     precision: str
     ms_per_step: float  # the median of ms_rounds
     ms_all: list[float]  # every timed step, round after round
-    ms_rounds: list[float]  # each round's median: one fresh process each (--rounds)
+    ms_rounds: list[float]  # each round's median (--rounds)
     images_per_second: float
     gflop_per_step: float
     gflops: float
@@ -226,7 +231,7 @@ def matmul_gflops(
 
 
 def measure(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> Row:
-    """In a fresh process: build, then warm up and time the steps of one case."""
+    """Build, then warm up and time the steps of one case (in a fresh process on CPU: :func:`run_row`)."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device, cuda = args.device, args.device.startswith("cuda")
@@ -294,13 +299,23 @@ def measure(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> R
     )
 
 
+def run_row(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> Row:
+    """One row: in a fresh process on CPU (the peak RSS a process reports is its whole life's), in this one on CUDA
+    (the module docstring says why), the last row's searcher and its graphs freed first."""
+    if not args.device.startswith("cuda"):
+        return in_fresh_process(case, args, matmul)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return measure(case, args, matmul)
+
+
 def in_fresh_process(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> Row:
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(measure, case, args, matmul).result()
 
 
 def over_rounds(rounds: list[Row], matmul: dict[str, float]) -> Row:
-    """One case's rows from several fresh processes as one: its time the median of the rounds' medians (a host whose
+    """One case's rows from several rounds as one: its time the median of the rounds' medians (a host whose
     speed drifts from minute to minute moves single rows by 20% or more; alternating rounds see the same drift);
     peak memory the median too."""
     first = rounds[0]
@@ -357,8 +372,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=1,
-        help="run the selected cases this many times, one after another in turn, each in a fresh process; a row "
-        "reports the median of its rounds (what decides a difference of 10%% on a host whose speed drifts)",
+        help="run the selected cases this many times, one after another in turn (each in a fresh process on CPU); "
+        "a row reports the median of its rounds (what decides a difference of 10%% on a host whose speed drifts)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", nargs="*", default=None, help="case names to run, in this order (default: all)")
@@ -380,6 +395,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
         selected.sort(key=lambda c: args.only.index(c.name))
     if not selected:
         raise SystemExit(f"--only names no case (cases: {', '.join(dict.fromkeys(c.name for c in cases()))})")
+    if not args.device.startswith("cuda"):  # a captured step needs a GPU: left out of a whole table, refused if named
+        gpu_only = list(dict.fromkeys(c.name for c in selected if c.speed.get("cuda_graph")))
+        if args.only is not None and gpu_only:
+            raise SystemExit(f"--only names rows that need a CUDA device ({', '.join(gpu_only)}), on {args.device}")
+        selected = [c for c in selected if not c.speed.get("cuda_graph")]
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     precisions = dict.fromkeys(["fp32", *(c.precision for c in selected)])  # bf16 only where a row needs its rate
     matmul = {p: matmul_gflops(args.threads, args.device, dtype=dtypes[p]) for p in precisions}
@@ -388,7 +408,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print(format_table(rows, matmul).splitlines()[0], flush=True)
     for round_ in range(1, args.rounds + 1):
         for i, case in enumerate(selected):
-            measured[i].append(in_fresh_process(case, args, matmul))
+            measured[i].append(run_row(case, args, matmul))
             rows = [over_rounds(found, matmul) for found in measured if found]
             line = format_table([*rows, measured[i][-1]], matmul).splitlines()[-2]  # this process's own row
             print(line + (f"  (round {round_}/{args.rounds})" if args.rounds > 1 else ""), flush=True)

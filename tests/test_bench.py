@@ -17,6 +17,8 @@ from nas import GENOTYPES, EvalNetwork, SearchNetwork
 from nas.ops import PRIMITIVES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.cuda_graph_check import parse_args as parse_check_args  # noqa: E402
+from bench.cuda_graph_check import search_config as check_config  # noqa: E402
 from bench.flops import counted_flops, eval_network_flops, supernet_flops  # noqa: E402
 from bench.speed import cases  # noqa: E402
 from bench.speed import main as speed_table  # noqa: E402
@@ -71,6 +73,8 @@ def test_the_speed_table_times_bf16_rows_against_the_bf16_matmul_rate_over_round
         speed_table([*tiny, "--only", "default", "--rounds", "0"])
     with pytest.raises(SystemExit, match="--only names no case default[+]batched "):  # a renamed row is named
         speed_table([*tiny, "--only", "default", "default+batched"])
+    with pytest.raises(SystemExit, match=r"need a CUDA device \(pc-darts K=4\+cuda_graph\), on cpu"):
+        speed_table([*tiny, "--device", "cpu", "--only", "default", "pc-darts K=4+cuda_graph"])
 
 
 def test_a_row_over_rounds_is_their_median_not_their_mean() -> None:
@@ -111,10 +115,14 @@ def test_the_gpu_script_parses_and_names_only_existing_cases() -> None:
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     text = script.read_text()
     selections = [shlex.split(part.split("||", 1)[0].replace("\\\n", " ")) for part in text.split("--only")[1:]]
-    assert [len(names) for names in selections] == [7]
+    assert [len(names) for names in selections] == [8]
     assert {name for names in selections for name in names} <= {c.name for c in cases()}
     assert selections[0][0] == "default+cuda_graph"  # the row the GPU target is about runs first
     assert "speed_gpu.json" in text and "python bench/cuda_graph_check.py" in text
+    assert "python bench/cuda_graph_check.py --partial-channels 4" in text
+    for order in ("first", "second"):  # the PC-DARTS check's searchers: a config the library accepts
+        cfg = check_config(order, parse_check_args(["--partial-channels", "4"]))
+        assert (cfg.partial_channels, cfg.edge_normalization, cfg.speed.cuda_graph) == (4, True, True)
     command = text.split("python -m components.search --config", 1)[1].split("||", 1)[0]
     stage = shlex.split(command.replace("\\\n", " "))
     overrides = [value.replace("$store", "/tmp/store") for flag, value in zip(stage, stage[1:]) if flag == "--set"]

@@ -231,22 +231,28 @@ class HostReads(TorchDispatchMode):
 
 
 @pytest.mark.parametrize(
-    ("xi", "hessian", "speed"),
+    ("xi", "hessian", "speed", "partial"),
     [
-        (0.0, "fd", SpeedConfig()),
-        (None, "fd", SpeedConfig()),
-        (None, "fd", SpeedConfig(norm_in_sum=False)),  # the switches a GPU search would take
-        (None, "fd", SpeedConfig(batched_edges=False)),
-        (None, "exact", SpeedConfig()),
-        (None, "fd", PLAIN),
+        (0.0, "fd", SpeedConfig(), 1),
+        (None, "fd", SpeedConfig(), 1),
+        (None, "fd", SpeedConfig(norm_in_sum=False), 1),  # the switches a GPU search would take
+        (None, "fd", SpeedConfig(batched_edges=False), 1),
+        (None, "exact", SpeedConfig(), 1),
+        (None, "fd", PLAIN, 1),
+        (None, "fd", SpeedConfig(norm_in_sum=False), 2),  # PC-DARTS: partial channels, edge normalization
     ],
-    ids=["first-order", "second-order", "gpu-switches", "edge-by-edge", "exact-hessian", "plain"],
+    ids=["first-order", "second-order", "gpu-switches", "edge-by-edge", "exact-hessian", "plain", "pc-darts"],
 )
-def test_the_step_never_reads_a_tensor_on_the_host(xi: float | None, hessian: str, speed: SpeedConfig) -> None:
+def test_the_step_never_reads_a_tensor_on_the_host(
+    xi: float | None, hessian: str, speed: SpeedConfig, partial: int
+) -> None:
     """What search.speed.cuda_graph captures (the architect, the weight step with its gradient clipping) reads no
     tensor's value on the host; Adam's part is torch's capturable mode."""
     torch.manual_seed(0)
-    searcher = Searcher(tiny_config(speed, xi=xi, hessian=hessian), in_channels=1, num_classes=3)
+    cfg = tiny_config(speed, xi=xi, hessian=hessian)
+    if partial > 1:
+        cfg = cfg.model_copy(update={"partial_channels": partial, "edge_normalization": True})
+    searcher = Searcher(cfg, in_channels=1, num_classes=3)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
     searcher.step(x, y, x, y)  # the momentum buffers exist from here on, as they do when a graph is captured
     with HostReads() as reads:
