@@ -193,7 +193,9 @@ class Searcher:
         finally:
             for alpha in self.network.alphas():
                 alpha.requires_grad_(True)
-        nn.utils.clip_grad_norm_(list(self.network.weights()), self.config.w_grad_clip, foreach=True)
+        # The optimizer's own list: what it steps, without walking the supernet's ~5k modules (9 ms) every step.
+        weights = [p for group in self.w_optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(weights, self.config.w_grad_clip, foreach=True)
         self.w_optimizer.step()
         return loss, logits
 

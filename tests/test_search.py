@@ -155,6 +155,26 @@ def test_weight_step_leaves_alpha_untouched() -> None:
     assert all(a.requires_grad for a in run.network.alphas())
 
 
+@pytest.mark.parametrize("clip", [1e-3, 1e6])
+def test_the_weight_step_clips_the_norm_of_all_weight_gradients_together(clip: float) -> None:
+    """search.w_grad_clip bounds the norm of every weight's gradient taken as one vector (not each tensor's); a
+    gradient under the bound is left as it is."""
+    cfg = tiny("search.epochs=1", f"search.w_grad_clip={clip}").search
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+    norms = []
+    for bound in (clip, math.inf):
+        torch.manual_seed(0)
+        searcher = Searcher(cfg.model_copy(update={"w_grad_clip": bound}), 1, 10, quiet())
+        searcher.weight_step(x, y)
+        grads = [p.grad for p in searcher.network.weights()]
+        assert all(g is not None for g in grads)
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+    clipped, unclipped = norms
+    assert unclipped > 1e-2
+    assert clipped == pytest.approx(min(clip, unclipped), rel=1e-4)
+
+
 def test_searcher_is_the_runs_setup_and_steps_on_plain_tensors() -> None:
     """Built after the same seed, a searcher alone is the run's supernet, optimizers and architect; one step moves α
     (once, second order) and the weights, and returns what the meter takes."""
