@@ -697,9 +697,31 @@ class FactorizedReduce(nn.Module):
 def offset_grids(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What :class:`FactorizedReduce`'s two branches read: ``x[:, :, ::2, ::2]`` and, one pixel down and right
     (zero-padded at the far edge), ``pad(x)[:, :, 1::2, 1::2]``; both ceil(H/2) × ceil(W/2). On even sizes the pad
-    is never read, so it is left out (a copy of the whole input less)."""
-    odd = F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2)) if x.shape[-1] % 2 or x.shape[-2] % 2 else x
-    return sub_grid(x, 2), sub_grid(odd, 2, 1, 1)
+    is never read, so it is left out (a copy of the whole input less), and both come from one operator
+    (:class:`_OffsetGrids`)."""
+    if x.shape[-1] % 2 or x.shape[-2] % 2:
+        return sub_grid(x, 2), sub_grid(F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2)), 2, 1, 1)
+    return _OffsetGrids.apply(x)
+
+
+class _OffsetGrids(torch.autograd.Function):
+    """The sub-grids of residues (0, 0) and (1, 1) of an input of even size, with one gradient for both in the
+    input's layout: the other two residues zeroed and the two gradients copied into place. Two :func:`sub_grid`
+    backwards would each zero a whole input, and their sum read both again."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        ctx.shape, ctx.layout = x.shape, memory_layout(x)
+        return x[:, :, 0::2, 0::2], x[:, :, 1::2, 1::2]
+
+    @staticmethod
+    def backward(ctx, even: torch.Tensor, odd: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        full = torch.empty(ctx.shape, dtype=even.dtype, device=even.device, memory_format=ctx.layout)
+        full[:, :, 0::2, 1::2].zero_()
+        full[:, :, 1::2, 0::2].zero_()
+        full[:, :, 0::2, 0::2] = even  # tracked copies: differentiable again (the exact Hessian's backward)
+        full[:, :, 1::2, 1::2] = odd
+        return full
 
 
 def starts_with_relu(op: nn.Module) -> bool:
