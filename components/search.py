@@ -65,7 +65,7 @@ def _say_if_native_kernels_missing(config: PipelineConfig, context: LoopContext)
     from nas import kernels
 
     speed = config.search.speed
-    if context.device.type == "cpu" and (speed.native_depthwise_grad or speed.weightless_once):
+    if context.device.type == "cpu" and (speed.native_depthwise_grad or speed.weightless_once or speed.native_norm):
         problem = kernels.native_problem()
         if problem is not None:
             context.log(f"rank {context.rank}: {problem}")

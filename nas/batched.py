@@ -26,8 +26,10 @@ from torch import nn
 from nas.ops import (
     DepthwiseConv2d,
     FactorizedReduce,
+    NormArguments,
     SepConv,
     Zero,
+    batch_norm,
     forward_layer,
     is_channels_last,
     norm_relu_separable,
@@ -201,21 +203,21 @@ def one_norm(norms: Sequence[nn.BatchNorm2d]) -> bool:
     return all(m.momentum == norms[0].momentum and m.eps == norms[0].eps for m in norms)
 
 
-def stacked_norm_arguments(
-    norms: Sequence[nn.BatchNorm2d], stats: RunningStats
-) -> tuple[torch.Tensor | None, torch.Tensor | None, float, float] | None:
+def stacked_norm_arguments(norms: Sequence[nn.BatchNorm2d], stats: RunningStats) -> NormArguments | None:
     """What one training batch norm over all of ``norms``' channels hands ``F.batch_norm`` (their running statistics
-    concatenated, written back at the end of the cell by ``stats``; the momentum; ε), for eq. 1's sum to compute it
-    (``search.speed.norm_in_sum``); None where they are not one batch norm (:func:`one_norm`)."""
+    concatenated, written back at the end of the cell by ``stats``; the momentum; ε; whether the native kernel may
+    compute it, ``search.speed.native_norm``), for eq. 1's sum to compute it (``search.speed.norm_in_sum``) or
+    :func:`nas.ops.batch_norm`; None where they are not one batch norm (:func:`one_norm`)."""
     n = norms[0]
     if not one_norm(norms):
         return None
+    native = getattr(n, "native_norm", False)
     if not (n.track_running_stats and n.running_mean is not None):
-        return None, None, 0.0, n.eps
+        return NormArguments(None, None, 0.0, n.eps, native)
     running_mean = torch.cat([m.running_mean for m in norms])
     running_var = torch.cat([m.running_var for m in norms])
     stats.add(norms, running_mean, running_var)
-    return running_mean, running_var, n.momentum, n.eps
+    return NormArguments(running_mean, running_var, n.momentum, n.eps, native)
 
 
 def _conv(convs: Sequence[nn.Conv2d], x: torch.Tensor) -> torch.Tensor:
@@ -239,8 +241,7 @@ def _batch_norm(norms: Sequence[nn.BatchNorm2d], x: torch.Tensor, stats: Running
     if n.training or not (n.track_running_stats and n.running_mean is not None):  # batch statistics
         arguments = stacked_norm_arguments(norms, stats)
         assert arguments is not None  # one_norm holds
-        running_mean, running_var, momentum, eps = arguments
-        return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)  # updates the copies
+        return batch_norm(x, weight, bias, arguments)  # updates the copies
     running_mean = torch.cat([m.running_mean for m in norms])
     running_var = torch.cat([m.running_var for m in norms])
     return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, n.eps)

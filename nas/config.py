@@ -161,6 +161,16 @@ class SpeedConfig(_Section):
         "its input as it is for the backward, not its re-laid sub-grids. PyTorch's kernel runs where no compiler "
         "builds it (bench/README.md)",
     )
+    native_norm: bool = Field(
+        True,
+        description="on CPU in channels_last, each training batch norm of the candidates whose channels are not a "
+        "multiple of 16 (PC-DARTS's C/K channels, a small supernet's) by a native kernel built from C with the "
+        "machine's compiler on first use (nas/kernels.py), forward and backward: PyTorch's channels_last kernel is "
+        "4-10x slower at those widths; the same sums in another order (in double). It reaches the norms the search "
+        "computes itself: with norm_in_sum or batched_edges, and skip_connect's in a reduction cell. PyTorch's "
+        "kernel runs where no compiler builds it, under autocast, and in a backward that is differentiated again "
+        "(bench/README.md)",
+    )
     channels_last: bool = Field(
         True,
         description="supernet weights and activations in channels_last memory format (CPU: PyTorch's pooling and "

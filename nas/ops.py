@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -454,9 +455,8 @@ class _NormReluSeparable(torch.autograd.Function):
         depthwise: DepthwiseConv2d,
         groups: int,
     ):  # noqa: ANN001, ANN205
-        running_mean, running_var, momentum, eps = norm
-        y, mean, invstd = torch.native_batch_norm(u, scale, shift, running_mean, running_var, True, momentum, eps)
-        ctx.depthwise, ctx.groups, ctx.eps = depthwise, groups, eps
+        y, mean, invstd = train_norm(u, scale, shift, norm)
+        ctx.depthwise, ctx.groups, ctx.eps, ctx.native = depthwise, groups, norm.eps, norm.native
         ctx.save_for_backward(u, scale, shift, weight, pointwise, mean, invstd)
         return F.conv2d(depthwise.convolve(y.relu_(), weight), pointwise, None, 1, 0, 1, groups)
 
@@ -472,7 +472,7 @@ class _NormReluSeparable(torch.autograd.Function):
             found = _gradients_to_differentiate_again(z, (u, scale, shift, weight, pointwise), wanted, grad)
             return (*found, None, None, None)
         # the same kernel on the same input: the forward's normalized values, bit for bit
-        r = torch.native_batch_norm(u, scale, shift, None, None, True, 0.0, ctx.eps)[0].relu_()
+        r = train_norm(u, scale, shift, NormArguments(None, None, 0.0, ctx.eps, ctx.native))[0].relu_()
         want_r = any(wanted[:3])
         d_r, d_weight, d_pointwise = separable_gradients(
             grad, r, weight, pointwise, depthwise, ctx.groups, (want_r, wanted[3], wanted[4])
@@ -480,9 +480,7 @@ class _NormReluSeparable(torch.autograd.Function):
         d_u = d_scale = d_shift = None
         if want_r:
             d_y = torch.ops.aten.threshold_backward(d_r, r, 0)
-            d_u, d_scale, d_shift = torch.ops.aten.native_batch_norm_backward(
-                d_y, u, scale, None, None, mean, invstd, True, ctx.eps, list(wanted[:3])
-            )
+            d_u, d_scale, d_shift = train_norm_backward(d_y, u, scale, mean, invstd, ctx.eps, wanted[:3], ctx.native)
         return d_u, d_scale, d_shift, d_weight, d_pointwise, None, None, None
 
 
@@ -562,15 +560,15 @@ def norm_relu_separable(
     u: torch.Tensor,
     scale: torch.Tensor | None,
     shift: torch.Tensor | None,
-    norm: tuple[torch.Tensor | None, torch.Tensor | None, float, float],
+    norm: NormArguments,
     weight: torch.Tensor,
     pointwise: torch.Tensor,
     depthwise: DepthwiseConv2d,
     groups: int,
 ) -> torch.Tensor:
-    """A training batch norm of ``u`` (affine ``scale`` and ``shift`` or None; ``norm``: the running mean and
-    variance or None, the averaging factor, ε), ReLU, then :func:`separable_recomputed`, keeping neither the ReLU's
-    output nor the depthwise output for the backward (:class:`_NormReluSeparable`)."""
+    """A training batch norm of ``u`` (affine ``scale`` and ``shift`` or None; ``norm``: :class:`NormArguments`),
+    ReLU, then :func:`separable_recomputed`, keeping neither the ReLU's output nor the depthwise output for the
+    backward (:class:`_NormReluSeparable`)."""
     return _NormReluSeparable.apply(u, scale, shift, weight, pointwise, norm, depthwise, groups)
 
 
@@ -580,13 +578,120 @@ def norm_relu_separable_layers(layers: Sequence[nn.Module]) -> bool:
     if len(layers) < 4 or type(layers[0]) is not nn.BatchNorm2d or type(layers[1]) is not nn.ReLU:
         return False
     norm, depthwise = layers[0], layers[2]
-    batch_statistics = norm.training or not (norm.track_running_stats and norm.running_mean is not None)
     return (
-        batch_statistics
+        batch_statistics(norm)
         and type(depthwise) is DepthwiseConv2d
         and depthwise.padding_mode == "zeros"
         and plain_pointwise(layers[3])
     )
+
+
+class NormArguments(NamedTuple):
+    """What a training batch norm hands its kernel besides its input, scale and shift: the running mean and variance
+    (None where it runs without them), the averaging factor, ε, and whether the native kernel may compute it
+    (``search.speed.native_norm``, :func:`native_norm_applies`)."""
+
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    momentum: float
+    eps: float
+    native: bool = False
+
+
+def norm_arguments(norm: nn.BatchNorm2d) -> NormArguments:
+    """What ``norm``'s training forward hands ``F.batch_norm``, counting the batch as ``nn.BatchNorm2d.forward``
+    does; ``native`` as the search set it on the module (``search.speed.native_norm``)."""
+    factor = 0.0 if norm.momentum is None else norm.momentum
+    if norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    running = (norm.running_mean, norm.running_var) if norm.track_running_stats else (None, None)
+    return NormArguments(*running, factor, norm.eps, getattr(norm, "native_norm", False))
+
+
+# PyTorch's channels_last batch norm is fast where the channels are a multiple of this (its vector width in float32
+# on AVX-512), and 4-10 times slower otherwise; the native kernel computes the others (bench/README.md).
+NATIVE_NORM_SKIPS_MULTIPLES_OF = 16
+
+
+def native_norm_applies(x: torch.Tensor) -> bool:
+    """Whether the native kernel computes a training batch norm of ``x`` (``search.speed.native_norm``): a float32
+    CPU tensor laid out channels_last whose channels are not a multiple of 16, outside autocast and compiled graphs
+    (a graph cannot trace a C call), the kernel built here."""
+    return (
+        x.dim() == 4
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.shape[1] % NATIVE_NORM_SKIPS_MULTIPLES_OF != 0
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and kernels.native_available()
+    )
+
+
+def train_norm(
+    x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None, norm: NormArguments
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.native_batch_norm`` in training (batch statistics, the running ones moved): the output, the batch's
+    per-channel mean and 1/σ; by the native kernel where ``norm.native`` and it applies (:func:`native_norm_applies`).
+    Not differentiable: for the forward of an autograd function, whose backward is :func:`train_norm_backward`."""
+    if norm.native and native_norm_applies(x):
+        return kernels.norm_forward(x, scale, shift, norm.running_mean, norm.running_var, norm.momentum, norm.eps)
+    return torch.native_batch_norm(x, scale, shift, norm.running_mean, norm.running_var, True, norm.momentum, norm.eps)
+
+
+def train_norm_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor | None,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    eps: float,
+    wanted: Sequence[bool],
+    native: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``native_batch_norm_backward`` of a training batch norm: the gradients of its input, scale and shift (None
+    where not ``wanted``); by the native kernel where ``native`` and it applies, except under ``create_graph`` (the
+    exact Hessian), where PyTorch's differentiable operator runs."""
+    if native and not torch.is_grad_enabled() and native_norm_applies(x):
+        return kernels.norm_backward(grad, x, scale, mean, invstd, (wanted[0], wanted[1], wanted[2]))
+    found = torch.ops.aten.native_batch_norm_backward(grad, x, scale, None, None, mean, invstd, True, eps, list(wanted))
+    return tuple(t if want else None for t, want in zip(found, wanted))
+
+
+def batch_norm(
+    x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None, norm: NormArguments
+) -> torch.Tensor:
+    """``F.batch_norm`` in training given ``norm`` (:func:`norm_arguments`): the native kernel's forward and backward
+    (:class:`_NativeNorm`) where ``norm.native`` and it applies, else PyTorch's."""
+    if norm.native and native_norm_applies(x):
+        return _NativeNorm.apply(x, scale, shift, norm)
+    return F.batch_norm(x, norm.running_mean, norm.running_var, scale, shift, True, norm.momentum, norm.eps)
+
+
+class _NativeNorm(torch.autograd.Function):
+    """A training batch norm by the native kernel (:func:`batch_norm`), keeping its input, scale and the batch's
+    mean and 1/σ for the backward, as PyTorch's does. Under ``create_graph`` (the exact Hessian) it differentiates
+    a recomputed forward of PyTorch's operators instead."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None, norm: NormArguments):  # noqa: ANN001, ANN205
+        y, mean, invstd = train_norm(x, scale, shift, norm)
+        ctx.eps = norm.eps
+        ctx.save_for_backward(x, scale, shift, mean, invstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        x, scale, shift, mean, invstd = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            with torch.enable_grad():
+                y = F.batch_norm(x, None, None, scale, shift, True, 0.0, ctx.eps)
+            return (*_gradients_to_differentiate_again(y, (x, scale, shift), wanted, grad), None)
+        d_x, d_scale, d_shift = train_norm_backward(grad, x, scale, mean, invstd, ctx.eps, wanted, True)
+        return d_x, d_scale, d_shift, None
 
 
 class _MaxPoolRecomputed(torch.autograd.Function):
@@ -621,10 +726,19 @@ class _MaxPoolRecomputed(torch.autograd.Function):
 
 def forward_layer(layer: nn.Module, x: torch.Tensor, recompute: bool) -> torch.Tensor:
     """``layer(x)``; with ``recompute`` (``search.speed.recompute_depthwise``) a max pooling that keeps no argmax
-    indices for the backward (:class:`_MaxPoolRecomputed`)."""
+    indices for the backward (:class:`_MaxPoolRecomputed`); a training batch norm marked ``native_norm`` by the
+    search by the native kernel where it applies (:func:`batch_norm`)."""
     if recompute and type(layer) is nn.MaxPool2d and not layer.return_indices and torch.is_grad_enabled():
         return _MaxPoolRecomputed.apply(x, layer)
+    native = type(layer) is nn.BatchNorm2d and getattr(layer, "native_norm", False)
+    if native and batch_statistics(layer) and native_norm_applies(x):
+        return batch_norm(x, layer.weight, layer.bias, norm_arguments(layer))
     return layer(x)
+
+
+def batch_statistics(norm: nn.BatchNorm2d) -> bool:
+    """Whether ``norm`` normalizes by the batch's statistics (training, or no running ones), as its forward does."""
+    return norm.training or not (norm.track_running_stats and norm.running_mean is not None)
 
 
 class DilConv(nn.Sequential):
@@ -691,7 +805,7 @@ class FactorizedReduce(nn.Module):
     def forward_after_relu(self, x: torch.Tensor) -> torch.Tensor:
         """The rest of :meth:`forward`, given ReLU(x) (a supernet edge computes that ReLU once for all its ops)."""
         even, odd = offset_grids(x)
-        return self.bn(torch.cat([self.conv_1(even), self.conv_2(odd)], dim=1))
+        return forward_layer(self.bn, torch.cat([self.conv_1(even), self.conv_2(odd)], dim=1), False)
 
 
 def offset_grids(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

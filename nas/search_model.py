@@ -32,16 +32,20 @@ from nas.ops import (
     PRIMITIVES,
     DepthwiseConv2d,
     FactorizedReduce,
+    NormArguments,
     ReLUConvBN,
     build_op,
     forward_after_relu,
     forward_layer,
     global_average_pool,
     is_channels_last,
+    norm_arguments,
     norm_relu_separable,
     norm_relu_separable_layers,
     separable,
     starts_with_relu,
+    train_norm,
+    train_norm_backward,
 )
 
 PLAIN = SpeedConfig(**dict.fromkeys(SpeedConfig.model_fields, False))  # every speed switch off
@@ -171,14 +175,13 @@ class _WeightedSum(torch.autograd.Function):
 
 
 def closing_norm_forward(
-    x: torch.Tensor, norm: tuple[torch.Tensor | None, torch.Tensor | None, float, float] | None
+    x: torch.Tensor, norm: NormArguments | None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``x`` through an affine-free training batch norm given by ``norm`` (:func:`norm_arguments`; None: no norm),
-    with the per-channel mean and 1/σ its backward takes."""
+    """``x`` through an affine-free training batch norm given by ``norm`` (:func:`nas.ops.norm_arguments`; None: no
+    norm), with the per-channel mean and 1/σ its backward takes."""
     if norm is None:
         return x, None, None
-    running_mean, running_var, factor, eps = norm
-    return torch.native_batch_norm(x, None, None, running_mean, running_var, True, factor, eps)
+    return train_norm(x, None, None, norm)
 
 
 class _EdgeWeightedSum(torch.autograd.Function):
@@ -204,7 +207,8 @@ class _EdgeWeightedSum(torch.autograd.Function):
             total = blocks * w if total is None else total.addcmul_(blocks, w)
             means.append(mean)
             invstds.append(invstd)
-        ctx.eps = [None if norm is None else norm[3] for norm in norms]
+        ctx.eps = [None if norm is None else norm.eps for norm in norms]
+        ctx.native = [norm is not None and norm.native for norm in norms]
         ctx.layout = (once, sources)
         ctx.save_for_backward(weights, *inputs, *means, *invstds)
         return total.flatten(-3).permute(0, 3, 1, 2)
@@ -218,10 +222,12 @@ class _EdgeWeightedSum(torch.autograd.Function):
         blocks = edge_blocks(grad, m)
         want_weights = ctx.needs_input_grad[0]
         d_weights, d_inputs = [], []
-        for k, (x, mean, invstd, eps) in enumerate(zip(inputs, means, invstds, ctx.eps)):
+        for k, (x, mean, invstd, eps, native) in enumerate(zip(inputs, means, invstds, ctx.eps, ctx.native)):
             want_x = ctx.needs_input_grad[4 + k]
             if once[k]:
-                d_weight, d_x = _once_gradients(blocks, weights[k], x, mean, invstd, eps, sources, want_weights, want_x)
+                norm = (eps, native)
+                wants = (want_weights, want_x)
+                d_weight, d_x = _once_gradients(blocks, weights[k], x, mean, invstd, norm, sources, *wants)
                 d_weights.append(d_weight)
                 d_inputs.append(d_x)
                 continue
@@ -234,9 +240,8 @@ class _EdgeWeightedSum(torch.autograd.Function):
             # (affine-free) norm's scale over its block; the scale's gradient, Σ grad · x̂ per channel, summed over
             # a block is that weight's.
             scale = weights[k].repeat_interleave(x.shape[1] // m)
-            d_x, d_scale, _ = torch.ops.aten.native_batch_norm_backward(
-                grad, x, scale, None, None, mean, invstd, True, eps, [want_x, want_weights, False]
-            )
+            wants = (want_x, want_weights, False)
+            d_x, d_scale, _ = train_norm_backward(grad, x, scale, mean, invstd, eps, wants, native)
             d_weights.append(d_scale.view(m, -1).sum(1) if want_weights else None)
             d_inputs.append(d_x)
         return (torch.stack(d_weights) if want_weights else None, None, None, None, *d_inputs)
@@ -248,7 +253,7 @@ def _once_gradients(
     x: torch.Tensor,
     mean: torch.Tensor | None,
     invstd: torch.Tensor | None,
-    eps: float | None,
+    norm: tuple[float | None, bool],
     sources: int,
     want_weights: bool,
     want_x: bool,
@@ -257,7 +262,9 @@ def _once_gradients(
     Σ grad_e · x̂ over its block (x̂ the normalized input, or the input where there is no norm); the input gets the
     norm's backward of Σ_e weights[e] · grad_e over the edges leaving its state. Both in one pass by a native kernel
     where it is built (:func:`nas.kernels.once_per_state_gradients`), else in PyTorch's operators; those also where
-    the gradient is to be differentiated again (the exact Hessian)."""
+    the gradient is to be differentiated again (the exact Hessian). ``norm``: the norm's ε (None: no norm) and
+    whether the native kernel may compute its backward (``search.speed.native_norm``)."""
+    eps, native = norm
     if not torch.is_grad_enabled() and x.dtype == torch.float32 and kernels.native_available():
         d_weights, combined = kernels.once_per_state_gradients(
             blocks.flatten(-2).permute(0, 3, 1, 2), x, mean, invstd, weights.view(sources, -1), want_weights, want_x
@@ -273,9 +280,7 @@ def _once_gradients(
             combined = (per_state * weights.view(sources, -1, 1)).sum(4).flatten(-2).permute(0, 3, 1, 2)
     if combined is None or eps is None:
         return d_weights, combined
-    d_x = torch.ops.aten.native_batch_norm_backward(
-        combined, x, torch.ones_like(mean), None, None, mean, invstd, True, eps, [True, False, False]
-    )[0]
+    d_x = train_norm_backward(combined, x, torch.ones_like(mean), mean, invstd, eps, (True, False, False), native)[0]
     return d_weights, d_x
 
 
@@ -351,17 +356,6 @@ def run_leaves(modules: Sequence[nn.Module], x: torch.Tensor, recompute_depthwis
     return x
 
 
-def norm_arguments(norm: nn.BatchNorm2d) -> tuple[torch.Tensor | None, torch.Tensor | None, float, float]:
-    """What ``norm``'s training forward hands ``F.batch_norm`` (running mean and variance, or None where it runs
-    without them; the averaging factor; ε), counting the batch as ``nn.BatchNorm2d.forward`` does."""
-    factor = 0.0 if norm.momentum is None else norm.momentum
-    if norm.track_running_stats and norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-    running = (norm.running_mean, norm.running_var) if norm.track_running_stats else (None, None)
-    return (*running, factor, norm.eps)
-
-
 class _NormalizedWeightedSum(torch.autograd.Function):
     """Σ_k weights[k] · BN_k(inputs[k]) (eq. 1 with each candidate's closing batch norm inside the sum; a candidate
     without one, ``norms[k]`` None, adds ``inputs[k]`` as it is). Each normalized output is added to the sum and
@@ -378,7 +372,8 @@ class _NormalizedWeightedSum(torch.autograd.Function):
             total = y * weights[k] if total is None else total.addcmul_(y, weights[k])
             means.append(mean)
             invstds.append(invstd)
-        ctx.eps = [None if norm is None else norm[3] for norm in norms]
+        ctx.eps = [None if norm is None else norm.eps for norm in norms]
+        ctx.native = [norm is not None and norm.native for norm in norms]
         ctx.save_for_backward(weights, *inputs, *means, *invstds)
         return total
 
@@ -390,16 +385,15 @@ class _NormalizedWeightedSum(torch.autograd.Function):
         grad = dense_as(grad, inputs[0])
         want_weights = ctx.needs_input_grad[0]
         d_weights, d_inputs = [], []
-        for k, (x, mean, invstd, eps) in enumerate(zip(inputs, means, invstds, ctx.eps)):
+        for k, (x, mean, invstd, eps, native) in enumerate(zip(inputs, means, invstds, ctx.eps, ctx.native)):
             want_x = ctx.needs_input_grad[2 + k]
             if eps is None:
                 d_weights.append(torch.dot(flat_like(grad, x), flat_like(x, x)) if want_weights else None)
                 d_inputs.append(grad * weights[k] if want_x else None)
                 continue
             unit = torch.ones_like(mean)  # a scale of 1 (the norm is affine-free): its gradient is Σ grad · x̂
-            d_x, d_scale, _ = torch.ops.aten.native_batch_norm_backward(
-                grad, x, unit, None, None, mean, invstd, True, eps, [want_x, want_weights, False]
-            )
+            wants = (want_x, want_weights, False)
+            d_x, d_scale, _ = train_norm_backward(grad, x, unit, mean, invstd, eps, wants, native)
             d_weights.append(d_scale.sum() if want_weights else None)
             d_inputs.append(d_x * weights[k] if want_x else None)
         return (torch.stack(d_weights) if want_weights else None, None, *d_inputs)
@@ -431,6 +425,8 @@ class MixedOp(nn.Module):
             if isinstance(module, DepthwiseConv2d):
                 module.dense = speed.dense_dilation
                 module.native_grad = speed.native_depthwise_grad
+            if type(module) is nn.BatchNorm2d:
+                module.native_norm = speed.native_norm
         self.active = tuple(i for i, name in enumerate(primitives) if not (speed.skip_none and name == "none"))
         self.after_relu = tuple(speed.shared_relu and starts_with_relu(op) for op in self.ops)
         self.stacked = speed.stacked_mixture

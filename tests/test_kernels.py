@@ -1,8 +1,9 @@
 """The native kernels (nas/kernels.py): the depthwise weight gradient (nas/depthwise_grad.c,
 ``search.speed.native_depthwise_grad``), the same gradient as PyTorch's over the geometries a search meets and odd
 ones, reached by every 5x5 depthwise convolution of a search step; the once-per-state gradients of the batched sum
-(nas/edge_sum_grad.c, ``search.speed.weightless_once``) against their formulas; built once into a cache, and
-PyTorch's operators where no compiler builds them."""
+(nas/edge_sum_grad.c, ``search.speed.weightless_once``) against their formulas; the channels_last training batch
+norm (nas/norm_cl.c, ``search.speed.native_norm``) against PyTorch's, reached by every narrow norm of a search step;
+built once into a cache, and PyTorch's operators where no compiler builds them."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from nas import kernels
 from nas.config import SearchConfig, SpeedConfig
-from nas.ops import depthwise_conv2d, dilated_as_dense
+from nas.ops import NormArguments, batch_norm, depthwise_conv2d, dilated_as_dense, native_norm_applies
 from nas.search import Searcher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +103,17 @@ class WeightGradients(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def one_step_under(mode: TorchDispatchMode, speed: SpeedConfig, **supernet: object) -> TorchDispatchMode:
+    """``mode`` after it watched one second-order step of a 3-cell supernet of 2 nodes a cell, batch 4, 8x8."""
+    cfg = SearchConfig(layers=3, nodes=2, batch_size=4, speed=speed, **supernet)
+    torch.manual_seed(0)
+    searcher = Searcher(cfg, in_channels=1, num_classes=3)
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))
+    with mode:
+        searcher.step(x, y, x, y)
+    return mode
+
+
 @pytest.mark.parametrize("batched_edges", [True, False])
 def test_the_native_gradient_reaches_every_5x5_and_dilated_depthwise_convolution_of_a_search_step(
     batched_edges: bool, monkeypatch: pytest.MonkeyPatch
@@ -120,19 +132,8 @@ def test_the_native_gradient_reaches_every_5x5_and_dilated_depthwise_convolution
     monkeypatch.setattr(kernels, "depthwise_weight_gradient", counted)
     counts = {}
     for on in (True, False):
-        cfg = SearchConfig(
-            layers=3,
-            channels=4,
-            nodes=2,
-            batch_size=4,
-            speed=SpeedConfig(native_depthwise_grad=on, batched_edges=batched_edges),
-        )
-        torch.manual_seed(0)
-        searcher = Searcher(cfg, in_channels=1, num_classes=3)
-        x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))
-        with WeightGradients() as seen:
-            searcher.step(x, y, x, y)
-        counts[on] = seen.by_kernel
+        speed = SpeedConfig(native_depthwise_grad=on, batched_edges=batched_edges)
+        counts[on] = one_step_under(WeightGradients(), speed, channels=4).by_kernel
         if on:
             on_native, native_calls = native_calls, {}
     assert native_calls == {}  # nothing native with the switch off
@@ -180,6 +181,123 @@ def test_the_once_per_state_gradients_equal_their_formulas(
     assert none is None and torch.equal(only_g, d_g)
     with pytest.raises(ValueError, match="does not fit"):
         kernels.once_per_state_gradients(grad[:, 1:], x, mean, invstd, weights, True, True)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize(
+    ("n", "channels", "height", "width"),
+    [(16, 4, 8, 8), (3, 12, 5, 7), (2, 24, 4, 4), (5, 16, 3, 3), (4, 37, 2, 3), (2, 70, 3, 3), (1, 3, 1, 2)],
+)
+def test_the_native_batch_norm_equals_pytorchs(n: int, channels: int, height: int, width: int, affine: bool) -> None:
+    """Output, batch mean and 1/σ, the running statistics moved, and the input's, scale's and shift's gradients,
+    against float64 PyTorch: narrow and wide channels, pixel counts that are no whole number of the kernel's blocks,
+    a large mean (the kernel must not cancel its digits), each gradient alone."""
+    gen = torch.Generator().manual_seed(n * 1000 + channels)
+    x = (torch.randn(n, channels, height, width, generator=gen) * 3 + 50).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(x.shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    scale = torch.rand(channels, generator=gen) + 0.5 if affine else None
+    shift = torch.randn(channels, generator=gen) if affine else None
+    running = (torch.randn(channels, generator=gen), torch.rand(channels, generator=gen) + 0.5)
+    mine = tuple(r.clone() for r in running)
+    want_running = tuple(r.double() for r in running)
+    as64 = [None if t is None else t.double() for t in (scale, shift)]
+    y64, mean64, invstd64 = torch.native_batch_norm(x.double(), *as64, *want_running, True, 0.1, 1e-5)
+    y, mean, invstd = kernels.norm_forward(x, scale, shift, *mine, 0.1, 1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(invstd.double(), invstd64, rtol=1e-5, atol=1e-6)
+    for got, want in zip(mine, want_running):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    unit = torch.ones(channels, dtype=torch.float64)
+    wanted = [True, True, affine]
+    want = torch.ops.aten.native_batch_norm_backward(
+        grad.double(), x.double(), unit if scale is None else as64[0], None, None, mean64, invstd64, True, 1e-5, wanted
+    )
+    got = kernels.norm_backward(grad, x, scale, mean, invstd, (True, True, affine))
+    # each gradient's natural scale: |grad|·scale·1/σ for the input's (it cancels to nearly 0 on few pixels),
+    # Σ|grad| for the scale's and shift's
+    a = invstd64 if scale is None else invstd64 * as64[0]
+    sizes = (float(grad.abs().max() * a.max()), float(grad.abs().sum()), float(grad.abs().sum()))
+    for g, w, size in zip(got, want, sizes):
+        if w is not None:
+            torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5 * size)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for alone in range(3 if affine else 2):
+        mask = tuple(i == alone for i in range(3))
+        single = kernels.norm_backward(grad, x, scale, mean, invstd, mask)
+        assert [t is None for t in single] == [not m for m in mask]
+        assert torch.equal(single[alone], got[alone])
+
+
+def test_the_native_batch_norm_has_pytorchs_gradients_and_hessian() -> None:
+    """:func:`nas.ops.batch_norm` with the native kernel: the output and gradients of ``F.batch_norm``, and under
+    ``create_graph`` (the exact Hessian) a gradient that is differentiated again to PyTorch's second derivatives."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 12, 5, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+    scale, shift = torch.rand(12, generator=gen) + 0.5, torch.randn(12, generator=gen)
+    probe = torch.randn(x.shape, generator=gen)
+    assert native_norm_applies(x) and not native_norm_applies(x[:, :4].contiguous())  # channels-first: PyTorch's
+    assert not native_norm_applies(torch.randn(2, 16, 3, 3).contiguous(memory_format=torch.channels_last))
+    results = []
+    for native in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, scale, shift)]
+        running = (torch.zeros(12), torch.ones(12))
+        y = batch_norm(*leaves, NormArguments(*running, 0.1, 1e-5, native))
+        assert (y.grad_fn.name() == "_NativeNormBackward") == native
+        first = torch.autograd.grad((y * probe).sum(), leaves, create_graph=True)
+        second = torch.autograd.grad(sum((g * g).sum() for g in first), leaves[:2])  # no gradient is the shift's
+        results.append((y, *running, *first, *second))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+class NormWidths(TorchDispatchMode):
+    """The channel counts of the training batch norms PyTorch computes (forward), those of 4-d inputs only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.widths: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        if func.overloadpacket.__name__ in ("native_batch_norm", "_native_batch_norm_legit") and args[0].dim() == 4:
+            self.widths.append(args[0].shape[1])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("batched_edges", [True, False])
+def test_the_native_batch_norm_computes_every_narrow_norm_of_a_search_step(
+    batched_edges: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Second order, default switches, PC-DARTS on 16 channels (4 through each edge's candidates, 8 in a reduction
+    cell): every batch norm whose channels are no multiple of 16 is the native kernel's, forward and backward, edge
+    by edge and batched, and PyTorch computes the others (the stem's and the cells' own, 16·k channels, and a batch
+    of edges 16 wide); with the switch off, PyTorch computes them all."""
+    calls = {"forward": 0, "backward": 0}
+    forward, backward = kernels.norm_forward, kernels.norm_backward
+
+    def counted_forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls["forward"] += 1
+        return forward(*args, **kwargs)
+
+    def counted_backward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls["backward"] += 1
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "norm_forward", counted_forward)
+    monkeypatch.setattr(kernels, "norm_backward", counted_backward)
+    widths = {}
+    for on in (True, False):
+        speed = SpeedConfig(native_norm=on, batched_edges=batched_edges)
+        pc_darts = {"channels": 16, "partial_channels": 4, "edge_normalization": True}
+        widths[on] = one_step_under(NormWidths(), speed, **pc_darts).widths
+        if on:
+            on_calls, calls = dict(calls), {"forward": 0, "backward": 0}
+    assert calls == {"forward": 0, "backward": 0}  # nothing native with the switch off
+    assert on_calls["forward"] > 0 and on_calls["backward"] > 0
+    assert len(widths[True]) + on_calls["forward"] == len(widths[False])
+    assert all(width % 16 == 0 for width in widths[True])
+    assert sum(width % 16 != 0 for width in widths[False]) == on_calls["forward"]
 
 
 def test_without_a_compiler_pytorchs_kernel_runs_with_one_warning(

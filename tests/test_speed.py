@@ -29,6 +29,7 @@ from nas.loop import LoopContext, Meter
 from nas.ops import (
     PRIMITIVES,
     DepthwiseConv2d,
+    NormArguments,
     build_op,
     dilated_as_dense,
     forward_after_relu,
@@ -93,6 +94,7 @@ def test_each_switch_alone_gives_the_plain_paths_alpha_and_weights(switch: str, 
     needs = {  # switches that act inside others', so alone they would not
         "recompute_depthwise": {"norm_in_sum": True, "batched_edges": True, "channels_last": True},
         "weightless_once": {"batched_edges": True, "channels_last": True, "norm_in_sum": True},
+        "native_norm": {"channels_last": True, "norm_in_sum": True},  # norms the search computes itself
     }
     speed = PLAIN.model_copy(update={switch: True, **needs.get(switch, {})})
     assert_same(three_steps(tiny_config(speed)), plain_second_order)
@@ -431,8 +433,9 @@ def test_the_batched_cpu_sum_equals_each_edges_own_sum_twice_differentiated(norm
     normed = [normalized and i in (1, 2, 4) for i in range(k)]
     running = [(torch.rand(m * c, generator=gen), 1 + torch.rand(m * c, generator=gen)) for _ in range(k)]
 
-    def norms(block: slice) -> tuple:
-        return tuple((rm[block], rv[block], 0.1, 1e-5) if on else None for on, (rm, rv) in zip(normed, running))
+    def norms(block: slice, native: bool = False) -> tuple:
+        arguments = [NormArguments(rm[block], rv[block], 0.1, 1e-5, native) for rm, rv in running]
+        return tuple(a if on else None for on, a in zip(normed, arguments))
 
     def each_edge(ws: torch.Tensor, xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         blocks = [slice(e * c, (e + 1) * c) for e in range(m)]
@@ -442,7 +445,8 @@ def test_the_batched_cpu_sum_equals_each_edges_own_sum_twice_differentiated(norm
         return tuple(_NormalizedWeightedSum.apply(ws[:, e], norms(b), *dense[e]) for e, b in enumerate(blocks))
 
     def together(ws: torch.Tensor, xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        return _EdgeWeightedSum.apply(ws, norms(slice(None)), (False,) * k, 1, *xs).split(c, dim=1)
+        # the native batch norm's forward (search.speed.native_norm) against PyTorch's, edge by edge
+        return _EdgeWeightedSum.apply(ws, norms(slice(None), True), (False,) * k, 1, *xs).split(c, dim=1)
 
     start = [(rm.clone(), rv.clone()) for rm, rv in running]
     results = []
@@ -496,7 +500,8 @@ def test_a_candidate_computed_once_per_state_equals_it_on_every_edge(states: int
         stats = [t.clone() for t in leaders]
         if not shared:  # every edge with its state's statistics
             stats = [repeated(t.view(1, -1, 1, 1)).flatten() for t in stats]
-        norms = (None, (*full_stats, 0.1, 1e-5), None, (*stats, 0.1, 1e-5))
+        # the shared run's norms by the native kernel (search.speed.native_norm), the other's by PyTorch's
+        norms = (None, NormArguments(*full_stats, 0.1, 1e-5, shared), None, NormArguments(*stats, 0.1, 1e-5, shared))
         if shared:
             total = _EdgeWeightedSum.apply(ws, norms, (False, False, True, True), states, *xs)
         else:
@@ -534,7 +539,7 @@ def test_edges_following_a_leaders_batch_norm_update_their_own_statistics() -> N
     for norm, block in zip(own, [x[:, :c], x[:, :c], x[:, c:], x[:, c:]]):
         norm(block)
     stats = RunningStats()
-    mean, var, momentum, eps = stacked_norm_arguments([norms[0], norms[2]], stats)
+    mean, var, momentum, eps, _ = stacked_norm_arguments([norms[0], norms[2]], stats)
     torch.native_batch_norm(x, None, None, mean, var, True, momentum, eps)
     stats.follow([norms[1], norms[3]], [norms[0], norms[2]])
     stats.apply()
@@ -703,16 +708,18 @@ def test_recomputing_the_depthwise_outputs_with_batched_edges_keeps_them_for_no_
     assert kept[0] - kept[1] >= 8 * 5 * 2 * 4 * 8 * 8 * 4
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["pytorch-norm", "native-norm"])
 @pytest.mark.parametrize("dilation", [1, 2])
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("affine", [False, True])
 def test_a_norm_relu_and_separable_convolution_as_one_give_the_layers_values_statistics_and_derivatives(
-    affine: bool, momentum: float | None, dilation: int
+    affine: bool, momentum: float | None, dilation: int, native: bool
 ) -> None:
     """:func:`nas.ops.norm_relu_separable` (two edges' layers batched: a pointwise convolution of 2 groups) against
     the batch norm, ReLU, depthwise and 1x1 convolutions run as modules: output, running statistics, first
     derivatives (input, norm's scale and shift, both weights) with and without a graph, an α-only pass's (the weights
-    constant) and second derivatives through a gradient (the exact Hessian's)."""
+    constant) and second derivatives through a gradient (the exact Hessian's); its norm by PyTorch's kernel (bit for
+    bit the running statistics) or the native one (``search.speed.native_norm``, the same sums in another order)."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(3, 8, 8, 8, generator=gen).contiguous(memory_format=torch.channels_last)
     probe = torch.randn(3, 8, 8, 8, generator=gen)
@@ -727,6 +734,7 @@ def test_a_norm_relu_and_separable_convolution_as_one_give_the_layers_values_sta
             norm.weight.uniform_(0.5, 1.5)
             norm.bias.uniform_(-0.5, 0.5)
     twin = copy.deepcopy(norm)
+    twin.native_norm = native
     parameters = [p for p in (norm.weight, norm.bias) if p is not None] + [depthwise.weight, pointwise.weight]
     twin_parameters = [p for p in (twin.weight, twin.bias) if p is not None] + [depthwise.weight, pointwise.weight]
 
@@ -754,8 +762,9 @@ def test_a_norm_relu_and_separable_convolution_as_one_give_the_layers_values_sta
         results.append([y, *first, *second, *plain_first, *alpha_only])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(norm.running_mean, twin.running_mean, rtol=0, atol=0)
-    torch.testing.assert_close(norm.running_var, twin.running_var, rtol=0, atol=0)
+    exact = 1e-6 if native else 0.0
+    torch.testing.assert_close(norm.running_mean, twin.running_mean, rtol=exact, atol=exact)
+    torch.testing.assert_close(norm.running_var, twin.running_var, rtol=exact, atol=exact)
     assert int(norm.num_batches_tracked) == int(twin.num_batches_tracked) == 3
     assert is_channels_last(results[1][0]) and is_channels_last(results[1][1])
 
