@@ -3,12 +3,14 @@
 
    The tensor is x[p, c]: P = N*H*W pixels of C channels each, channels innermost. PyTorch's channels_last kernel
    vectorizes along the channels and, where C is not a multiple of the vector width (PC-DARTS's mixed operations
-   on 4, 8 or 12 channels), runs several times slower than its channels-first one. Here every pass runs over the
+   on 4, 8 or 12 channels), runs several times slower than its channels-first one; at multiples of 16 it is as
+   fast as this one (a DARTS step is no faster with this one at every width, bench/README.md), so the search calls
+   this one for the others only (nas.ops.native_norm_applies). Here every pass runs over the
    flat array in blocks of B = k*C values (k whole pixels, B at least 64): the channel of value b in a block is
    b % C, the same in every block, so each pass is an inner loop of fixed length B over per-block patterns
    (accumulators, mean, scale), which the compiler vectorizes whatever C is.
 
-   Forward:  mean = sum x / P, var = sum (x - mean)^2 / P (two passes, in double), invstd = 1 / sqrt(var + eps),
+   Forward:  mean = sum x / P, var = sum (x - mean)^2 / P (two passes), invstd = 1 / sqrt(var + eps),
              y = (x - mean) * invstd * scale + shift; the running statistics, where given, move by momentum
              towards mean and the unbiased variance, as PyTorch's kernel moves them.
    Backward: with g the output's gradient, xh = (x - mean) * invstd, Sg = sum g, Sgx = sum g * (x - mean):
@@ -24,6 +26,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <omp.h>
+
+/* Sums run in float over CHUNK blocks at a time, in the vector registers' own width, then go into double: as fast as
+   float sums, and as exact as double ones to within a float sum of CHUNK terms. */
+#define CHUNK 32
 
 static int64_t block_pixels(int64_t C) { return C >= 64 ? 1 : (64 + C - 1) / C; }
 
@@ -42,8 +48,8 @@ static void fill_nan(float* p, int64_t n) {
 /* acc[thread][B]: each thread's sums, block position by block position, over its run of pixels of x (centre NULL)
    or of (x - centre)^2 (centre: the per-block pattern of the mean); the pixels past the last whole block go to the
    last thread. */
-static void channel_sums(const float* x, const float* centre, double* acc, int64_t P, int64_t C, int64_t k,
-                         int threads) {
+static void channel_sums(const float* x, const float* centre, double* acc, float* scratch, int64_t P, int64_t C,
+                         int64_t k, int threads) {
     const int64_t B = k * C, blocks = P / k;
     for (size_t i = 0; i < (size_t)threads * (size_t)B; i++) acc[i] = 0.0;
 #pragma omp parallel num_threads(threads)
@@ -51,16 +57,22 @@ static void channel_sums(const float* x, const float* centre, double* acc, int64
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         double* a = acc + (size_t)t * (size_t)B;
         const int64_t begin = blocks * t / nt, end = blocks * (t + 1) / nt;
-        for (int64_t i = begin; i < end; i++) {
-            const float* xb = x + i * B;
-            if (centre) {
-                for (int64_t b = 0; b < B; b++) {
-                    const double d = (double)xb[b] - (double)centre[b];
-                    a[b] += d * d;
+        float* f = scratch + (size_t)t * (size_t)B;
+        for (int64_t i0 = begin; i0 < end; i0 += CHUNK) {
+            const int64_t i1 = i0 + CHUNK < end ? i0 + CHUNK : end;
+            for (int64_t b = 0; b < B; b++) f[b] = 0.0f;
+            for (int64_t i = i0; i < i1; i++) {
+                const float* xb = x + i * B;
+                if (centre) {
+                    for (int64_t b = 0; b < B; b++) {
+                        const float d = xb[b] - centre[b];
+                        f[b] += d * d;
+                    }
+                } else {
+                    for (int64_t b = 0; b < B; b++) f[b] += xb[b];
                 }
-            } else {
-                for (int64_t b = 0; b < B; b++) a[b] += xb[b];
             }
+            for (int64_t b = 0; b < B; b++) a[b] += f[b];
         }
         if (t == nt - 1)
             for (int64_t v = blocks * B; v < P * C; v++) {
@@ -75,22 +87,23 @@ void norm_cl_forward_f32(const float* x, const float* scale, const float* shift,
                          double momentum, int threads) {
     const int64_t k = block_pixels(C), B = k * C, blocks = P / k;
     double* acc = malloc((size_t)threads * (size_t)B * sizeof(double));
+    float* scratch = malloc((size_t)threads * (size_t)B * sizeof(float));
     double* mean = malloc((size_t)C * sizeof(double));
     double* var = malloc((size_t)C * sizeof(double));
     float* pm = malloc((size_t)B * sizeof(float));
     float* pa = malloc((size_t)B * sizeof(float));
     float* pc = malloc((size_t)B * sizeof(float));
-    if (!acc || !mean || !var || !pm || !pa || !pc) {
+    if (!acc || !scratch || !mean || !var || !pm || !pa || !pc) {
         fill_nan(y, P * C);
         fill_nan(mean_out, C);
         fill_nan(invstd_out, C);
         goto done;
     }
-    channel_sums(x, NULL, acc, P, C, k, threads);
+    channel_sums(x, NULL, acc, scratch, P, C, k, threads);
     fold(acc, threads, B, C, mean);
     for (int64_t c = 0; c < C; c++) mean[c] /= (double)P;
     for (int64_t b = 0; b < B; b++) pm[b] = (float)mean[b % C];
-    channel_sums(x, pm, acc, P, C, k, threads);
+    channel_sums(x, pm, acc, scratch, P, C, k, threads);
     fold(acc, threads, B, C, var);
     for (int64_t c = 0; c < C; c++) {
         const double invstd = 1.0 / sqrt(var[c] / (double)P + eps);
@@ -120,6 +133,7 @@ void norm_cl_forward_f32(const float* x, const float* scale, const float* shift,
     }
 done:
     free(acc);
+    free(scratch);
     free(mean);
     free(var);
     free(pm);
@@ -133,13 +147,14 @@ void norm_cl_backward_f32(const float* g, const float* x, const float* scale, co
                           int threads) {
     const int64_t k = block_pixels(C), B = k * C, blocks = P / k;
     double* acc = calloc((size_t)threads * (size_t)B * 2, sizeof(double));
+    float* scratch = malloc((size_t)threads * (size_t)B * 2 * sizeof(float));
     double* sg = malloc((size_t)C * sizeof(double));
     double* sgx = malloc((size_t)C * sizeof(double));
     float* pm = malloc((size_t)B * sizeof(float));
     float* pa = malloc((size_t)B * sizeof(float));
     float* pb = malloc((size_t)B * sizeof(float));
     float* pc = malloc((size_t)B * sizeof(float));
-    if (!acc || !sg || !sgx || !pm || !pa || !pb || !pc) {
+    if (!acc || !scratch || !sg || !sgx || !pm || !pa || !pb || !pc) {
         fill_nan(d_x, P * C);
         fill_nan(d_scale, C);
         fill_nan(d_shift, C);
@@ -152,12 +167,22 @@ void norm_cl_backward_f32(const float* g, const float* x, const float* scale, co
         double* a = acc + (size_t)t * (size_t)B * 2;
         double* ax = a + B;
         const int64_t begin = blocks * t / nt, end = blocks * (t + 1) / nt;
-        for (int64_t i = begin; i < end; i++) {
-            const float* gb = g + i * B;
-            const float* xb = x + i * B;
+        float* f = scratch + (size_t)t * (size_t)B * 2;
+        float* fx = f + B;
+        for (int64_t i0 = begin; i0 < end; i0 += CHUNK) {
+            const int64_t i1 = i0 + CHUNK < end ? i0 + CHUNK : end;
+            for (int64_t b = 0; b < 2 * B; b++) f[b] = 0.0f;
+            for (int64_t i = i0; i < i1; i++) {
+                const float* gb = g + i * B;
+                const float* xb = x + i * B;
+                for (int64_t b = 0; b < B; b++) {
+                    f[b] += gb[b];
+                    fx[b] += gb[b] * (xb[b] - pm[b]);
+                }
+            }
             for (int64_t b = 0; b < B; b++) {
-                a[b] += gb[b];
-                ax[b] += (double)gb[b] * (double)(xb[b] - pm[b]);
+                a[b] += f[b];
+                ax[b] += fx[b];
             }
         }
         if (t == nt - 1)
@@ -201,6 +226,7 @@ void norm_cl_backward_f32(const float* g, const float* x, const float* scale, co
     }
 done:
     free(acc);
+    free(scratch);
     free(sg);
     free(sgx);
     free(pm);
