@@ -65,7 +65,8 @@ def _say_if_native_kernels_missing(config: PipelineConfig, context: LoopContext)
     from nas import kernels
 
     speed = config.search.speed
-    if context.device.type == "cpu" and (speed.native_depthwise_grad or speed.weightless_once or speed.native_norm):
+    natives = (speed.native_depthwise_grad, speed.weightless_once, speed.native_norm, speed.native_sum)
+    if context.device.type == "cpu" and any(natives):
         problem = kernels.native_problem()
         if problem is not None:
             context.log(f"rank {context.rank}: {problem}")

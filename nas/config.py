@@ -171,6 +171,15 @@ class SpeedConfig(_Section):
         "kernel runs where no compiler builds it, under autocast, and in a backward that is differentiated again "
         "(bench/README.md)",
     )
+    native_sum: bool = Field(
+        True,
+        description="with batched_edges on CPU: the forward of eq. 1's sum over a group of edges (each candidate "
+        "through its closing batch norm under norm_in_sum, weighed edge by edge and added) by a native kernel "
+        "(nas/kernels.py) in one pass that reads each candidate once and writes the sum once, the norms' statistics "
+        "computed beforehand by the batch norm's kernel; PyTorch's operators write each normalized output and read "
+        "it again. The same sums in another order; PyTorch's operators run where no compiler builds it "
+        "(bench/README.md)",
+    )
     channels_last: bool = Field(
         True,
         description="supernet weights and activations in channels_last memory format (CPU: PyTorch's pooling and "

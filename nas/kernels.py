@@ -11,6 +11,9 @@
   ``search.speed.native_norm``): PyTorch's channels_last kernel vectorizes along the channels and, where their
   count is not a multiple of 16 (PC-DARTS's candidates on C/K = 4, 8 or 12 channels), takes 4-10 times as long
   as this one.
+- The batched eq. 1 sum's forward (``edge_sum.c``, ``search.speed.native_sum``): every candidate of a group of
+  edges, its closing batch norm applied on the way (statistics from ``norm_cl.c``), weighed and summed in one pass
+  that reads each candidate once and writes the sum once.
 
 The library (both files) is built once per machine, source and compiler, with ``-march=native``, into
 ``$XDG_CACHE_HOME/raydarts/kernels`` (``~/.cache`` by default) under a name that hashes all four, so a machine with
@@ -32,12 +35,15 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("depthwise_grad.c", "edge_sum_grad.c", "norm_cl.c"))
+SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("depthwise_grad.c", "edge_sum_grad.c", "norm_cl.c", "edge_sum.c")
+)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 BUILD_SECONDS = 120
 
@@ -106,7 +112,7 @@ def native_kernels() -> NativeKernels:
 
 def _without(problem: str) -> NativeKernels:
     text = (
-        f"native kernels (search.speed.native_depthwise_grad, weightless_once, native_norm): {problem}; "
+        f"native kernels (search.speed.native_depthwise_grad, weightless_once, native_norm, native_sum): {problem}; "
         "PyTorch's operators run"
     )
     warnings.warn(text, stacklevel=3)
@@ -133,6 +139,9 @@ def _load(cc: str) -> ctypes.CDLL:
     function = library.norm_cl_backward_f32
     function.restype = None
     function.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    function = library.edge_sum_forward_f32
+    function.restype = None
+    function.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 5 + [ctypes.c_int]
     return library
 
 
@@ -255,11 +264,13 @@ def norm_forward(
     running_var: torch.Tensor | None,
     momentum: float,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    output: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """``torch.native_batch_norm(x, scale, shift, running_mean, running_var, True, momentum, eps)`` for a float32
-    CPU tensor ``x`` of 4 dimensions, copied channels_last where it is not: the output (channels_last), the batch's
-    per-channel mean and 1/σ; the running statistics, where given (dense float32), are moved in place as PyTorch
-    moves them. The library must be available (:func:`native_available`)."""
+    CPU tensor ``x`` of 4 dimensions, copied channels_last where it is not: the output (channels_last; None without
+    ``output``: the statistics alone), the batch's per-channel mean and 1/σ; the running statistics, where given
+    (dense float32), are moved in place as PyTorch moves them. The library must be available
+    (:func:`native_available`)."""
     library = native_library()
     if library is None:
         raise RuntimeError("the native kernels are not available here (nas.kernels.native_available)")
@@ -271,13 +282,13 @@ def norm_forward(
         raise TypeError(f"the native batch norm takes a 4-d float32 CPU tensor, not {tuple(x.shape)} {x.dtype}")
     x = x.contiguous(memory_format=torch.channels_last)
     n, c, h, w = x.shape
-    y = torch.empty_like(x, memory_format=torch.channels_last)
+    y = torch.empty_like(x, memory_format=torch.channels_last) if output else None
     mean, invstd = torch.empty(c), torch.empty(c)
     library.norm_cl_forward_f32(
         x.data_ptr(),
         _pointer(scale),
         _pointer(shift),
-        y.data_ptr(),
+        _pointer(y),
         mean.data_ptr(),
         invstd.data_ptr(),
         _pointer(running_mean),
@@ -328,3 +339,57 @@ def norm_backward(
         torch.get_num_threads(),
     )
     return d_x, d_scale, d_shift
+
+
+def edge_sum_forward(
+    inputs: Sequence[torch.Tensor],
+    means: Sequence[torch.Tensor | None],
+    invstds: Sequence[torch.Tensor | None],
+    once: Sequence[bool],
+    weights: torch.Tensor,
+    sources: int,
+) -> torch.Tensor:
+    """The batched eq. 1 sum (nas.search_model._EdgeWeightedSum) in one pass: Σ_k weights[k, e] · x̂_k over each
+    edge e's block of channels, x̂_k = (inputs[k] − means[k]) · invstds[k] (means[k] None: inputs[k] as it is), an
+    input marked in ``once`` holding one block per state (``sources`` states, the edges edge-major by state), the
+    others one per edge. Float32 CPU tensors of 4 dimensions, copied channels_last where they are not; ``weights``
+    (candidates, edges). The sum: (N, edges·C, H, W), channels_last. The library must be available
+    (:func:`native_available`)."""
+    library = native_library()
+    if library is None:
+        raise RuntimeError("the native kernels are not available here (nas.kernels.native_available)")
+    k, m = weights.shape
+    if not (len(inputs) == len(means) == len(invstds) == len(once) == k) or m % sources:
+        raise ValueError(f"{len(inputs)} inputs do not fit {k} candidates of {m} edges leaving {sources} states")
+    if any(x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4 for x in inputs):
+        raise TypeError("the native sum takes 4-d float32 CPU tensors")
+    xs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
+    n, _, h, w = xs[0].shape
+    c = next(x.shape[1] // (sources if shared else m) for x, shared in zip(xs, once))
+    for x, shared in zip(xs, once):
+        if tuple(x.shape) != (n, (sources if shared else m) * c, h, w):
+            raise ValueError(f"an input of shape {tuple(x.shape)} does not fit {m} edges of {c} channels")
+    means = [None if t is None else _float32_vectors(t)[0] for t in means]
+    invstds = [None if t is None else _float32_vectors(t)[0] for t in invstds]
+    weights = _float32_vectors(weights)[0]
+    total = torch.empty((n, m * c, h, w), memory_format=torch.channels_last)
+    scratch = torch.empty(2, k * m * c)
+    pointers = ctypes.c_void_p * k
+    flags = torch.tensor([bool(shared) for shared in once], dtype=torch.uint8)
+    library.edge_sum_forward_f32(
+        pointers(*[x.data_ptr() for x in xs]),
+        pointers(*[_pointer(t) for t in means]),
+        pointers(*[_pointer(t) for t in invstds]),
+        flags.data_ptr(),
+        weights.data_ptr(),
+        total.data_ptr(),
+        scratch[0].data_ptr(),
+        scratch[1].data_ptr(),
+        k,
+        n * h * w,
+        m,
+        sources,
+        c,
+        torch.get_num_threads(),
+    )
+    return total

@@ -10,7 +10,7 @@
    b % C, the same in every block, so each pass is an inner loop of fixed length B over per-block patterns
    (accumulators, mean, scale), which the compiler vectorizes whatever C is.
 
-   Forward:  mean = sum x / P, var = sum (x - mean)^2 / P (two passes), invstd = 1 / sqrt(var + eps),
+   Forward:  mean = sum x / P, var = sum (x - mean)^2 / P (two passes; with y NULL, the statistics alone), invstd = 1 / sqrt(var + eps),
              y = (x - mean) * invstd * scale + shift; the running statistics, where given, move by momentum
              towards mean and the unbiased variance, as PyTorch's kernel moves them.
    Backward: with g the output's gradient, xh = (x - mean) * invstd, Sg = sum g, Sgx = sum g * (x - mean):
@@ -119,8 +119,8 @@ void norm_cl_forward_f32(const float* x, const float* scale, const float* shift,
         if (running_var)
             running_var[c] = (float)((1.0 - momentum) * running_var[c] + momentum * var[c] / (double)(P > 1 ? P - 1 : 1));
     }
-#pragma omp parallel num_threads(threads)
-    {
+#pragma omp parallel num_threads(threads) if (y)
+    if (y) {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         const int64_t begin = blocks * t / nt, end = blocks * (t + 1) / nt;
         for (int64_t i = begin; i < end; i++) {

@@ -197,21 +197,24 @@ class _EdgeWeightedSum(torch.autograd.Function):
     each state's block is added to every edge leaving that state; its gradient is the weighted sum of theirs."""
 
     @staticmethod
-    def forward(ctx, weights: torch.Tensor, norms: tuple, once: tuple, sources: int, *inputs: torch.Tensor):  # noqa: ANN001, ANN205
-        m = weights.shape[1]
-        total, means, invstds = None, [], []
-        for k, (x, norm, shared) in enumerate(zip(inputs, norms, once)):
-            y, mean, invstd = closing_norm_forward(x, norm)
-            blocks = edge_blocks(y, sources).unsqueeze(-2) if shared else edge_blocks(y, m).unflatten(3, (sources, -1))
-            w = weights[k].view(sources, -1, 1)
-            total = blocks * w if total is None else total.addcmul_(blocks, w)
-            means.append(mean)
-            invstds.append(invstd)
+    def forward(
+        ctx,  # noqa: ANN001
+        weights: torch.Tensor,
+        norms: tuple,
+        once: tuple,
+        sources: int,
+        native: bool,
+        *inputs: torch.Tensor,
+    ) -> torch.Tensor:
+        if native and native_sum_applies(inputs):
+            total, means, invstds = native_edge_sum(weights, norms, once, sources, inputs)
+        else:
+            total, means, invstds = _edge_sum(weights, norms, once, sources, inputs)
         ctx.eps = [None if norm is None else norm.eps for norm in norms]
         ctx.native = [norm is not None and norm.native for norm in norms]
         ctx.layout = (once, sources)
         ctx.save_for_backward(weights, *inputs, *means, *invstds)
-        return total.flatten(-3).permute(0, 3, 1, 2)
+        return total
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
@@ -223,7 +226,7 @@ class _EdgeWeightedSum(torch.autograd.Function):
         want_weights = ctx.needs_input_grad[0]
         d_weights, d_inputs = [], []
         for k, (x, mean, invstd, eps, native) in enumerate(zip(inputs, means, invstds, ctx.eps, ctx.native)):
-            want_x = ctx.needs_input_grad[4 + k]
+            want_x = ctx.needs_input_grad[5 + k]
             if once[k]:
                 norm = (eps, native)
                 wants = (want_weights, want_x)
@@ -244,7 +247,55 @@ class _EdgeWeightedSum(torch.autograd.Function):
             d_x, d_scale, _ = train_norm_backward(grad, x, scale, mean, invstd, eps, wants, native)
             d_weights.append(d_scale.view(m, -1).sum(1) if want_weights else None)
             d_inputs.append(d_x)
-        return (torch.stack(d_weights) if want_weights else None, None, None, None, *d_inputs)
+        return (torch.stack(d_weights) if want_weights else None, None, None, None, None, *d_inputs)
+
+
+def _edge_sum(
+    weights: torch.Tensor, norms: tuple, once: tuple, sources: int, inputs: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """:class:`_EdgeWeightedSum`'s forward in PyTorch's operators: each candidate through its closing norm (where it
+    has one in the sum), weighed edge by edge and added in place; the sum and each norm's batch mean and 1/σ."""
+    m = weights.shape[1]
+    total, means, invstds = None, [], []
+    for k, (x, norm, shared) in enumerate(zip(inputs, norms, once)):
+        y, mean, invstd = closing_norm_forward(x, norm)
+        blocks = edge_blocks(y, sources).unsqueeze(-2) if shared else edge_blocks(y, m).unflatten(3, (sources, -1))
+        w = weights[k].view(sources, -1, 1)
+        total = blocks * w if total is None else total.addcmul_(blocks, w)
+        means.append(mean)
+        invstds.append(invstd)
+    return total.flatten(-3).permute(0, 3, 1, 2), means, invstds
+
+
+def native_sum_applies(inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether the native kernel computes the batched sum's forward (``search.speed.native_sum``): float32 CPU inputs
+    outside autocast and compiled graphs (a graph cannot trace a C call), the kernel built here."""
+    return (
+        all(x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 for x in inputs)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and kernels.native_available()
+    )
+
+
+def native_edge_sum(
+    weights: torch.Tensor, norms: tuple, once: tuple, sources: int, inputs: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """:func:`_edge_sum` by the native kernels (``search.speed.native_sum``): each closing norm's statistics alone
+    (its running ones moved), then one pass that normalizes, weighs and adds every candidate
+    (:func:`nas.kernels.edge_sum_forward`): no normalized output written and read again."""
+    means: list[torch.Tensor | None] = []
+    invstds: list[torch.Tensor | None] = []
+    for x, norm in zip(inputs, norms):
+        if norm is None:
+            means.append(None)
+            invstds.append(None)
+            continue
+        running = (norm.running_mean, norm.running_var)
+        _, mean, invstd = kernels.norm_forward(x, None, None, *running, norm.momentum, norm.eps, output=False)
+        means.append(mean)
+        invstds.append(invstd)
+    return kernels.edge_sum_forward(inputs, means, invstds, once, weights, sources), means, invstds
 
 
 def _once_gradients(
@@ -432,6 +483,7 @@ class MixedOp(nn.Module):
         self.stacked = speed.stacked_mixture
         self.norm_in_sum = speed.norm_in_sum
         self.recompute_depthwise = speed.recompute_depthwise
+        self.native_sum = speed.native_sum
         self.fast = speed.skip_none or speed.shared_relu or speed.stacked_mixture or speed.norm_in_sum
         self._index: dict[tuple[object, torch.device], torch.Tensor] = {}  # for a non-contiguous set of candidates
 
@@ -675,7 +727,8 @@ class SearchCell(nn.Module):
         w = w.to(outputs[0].dtype)
         k, m = w.shape
         if in_place:  # the norms inside the sum (if any) are computed there
-            total = _EdgeWeightedSum.apply(w, tuple(norms), once, sources if any(once) else 1, *outputs)
+            shared = sources if any(once) else 1
+            total = _EdgeWeightedSum.apply(w, tuple(norms), once, shared, first.native_sum, *outputs)
             return total.split(total.shape[1] // m, dim=1)
         stacked = torch.stack([o.unflatten(1, (m, -1)) for o in outputs])
         return (stacked * w.view(k, 1, m, 1, 1, 1)).sum(0).unbind(1)  # unbind: one backward operator, not m

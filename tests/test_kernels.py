@@ -8,6 +8,7 @@ built once into a cache, and PyTorch's operators where no compiler builds them."
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -288,7 +289,7 @@ def test_the_native_batch_norm_computes_every_narrow_norm_of_a_search_step(
     monkeypatch.setattr(kernels, "norm_backward", counted_backward)
     widths = {}
     for on in (True, False):
-        speed = SpeedConfig(native_norm=on, batched_edges=batched_edges)
+        speed = SpeedConfig(native_norm=on, native_sum=False, batched_edges=batched_edges)  # the sum's: below
         pc_darts = {"channels": 16, "partial_channels": 4, "edge_normalization": True}
         widths[on] = one_step_under(NormWidths(), speed, **pc_darts).widths
         if on:
@@ -298,6 +299,38 @@ def test_the_native_batch_norm_computes_every_narrow_norm_of_a_search_step(
     assert len(widths[True]) + on_calls["forward"] == len(widths[False])
     assert all(width % 16 == 0 for width in widths[True])
     assert sum(width % 16 != 0 for width in widths[False]) == on_calls["forward"]
+
+
+@pytest.mark.parametrize("partial_channels", [1, 4], ids=["darts", "pc-darts"])
+def test_the_native_sum_computes_every_batched_sum_of_a_search_step(
+    partial_channels: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Second order, default switches: every batched eq. 1 sum's forward is the native kernel's (its norms'
+    statistics by the batch norm's kernel), none PyTorch's; with the switch off, the other way round, as often."""
+    from nas import search_model
+
+    calls = {"native": 0, "pytorch": 0, "statistics": 0}
+    native, pytorch, norm = kernels.edge_sum_forward, search_model._edge_sum, kernels.norm_forward
+
+    def counted(name: str, function: Callable) -> Callable:
+        def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(kernels, "edge_sum_forward", counted("native", native))
+    monkeypatch.setattr(search_model, "_edge_sum", counted("pytorch", pytorch))
+    monkeypatch.setattr(kernels, "norm_forward", counted("statistics", norm))
+    seen = {}
+    for on in (True, False):
+        speed = SpeedConfig(native_sum=on, native_norm=False)
+        shape = {"channels": 4 * partial_channels, "partial_channels": partial_channels}
+        one_step_under(NormWidths(), speed, **shape, edge_normalization=partial_channels > 1)
+        seen[on], calls = calls, {"native": 0, "pytorch": 0, "statistics": 0}
+    assert seen[True]["pytorch"] == 0 and seen[True]["native"] == seen[False]["pytorch"] > 0
+    assert seen[False]["native"] == seen[False]["statistics"] == 0
+    assert seen[True]["statistics"] >= seen[True]["native"]  # each sum's closing norms: pooling's and convolutions'
 
 
 def test_without_a_compiler_pytorchs_kernel_runs_with_one_warning(

@@ -95,6 +95,7 @@ def test_each_switch_alone_gives_the_plain_paths_alpha_and_weights(switch: str, 
         "recompute_depthwise": {"norm_in_sum": True, "batched_edges": True, "channels_last": True},
         "weightless_once": {"batched_edges": True, "channels_last": True, "norm_in_sum": True},
         "native_norm": {"channels_last": True, "norm_in_sum": True},  # norms the search computes itself
+        "native_sum": {"batched_edges": True, "channels_last": True},
     }
     speed = PLAIN.model_copy(update={switch: True, **needs.get(switch, {})})
     assert_same(three_steps(tiny_config(speed)), plain_second_order)
@@ -413,11 +414,13 @@ def test_the_cpu_weighted_sum_equals_the_stacked_product_twice_differentiated(ch
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["pytorch", "native"])
 @pytest.mark.parametrize("normalized", [False, True], ids=["sum", "norms-in-sum"])
-def test_the_batched_cpu_sum_equals_each_edges_own_sum_twice_differentiated(normalized: bool) -> None:
-    """Eq. 1 for m edges stacked along the channels (nas.search_model._EdgeWeightedSum, CPU, channels_last) against
-    each edge's own sum on its block of channels (the stacked product; with closing batch norms inside the sum for
-    some candidates, the edge's own _NormalizedWeightedSum): values, gradients for the (candidate, edge) weights
+def test_the_batched_cpu_sum_equals_each_edges_own_sum_twice_differentiated(normalized: bool, native: bool) -> None:
+    """Eq. 1 for m edges stacked along the channels (nas.search_model._EdgeWeightedSum, CPU, channels_last; its
+    forward and norms by PyTorch's operators or the native kernels, ``search.speed.native_sum`` and ``native_norm``)
+    against each edge's own sum on its block of channels (the stacked product; with closing batch norms inside the
+    sum for some candidates, the edge's own _NormalizedWeightedSum): values, gradients for the (candidate, edge) weights
     and every input, second derivatives through those gradients (the exact Hessian's double backward), and the
     running statistics the norms leave."""
     from nas.search_model import _EdgeWeightedSum, _NormalizedWeightedSum
@@ -445,8 +448,7 @@ def test_the_batched_cpu_sum_equals_each_edges_own_sum_twice_differentiated(norm
         return tuple(_NormalizedWeightedSum.apply(ws[:, e], norms(b), *dense[e]) for e, b in enumerate(blocks))
 
     def together(ws: torch.Tensor, xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        # the native batch norm's forward (search.speed.native_norm) against PyTorch's, edge by edge
-        return _EdgeWeightedSum.apply(ws, norms(slice(None), True), (False,) * k, 1, *xs).split(c, dim=1)
+        return _EdgeWeightedSum.apply(ws, norms(slice(None), native), (False,) * k, 1, native, *xs).split(c, dim=1)
 
     start = [(rm.clone(), rv.clone()) for rm, rv in running]
     results = []
@@ -468,13 +470,14 @@ def test_the_batched_cpu_sum_equals_each_edges_own_sum_twice_differentiated(norm
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["pytorch", "native"])
 @pytest.mark.parametrize("states", [1, 2])
-def test_a_candidate_computed_once_per_state_equals_it_on_every_edge(states: int) -> None:
+def test_a_candidate_computed_once_per_state_equals_it_on_every_edge(states: int, native: bool) -> None:
     """The batched sum (nas.search_model._EdgeWeightedSum) with candidates given once per state (one with its batch
-    norm inside the sum, one without) against the same sum with those inputs repeated for every edge leaving the
-    state: values, the running statistics the norms leave, gradients by the native kernel (nothing to differentiate
-    again) and by PyTorch's operators (differentiated again: the exact Hessian's double backward), and second
-    derivatives."""
+    norm inside the sum, one without; its forward and norms by PyTorch's operators or the native kernels) against
+    the same sum, by PyTorch's, with those inputs repeated for every edge leaving the state: values, the running
+    statistics the norms leave, gradients by the native kernel (nothing to differentiate again) and by PyTorch's
+    operators (differentiated again: the exact Hessian's double backward), and second derivatives."""
     from nas.search_model import _EdgeWeightedSum
 
     gen = torch.Generator().manual_seed(states)
@@ -500,12 +503,12 @@ def test_a_candidate_computed_once_per_state_equals_it_on_every_edge(states: int
         stats = [t.clone() for t in leaders]
         if not shared:  # every edge with its state's statistics
             stats = [repeated(t.view(1, -1, 1, 1)).flatten() for t in stats]
-        # the shared run's norms by the native kernel (search.speed.native_norm), the other's by PyTorch's
-        norms = (None, NormArguments(*full_stats, 0.1, 1e-5, shared), None, NormArguments(*stats, 0.1, 1e-5, shared))
+        on = native and shared
+        norms = (None, NormArguments(*full_stats, 0.1, 1e-5, on), None, NormArguments(*stats, 0.1, 1e-5, on))
         if shared:
-            total = _EdgeWeightedSum.apply(ws, norms, (False, False, True, True), states, *xs)
+            total = _EdgeWeightedSum.apply(ws, norms, (False, False, True, True), states, on, *xs)
         else:
-            total = _EdgeWeightedSum.apply(ws, norms, (False,) * 4, 1, *xs[:2], *map(repeated, xs[2:]))
+            total = _EdgeWeightedSum.apply(ws, norms, (False,) * 4, 1, False, *xs[:2], *map(repeated, xs[2:]))
         grads = torch.autograd.grad(total, [ws, *xs], upstream, create_graph=create_graph)
         second = []
         if create_graph:
