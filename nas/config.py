@@ -161,6 +161,14 @@ class SpeedConfig(_Section):
         "its input as it is for the backward, not its re-laid sub-grids. PyTorch's kernel runs where no compiler "
         "builds it (bench/README.md)",
     )
+    flipped_input_grad: bool = Field(
+        True,
+        description="on CPU, the input gradient of each depthwise convolution at stride 1 whose backward is ours (with "
+        "native_depthwise_grad: 5x5 and dilated ones) as a forward convolution of the output's gradient with the "
+        "kernel flipped (nas.ops._input_gradient), and each dilated one at stride 1 then run dilated as it is, "
+        "without dense_dilation's re-layout: oneDNN's forward kernel is as fast dilated as dense, its dilated input "
+        "gradient 10-15x slower than that forward; the same products in another order (bench/README.md)",
+    )
     native_norm: bool = Field(
         True,
         description="on CPU in channels_last, each training batch norm of the candidates whose channels are not a "

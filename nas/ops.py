@@ -184,16 +184,23 @@ NATIVE_GRAD_MIN_KERNEL = 5
 
 
 def depthwise_conv2d(
-    x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int, native_grad: bool = False
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: int,
+    padding: int,
+    dilation: int,
+    native_grad: bool = False,
+    flipped: bool = False,
 ) -> torch.Tensor:
     """``F.conv2d(x, weight, None, stride, padding, dilation, groups=C)`` for a depthwise ``weight`` (C, 1, K, K).
 
     ``native_grad`` (``search.speed.native_depthwise_grad``): where the weight needs a gradient, the kernel is at
     least 5x5 and the tensors are float32 on the CPU (outside autocast and compiled graphs), the backward computes
-    that gradient with :mod:`nas.kernels`' native kernel (the input's gradient stays PyTorch's): the same sums in
-    another order."""
+    that gradient with :mod:`nas.kernels`' native kernel: the same sums in another order. ``flipped``
+    (``search.speed.flipped_input_grad``): that backward computes the input's gradient at stride 1 as a forward
+    convolution with the kernel flipped (:func:`_input_gradient`), else by PyTorch's backward."""
     if native_grad and _native_weight_gradient(x, weight, NATIVE_GRAD_MIN_KERNEL):
-        return _NativeGradDepthwise.apply(x, weight, stride, padding, dilation)
+        return _NativeGradDepthwise.apply(x, weight, stride, padding, dilation, flipped)
     return F.conv2d(x, weight, None, stride, padding, dilation, weight.shape[0])
 
 
@@ -222,8 +229,9 @@ class _NativeGradDepthwise(torch.autograd.Function):
     instead, so the gradient can be differentiated again."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int):  # noqa: ANN001, ANN205
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int, flipped: bool):  # noqa: ANN001, ANN205
         ctx.geometry = (stride, padding, dilation)
+        ctx.flipped = flipped
         ctx.save_for_backward(x, weight)
         return F.conv2d(x, weight, None, stride, padding, dilation, weight.shape[0])
 
@@ -235,13 +243,13 @@ class _NativeGradDepthwise(torch.autograd.Function):
         if torch.is_grad_enabled():
             with torch.enable_grad():
                 y = F.conv2d(x, weight, None, stride, padding, dilation, weight.shape[0])
-            return (*_gradients_to_differentiate_again(y, (x, weight), wanted, grad), None, None, None)
+            return (*_gradients_to_differentiate_again(y, (x, weight), wanted, grad), None, None, None, None)
         d_x = d_weight = None
         if wanted[0]:
-            d_x = _input_gradient(grad, weight, x, stride, padding, dilation)
+            d_x = _input_gradient(grad, weight, x, stride, padding, dilation, ctx.flipped)
         if wanted[1]:
             d_weight = kernels.depthwise_weight_gradient(x, grad, weight.shape[-1], stride, padding, dilation)
-        return d_x, d_weight, None, None, None
+        return d_x, d_weight, None, None, None, None
 
 
 class _SubGrid(torch.autograd.Function):
@@ -324,12 +332,16 @@ class DepthwiseConv2d(nn.Conv2d):
     """One filter per channel (groups = channels, no bias), optionally dilated. ``dense`` (off by default; the
     supernet sets it from ``search.speed.dense_dilation``) computes a dilated one with :func:`dilated_as_dense`;
     ``native_grad`` (likewise, from ``search.speed.native_depthwise_grad``) its weight gradient with the native
-    kernel (:func:`depthwise_conv2d`). The parameters and state dict are those of the ``nn.Conv2d`` it extends."""
+    kernel (:func:`depthwise_conv2d`); ``flipped`` (from ``search.speed.flipped_input_grad``) its input gradient at
+    stride 1 as a forward convolution with the kernel flipped, and with ``native_grad`` a dilated one at stride 1
+    runs dilated as it is, neither re-laid dense nor with PyTorch's dilated backward. The parameters and state dict
+    are those of the ``nn.Conv2d`` it extends."""
 
     def __init__(self, channels: int, kernel: int, stride: int, padding: int, dilation: int):
         super().__init__(channels, channels, kernel, stride, padding, dilation=dilation, groups=channels, bias=False)
         self.dense = False
         self.native_grad = False
+        self.flipped = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.convolve(x, self.weight)
@@ -338,9 +350,12 @@ class DepthwiseConv2d(nn.Conv2d):
         """This convolution with ``weight`` for its own (a separable convolution's backward recomputes it, and the
         batched edges pass their concatenated weights)."""
         stride, padding, dilation = self.stride[0], self.padding[0], self.dilation[0]
+        as_it_is = self.flipped and self.native_grad and dilation > 1 and stride == 1  # no dense re-layout
+        if as_it_is and _native_weight_gradient(x, weight, min_kernel=1):
+            return _NativeGradDepthwise.apply(x, weight, 1, padding, dilation, True)
         if self.dense and dilation > 1:
             return dilated_as_dense(x, weight, stride, padding, dilation, self.native_grad)
-        return depthwise_conv2d(x, weight, stride, padding, dilation, self.native_grad)
+        return depthwise_conv2d(x, weight, stride, padding, dilation, self.native_grad, self.flipped)
 
 
 class _SeparableRecomputed(torch.autograd.Function):
@@ -491,6 +506,8 @@ def depthwise_input_gradient(
     own backward runs (the same values) but without its forward: the input's values are never read, only its
     shape. A stride-d dense dilation (a reduction cell) takes the general way: it recomputes."""
     d, stride, padding = depthwise.dilation[0], depthwise.stride[0], depthwise.padding[0]
+    if depthwise.flipped and stride == 1:
+        return _input_gradient(d_y, weight, _stand_in(x.shape, x), 1, padding, d, flipped=True)
     dense = depthwise.dense and d > 1 and padding % d == 0
     if dense and stride == 1 and x.shape[-2] % d == 0 and x.shape[-1] % d == 0:
         n, c, h, w = x.shape
@@ -504,10 +521,25 @@ def depthwise_input_gradient(
 
 
 def _input_gradient(
-    grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: int, padding: int, dilation: int
+    grad: torch.Tensor,
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    stride: int,
+    padding: int,
+    dilation: int,
+    flipped: bool = False,
 ) -> torch.Tensor:
     """The input's gradient of a depthwise convolution of ``x``, given its output's ``grad``: PyTorch's backward,
-    which reads only the input's shape and layout (``x`` may be an unfilled stand-in: :func:`_stand_in`)."""
+    which reads only the input's shape and layout (``x`` may be an unfilled stand-in: :func:`_stand_in`); with
+    ``flipped`` at stride 1, the forward convolution of ``grad`` with the kernel flipped (``search.speed.
+    flipped_input_grad``): each input pixel gathers the output pixels its taps reached, so the same products, by
+    oneDNN's forward kernel, which at the search's shapes is as fast dilated as dense, where its dilated input
+    gradient takes 10-15 times as long (bench/README.md)."""
+    k = weight.shape[-1]
+    turned = dilation * (k - 1) - padding  # the padding that gives back the input's size
+    if flipped and stride == 1 and weight.shape[-2] == k and turned >= 0:
+        d_x = F.conv2d(grad, weight.flip(-2, -1), None, 1, turned, dilation, weight.shape[0])
+        return d_x.contiguous(memory_format=memory_layout(x))
     return torch.ops.aten.convolution_backward(
         grad,
         x,

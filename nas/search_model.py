@@ -476,6 +476,7 @@ class MixedOp(nn.Module):
             if isinstance(module, DepthwiseConv2d):
                 module.dense = speed.dense_dilation
                 module.native_grad = speed.native_depthwise_grad
+                module.flipped = speed.flipped_input_grad
             if type(module) is nn.BatchNorm2d:
                 module.native_norm = speed.native_norm
         self.active = tuple(i for i, name in enumerate(primitives) if not (speed.skip_none and name == "none"))

@@ -35,6 +35,7 @@ from nas.ops import (
     forward_after_relu,
     forward_layer,
     is_channels_last,
+    memory_layout,
     norm_relu_separable,
     registered_ops,
     starts_with_relu,
@@ -96,6 +97,7 @@ def test_each_switch_alone_gives_the_plain_paths_alpha_and_weights(switch: str, 
         "weightless_once": {"batched_edges": True, "channels_last": True, "norm_in_sum": True},
         "native_norm": {"channels_last": True, "norm_in_sum": True},  # norms the search computes itself
         "native_sum": {"batched_edges": True, "channels_last": True},
+        "flipped_input_grad": {"native_depthwise_grad": True},  # for the backwards that are ours
     }
     speed = PLAIN.model_copy(update={switch: True, **needs.get(switch, {})})
     assert_same(three_steps(tiny_config(speed)), plain_second_order)
@@ -909,6 +911,78 @@ def test_a_dilated_depthwise_convolution_computed_dense_equals_it_with_gradients
     g = torch.randn_like(want)
     for a, b in zip(torch.autograd.grad(got, [x, weight], g), torch.autograd.grad(want, [x, weight], g)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    ("kernel", "padding", "dilation", "height", "width"),
+    [
+        (3, 1, 1, 8, 8),  # sep_conv_3x3
+        (5, 2, 1, 8, 6),  # sep_conv_5x5
+        (3, 2, 2, 8, 10),  # dil_conv_3x3
+        (5, 4, 2, 7, 9),  # dil_conv_5x5 on odd sizes
+        (3, 0, 1, 6, 6),  # no padding: the output is smaller
+        (3, 1, 2, 7, 7),  # padding off the dilation's multiple: still the input's size back
+        (3, 3, 3, 9, 5),  # dilation 3
+    ],
+)
+def test_the_flipped_input_gradient_equals_pytorchs_backward(
+    kernel: int, padding: int, dilation: int, height: int, width: int, channels_last: bool
+) -> None:
+    """``search.speed.flipped_input_grad``: a depthwise convolution's input gradient at stride 1 as the forward
+    convolution of the output's gradient with the kernel flipped, against PyTorch's backward (float64), in the
+    input's memory layout; at stride 2 PyTorch's backward runs."""
+    from nas.ops import _input_gradient
+
+    gen = torch.Generator().manual_seed(kernel * 10 + dilation)
+    x = torch.randn(3, 5, height, width, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(5, 1, kernel, kernel, generator=gen)
+    for stride in (1, 2):
+        out = F.conv2d(x, weight, None, stride, padding, dilation, 5)
+        grad = torch.randn(out.shape, generator=gen).contiguous(memory_format=memory_layout(x))
+        geometry = ([stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0], 5, [True, False, False])
+        want = torch.ops.aten.convolution_backward(grad.double(), x.double(), weight.double(), None, *geometry)[0]
+        got = _input_gradient(grad, weight, x, stride, padding, dilation, flipped=True)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        assert is_channels_last(got) == is_channels_last(x)
+
+
+class DilatedBackward(TorchDispatchMode):
+    """How many dilated depthwise convolutions PyTorch differentiates (its own backward), and how many it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backward = self.forward = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        name = func.overloadpacket.__name__
+        if name in ("convolution", "convolution_backward"):
+            weight, dilation = (args[1], args[5]) if name == "convolution" else (args[2], args[6])
+            if weight.shape[1] == 1 and max(dilation) > 1:
+                self.forward += name == "convolution"
+                self.backward += name == "convolution_backward"
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("batched_edges", [True, False])
+def test_flipped_input_gradients_leave_no_dilated_convolution_to_pytorchs_backward(batched_edges: bool) -> None:
+    """Second order, default switches (the dense re-layout on): with flipped_input_grad every dilated depthwise
+    convolution at stride 1 runs dilated as it is, forward and flipped, and PyTorch's dilated backward runs only
+    for the reductions' stride-2 edges, which are re-laid dense (their sub-grid is a dense convolution: no
+    dilated one at all); off, none runs dilated (all re-laid dense)."""
+    seen = {}
+    for on in (True, False):
+        torch.manual_seed(0)
+        cfg = tiny_config(SpeedConfig(flipped_input_grad=on, batched_edges=batched_edges), xi=0.01)
+        searcher = Searcher(cfg, in_channels=1, num_classes=3)
+        x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+        with DilatedBackward() as mode:
+            searcher.step(x, y, x, y)
+        seen[on] = (mode.forward, mode.backward)
+    assert seen[True][0] > 0 and seen[True][1] == 0
+    assert seen[False] == (0, 0)
 
 
 def test_dense_dilation_reaches_every_dilated_convolution_and_keeps_the_state_dict() -> None:
