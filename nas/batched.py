@@ -31,6 +31,7 @@ from nas.ops import (
     Zero,
     batch_norm,
     forward_layer,
+    grouped_pointwise,
     is_channels_last,
     norm_relu_separable,
     norm_relu_separable_layers,
@@ -229,6 +230,8 @@ def _conv(convs: Sequence[nn.Conv2d], x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, c._reversed_padding_repeated_twice, mode=c.padding_mode)
     if isinstance(c, DepthwiseConv2d):
         return c.convolve(x, weight)  # as each edge's would, dense dilation and native gradient included
+    if getattr(c, "native_pointwise", False) and plain_pointwise(c):  # search.speed.native_pointwise
+        return grouped_pointwise(x, weight, c.groups * len(convs), True)
     return F.conv2d(x, weight, bias, c.stride, padding, c.dilation, c.groups * len(convs))
 
 

@@ -169,6 +169,13 @@ class SpeedConfig(_Section):
         "without dense_dilation's re-layout: oneDNN's forward kernel is as fast dilated as dense, its dilated input "
         "gradient 10-15x slower than that forward; the same products in another order (bench/README.md)",
     )
+    native_pointwise: bool = Field(
+        True,
+        description="with batched_edges on CPU: each candidate's 1x1 convolution over the stacked edges (one group an "
+        "edge) whose groups are 2, 4 or 8 channels wide (PC-DARTS's C/K channels) by a native kernel "
+        "(nas/kernels.py), forward, input and weight gradient: oneDNN's grouped kernel runs several times slower at "
+        "those widths; the same sums in another order. Wider groups (DARTS's) keep oneDNN's (bench/README.md)",
+    )
     native_norm: bool = Field(
         True,
         description="on CPU in channels_last, each training batch norm of the candidates whose channels are not a "

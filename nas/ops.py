@@ -618,6 +618,56 @@ def norm_relu_separable_layers(layers: Sequence[nn.Module]) -> bool:
     )
 
 
+def grouped_pointwise(x: torch.Tensor, weight: torch.Tensor, groups: int, native: bool) -> torch.Tensor:
+    """``F.conv2d(x, weight, groups=groups)`` for a 1x1 ``weight`` with as many channels out as in a group; with
+    ``native`` (``search.speed.native_pointwise``) by the native kernel (:class:`_NativePointwise`) where it applies
+    (:func:`native_pointwise_applies`)."""
+    if native and native_pointwise_applies(x, weight, groups):
+        return _NativePointwise.apply(x, weight)
+    return F.conv2d(x, weight, None, 1, 0, 1, groups)
+
+
+def native_pointwise_applies(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
+    """Whether the native kernel computes this grouped 1x1 convolution: groups of 2, 4 or 8 channels in and out (wider
+    ones are oneDNN's fast case), a float32 CPU input laid out channels_last, outside autocast and compiled graphs,
+    the kernel built here."""
+    width = weight.shape[1]
+    return (
+        weight.shape[0] == width * groups
+        and width in kernels.POINTWISE_WIDTHS
+        and tuple(weight.shape[2:]) == (1, 1)
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and kernels.native_available()
+    )
+
+
+class _NativePointwise(torch.autograd.Function):
+    """A grouped 1x1 convolution by the native kernel (:func:`grouped_pointwise`): forward, and in the backward the
+    input's gradient (the same kernel with each group's weight transposed) and the weight's. Under ``create_graph``
+    (the exact Hessian) the backward differentiates a recomputed forward of PyTorch's instead."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x, weight)
+        return kernels.grouped_pointwise(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        x, weight = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():
+            with torch.enable_grad():
+                y = F.conv2d(x, weight, None, 1, 0, 1, weight.shape[0] // weight.shape[1])
+            return tuple(_gradients_to_differentiate_again(y, (x, weight), wanted, grad))
+        d_x = kernels.grouped_pointwise(grad, weight, transposed=True) if wanted[0] else None
+        d_weight = kernels.grouped_pointwise_weight_gradient(x, grad, weight.shape[1]) if wanted[1] else None
+        return d_x, d_weight
+
+
 class NormArguments(NamedTuple):
     """What a training batch norm hands its kernel besides its input, scale and shift: the running mean and variance
     (None where it runs without them), the averaging factor, ε, and whether the native kernel may compute it

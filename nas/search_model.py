@@ -509,6 +509,8 @@ class MixedOp(nn.Module):
                 module.flipped = speed.flipped_input_grad
             if type(module) is nn.BatchNorm2d:
                 module.native_norm = speed.native_norm
+            if type(module) is nn.Conv2d:
+                module.native_pointwise = speed.native_pointwise
         self.active = tuple(i for i, name in enumerate(primitives) if not (speed.skip_none and name == "none"))
         self.after_relu = tuple(speed.shared_relu and starts_with_relu(op) for op in self.ops)
         self.stacked = speed.stacked_mixture

@@ -333,6 +333,83 @@ def test_the_native_sum_computes_every_batched_sum_of_a_search_step(
     assert seen[True]["statistics"] >= seen[True]["native"]  # each sum's closing norms: pooling's and convolutions'
 
 
+@pytest.mark.parametrize(
+    ("channels", "width", "pixels"),
+    [(32, 4, 16 * 64), (64, 8, 16 * 16), (12, 4, 37), (8, 4, 5), (4, 4, 3), (24, 8, 7 * 9), (20, 2, 11), (6, 2, 1)],
+)
+def test_the_native_grouped_pointwise_convolution_equals_pytorchs(channels: int, width: int, pixels: int) -> None:
+    """Forward, input gradient (each group's weight transposed) and weight gradient against float64 PyTorch: channel
+    counts of whole 16-lane blocks, of fewer, of periods of several blocks, pixel counts that leave a partial block
+    and a partial period."""
+    gen = torch.Generator().manual_seed(channels * 10 + width)
+    groups = channels // width
+    x = torch.randn(pixels, channels, 1, 1, generator=gen).view(1, pixels, 1, channels).permute(0, 3, 1, 2)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(channels, width, 1, 1, generator=gen)
+    grad = torch.randn(x.shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    geometry = ([1, 1], [0, 0], [1, 1], False, [0, 0], groups, [True, True, False])
+    want_y = F.conv2d(x.double(), weight.double(), None, 1, 0, 1, groups)
+    want_dx, want_dw, _ = torch.ops.aten.convolution_backward(
+        grad.double(), x.double(), weight.double(), None, *geometry
+    )
+    y = kernels.grouped_pointwise(x, weight)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=1e-5)
+    d_x = kernels.grouped_pointwise(grad, weight, transposed=True)
+    torch.testing.assert_close(d_x.double(), want_dx, rtol=1e-5, atol=1e-5)
+    d_weight = kernels.grouped_pointwise_weight_gradient(x, grad, width)
+    torch.testing.assert_close(d_weight.double(), want_dw, rtol=1e-5, atol=1e-5 * float(grad.abs().sum()) / channels)
+    with pytest.raises(ValueError, match="no grouped 1x1 kernel"):
+        kernels.grouped_pointwise(x, torch.randn(channels, 1, 1, 1))
+
+
+def test_the_native_grouped_pointwise_convolution_has_pytorchs_gradients_and_hessian() -> None:
+    """:func:`nas.ops.grouped_pointwise` with the native kernel: the values and first derivatives of ``F.conv2d``,
+    and under ``create_graph`` (the exact Hessian) gradients that are differentiated again to PyTorch's."""
+    from nas.ops import grouped_pointwise
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 24, 5, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(24, 4, 1, 1, generator=gen)
+    probe = torch.randn(3, 24, 5, 5, generator=gen)
+    results = []
+    for native in (True, False):
+        leaves = [x.clone().requires_grad_(), weight.clone().requires_grad_()]
+        y = grouped_pointwise(*leaves, 6, native)
+        assert (y.grad_fn.name() == "_NativePointwiseBackward") == native
+        first = torch.autograd.grad((y * probe).sum(), leaves, create_graph=True)
+        second = torch.autograd.grad(sum((g * g).sum() for g in first), leaves)
+        plain = torch.autograd.grad((grouped_pointwise(*leaves, 6, native) * probe).sum(), leaves)
+        results.append((y, *first, *second, *plain))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+class NarrowPointwise(TorchDispatchMode):
+    """How many grouped 1x1 convolutions of groups 2, 4 or 8 channels wide PyTorch runs, forward and backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        name = func.overloadpacket.__name__
+        if name in ("convolution", "convolution_backward"):
+            weight, groups = (args[1], args[8]) if name == "convolution" else (args[2], args[9])
+            narrow = weight.shape[0] == weight.shape[1] * groups and weight.shape[1] in (2, 4, 8)
+            self.count += groups > 1 and narrow and tuple(weight.shape[2:]) == (1, 1)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_native_pointwise_kernel_computes_every_narrow_grouped_1x1_convolution_of_a_search_step() -> None:
+    """Second order, default switches, PC-DARTS on 16 channels (4 through each edge's candidates, 8 in a reduction
+    cell): no grouped 1x1 convolution of narrow groups is left to PyTorch; with the switch off, there are some."""
+    pc_darts = {"channels": 16, "partial_channels": 4, "edge_normalization": True}
+    on = one_step_under(NarrowPointwise(), SpeedConfig(), **pc_darts).count
+    off = one_step_under(NarrowPointwise(), SpeedConfig(native_pointwise=False), **pc_darts).count
+    assert on == 0 < off
+
+
 def test_without_a_compiler_pytorchs_kernel_runs_with_one_warning(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -98,6 +98,7 @@ def test_each_switch_alone_gives_the_plain_paths_alpha_and_weights(switch: str, 
         "native_norm": {"channels_last": True, "norm_in_sum": True},  # norms the search computes itself
         "native_sum": {"batched_edges": True, "channels_last": True},
         "flipped_input_grad": {"native_depthwise_grad": True},  # for the backwards that are ours
+        "native_pointwise": {"batched_edges": True, "channels_last": True},
     }
     speed = PLAIN.model_copy(update={switch: True, **needs.get(switch, {})})
     assert_same(three_steps(tiny_config(speed)), plain_second_order)
