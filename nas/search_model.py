@@ -107,42 +107,12 @@ def partial_split(x: torch.Tensor, partial: int, stride: int) -> tuple[torch.Ten
     return through, bypass
 
 
-def shuffled_node(
-    mixed: Sequence[torch.Tensor],
-    passed: Sequence[torch.Tensor],
-    partial: int,
-    betas: Sequence[torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """A PC-DARTS node from its edges' mixtures and passed-by channels: shuffle(cat[Σ mixtures, Σ β·passed by])
-    (``betas``: each edge's β, None: 1). Concatenation and shuffle are linear, so this is the sum of each edge's own
-    shuffle(cat[mixture, β·passed by]) with one concatenation and one shuffle per node instead of one per edge; the
-    sums accumulate in place (one new tensor each), and concatenation and shuffle are one interleaving copy."""
-    passed_sum = _summed(passed, betas)
-    return interleaved([_summed(mixed), *passed_sum.chunk(partial - 1, dim=1)])
-
-
-def _summed(tensors: Sequence[torch.Tensor], weights: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-    """Σ tensors (Σ weights·tensors where given), in order, accumulated in place in the one tensor it makes."""
-    if weights is None:
-        if len(tensors) == 1:
-            return tensors[0]
-        total = tensors[0] + tensors[1]
-        for t in tensors[2:]:
-            total = total.add_(t)
-        return total
-    total = tensors[0] * weights[0]
-    for t, w in zip(tensors[1:], weights[1:]):
-        total = total.addcmul_(t, w)
-    return total
-
-
-def interleaved(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``channel_shuffle(cat(parts, dim=1), len(parts))`` for parts of one width: channel i of part g lands at
-    i·len(parts) + g. One copy (a stack along a new innermost channel axis) in the first part's layout."""
-    if is_channels_last(parts[0]):
-        pixels = torch.stack([p.permute(0, 2, 3, 1) for p in parts], dim=-1)
-        return pixels.flatten(-2).permute(0, 3, 1, 2)
-    return torch.stack(list(parts), dim=2).flatten(1, 2)
+def shuffled_node(mixed: Sequence[torch.Tensor], passed: Sequence[torch.Tensor], partial: int) -> torch.Tensor:
+    """A PC-DARTS node from its edges' mixtures and passed-by channels: shuffle(cat[Σ mixtures, Σ passed by]).
+    Concatenation and shuffle are linear, so this is the sum of each edge's own shuffle(cat[mixture, passed by])
+    with one concatenation and one shuffle per node instead of one per edge."""
+    sums = [functools.reduce(torch.add, mixed), functools.reduce(torch.add, passed)]
+    return channel_shuffle(torch.cat(sums, dim=1), partial)
 
 
 def index_on(
@@ -646,10 +616,11 @@ class SearchCell(nn.Module):
                     parts.append((through.contiguous(memory_format=layout), bypass))  # dense once, not per candidate
                 through, bypass = parts[j]
                 m = edge.mixture(through, weights[offset + j])
-                mixed.append(m if edge_weights is None else edge_weights[offset + j] * m)
+                if edge_weights is not None:
+                    m, bypass = edge_weights[offset + j] * m, edge_weights[offset + j] * bypass
+                mixed.append(m)
                 passed.append(bypass)
-            betas = None if edge_weights is None else list(edge_weights[offset : offset + len(states)])
-            states.append(shuffled_node(mixed, passed, self.partial, betas))
+            states.append(shuffled_node(mixed, passed, self.partial))
             offset += len(states) - 1
         return torch.cat(states[2:], dim=1)
 
@@ -670,7 +641,6 @@ class SearchCell(nn.Module):
         stats = RunningStats()
         incoming: list[list[torch.Tensor]] = [[] for _ in range(self.nodes)]
         passed: list[list[torch.Tensor]] = [[] for _ in range(self.nodes)]  # PC-DARTS: the channels passed by
-        betas: list[list[torch.Tensor | None]] = [[] for _ in range(self.nodes)]  # and their edges' β
         for g, group in enumerate(self.groups):
             stride = self.edges[group[0][1]].stride  # one stride per group: a reduction's cell-input edges, or 1
             if self.partial > 1:
@@ -681,11 +651,10 @@ class SearchCell(nn.Module):
             for (source, edge), output in zip(group, self.mixture(g, inputs, weights, edge_weights, stats)):
                 incoming[self.target[edge]].append(output)
                 if self.partial > 1:
-                    passed[self.target[edge]].append(parts[source][1])
-                    betas[self.target[edge]].append(None if edge_weights is None else edge_weights[edge])
+                    bypass = parts[source][1]
+                    passed[self.target[edge]].append(bypass if edge_weights is None else edge_weights[edge] * bypass)
             if self.partial > 1:
-                node_betas = None if edge_weights is None else betas[g]
-                states.append(shuffled_node(incoming[g], passed[g], self.partial, node_betas))
+                states.append(shuffled_node(incoming[g], passed[g], self.partial))
             else:
                 states.append(functools.reduce(torch.add, incoming[g]))
         stats.apply()

@@ -206,38 +206,6 @@ def test_channel_shuffle_interleaves_the_groups() -> None:
     assert shuffled.is_contiguous(memory_format=torch.channels_last)  # a channels_last network stays so
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("edges", [1, 3])
-def test_a_pc_darts_node_is_the_sum_of_its_edges_own_shuffled_outputs_twice_differentiated(
-    edges: int, channels_last: bool
-) -> None:
-    """nas.search_model.shuffled_node (sums accumulated in place, concatenation and shuffle as one interleaving
-    copy) against Σ_e shuffle(cat[mixture_e, β_e·passed_e]), each edge on its own: values, the layout, gradients
-    for every input and β, and second derivatives through them (the exact Hessian's double backward)."""
-    from nas.search_model import channel_shuffle, shuffled_node
-
-    gen = torch.Generator().manual_seed(edges)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    mixed = [torch.randn(2, 2, 3, 3, generator=gen).contiguous(memory_format=layout) for _ in range(edges)]
-    passed = [torch.randn(2, 6, 3, 3, generator=gen).contiguous(memory_format=layout) for _ in range(edges)]
-    betas = [torch.rand((), generator=gen) for _ in range(edges)]
-    probe = torch.randn(2, 8, 3, 3, generator=gen)
-    results = []
-    for together in (True, False):
-        leaves = [t.clone().requires_grad_() for t in (*mixed, *passed, *betas)]
-        ms, ps, bs = leaves[:edges], leaves[edges : 2 * edges], leaves[2 * edges :]
-        if together:
-            out = shuffled_node(ms, ps, 4, bs)
-        else:
-            out = sum(channel_shuffle(torch.cat([m, b * p], dim=1), 4) for m, p, b in zip(ms, ps, bs))
-        first = torch.autograd.grad((out * probe).sum(), leaves, create_graph=True)
-        second = torch.autograd.grad(sum((g * g).sum() for g in first), leaves, allow_unused=True)
-        results.append([out, *first, *(torch.zeros(()) if g is None else g for g in second)])
-        assert out.is_contiguous(memory_format=layout)
-    for got, want in zip(*results, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("stride", [1, 2])
 def test_partial_channel_mixed_op_mixes_a_quarter_and_passes_the_rest(stride: int) -> None:
     from nas.search_model import channel_shuffle
