@@ -117,6 +117,7 @@ def cases() -> list[Case]:
         Case("pc-darts K=4-native_sum", "second", {**default, "native_sum": False}, partial_channels=4),
         Case("pc-darts K=4-native_norm", "second", {**default, "native_norm": False}, partial_channels=4),
         Case("pc-darts K=4-native_pointwise", "second", {**default, "native_pointwise": False}, partial_channels=4),
+        Case("default-native_pointwise", "second", {**default, "native_pointwise": False}),
         Case("default-flipped_input_grad", "first", {**default, "flipped_input_grad": False}),
         Case("default-flipped_input_grad", "second", {**default, "flipped_input_grad": False}),
         Case("default+checkpoint", "first", {**default, "checkpoint_cells": True}),

@@ -172,9 +172,10 @@ class SpeedConfig(_Section):
     native_pointwise: bool = Field(
         True,
         description="with batched_edges on CPU: each candidate's 1x1 convolution over the stacked edges (one group an "
-        "edge) whose groups are 2, 4 or 8 channels wide (PC-DARTS's C/K channels) by a native kernel "
-        "(nas/kernels.py), forward, input and weight gradient: oneDNN's grouped kernel runs several times slower at "
-        "those widths; the same sums in another order. Wider groups (DARTS's) keep oneDNN's (bench/README.md)",
+        "edge) whose groups are 2, 4, 8 or 16 channels wide (PC-DARTS's C/K channels, DARTS's 16) by a native "
+        "kernel (nas/kernels.py), forward, input and weight gradient: oneDNN's grouped kernel runs several times "
+        "slower at the narrow widths and 1.2-1.5x slower at 16; the same sums in another order. Wider groups keep "
+        "oneDNN's (bench/README.md)",
     )
     native_norm: bool = Field(
         True,

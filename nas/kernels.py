@@ -14,9 +14,10 @@
 - The batched eq. 1 sum's forward (``edge_sum.c``, ``search.speed.native_sum``): every candidate of a group of
   edges, its closing batch norm applied on the way (statistics from ``norm_cl.c``), weighed and summed in one pass
   that reads each candidate once and writes the sum once.
-- A grouped 1x1 convolution whose groups are 2, 4 or 8 channels wide (``pointwise.c``,
+- A grouped 1x1 convolution whose groups are 2, 4, 8 or 16 channels wide (``pointwise.c``,
   ``search.speed.native_pointwise``): forward, input and weight gradient, where oneDNN's grouped kernel runs at a
-  fraction of the memory's speed (PC-DARTS's batched edges, C/K channels a group).
+  fraction of the memory's speed (PC-DARTS's batched edges, C/K channels a group) or, at 16 (DARTS's), 1.2-1.5x
+  slower.
 
 The library (both files) is built once per machine, source and compiler, with ``-march=native``, into
 ``$XDG_CACHE_HOME/raydarts/kernels`` (``~/.cache`` by default) under a name that hashes all four, so a machine with
@@ -406,11 +407,11 @@ def edge_sum_forward(
     return total
 
 
-POINTWISE_WIDTHS = (2, 4, 8)  # the group widths the grouped 1x1 kernel takes
+POINTWISE_WIDTHS = (2, 4, 8, 16)  # the group widths the grouped 1x1 kernel takes
 
 
 def grouped_pointwise(x: torch.Tensor, weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-    """``F.conv2d(x, weight, groups=C // w)`` for a 1x1 ``weight`` (C, w, 1, 1) of w = 2, 4 or 8 channels a group in
+    """``F.conv2d(x, weight, groups=C // w)`` for a 1x1 ``weight`` (C, w, 1, 1) of w = 2, 4, 8 or 16 channels a group in
     and out; ``transposed``: each group's weight transposed, which is the input's gradient given the output's in
     ``x``. A float32 CPU tensor of 4 dimensions, copied channels_last where it is not; the result channels_last. The
     library must be available (:func:`native_available`)."""

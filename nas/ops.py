@@ -628,9 +628,9 @@ def grouped_pointwise(x: torch.Tensor, weight: torch.Tensor, groups: int, native
 
 
 def native_pointwise_applies(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
-    """Whether the native kernel computes this grouped 1x1 convolution: groups of 2, 4 or 8 channels in and out (wider
-    ones are oneDNN's fast case), a float32 CPU input laid out channels_last, outside autocast and compiled graphs,
-    the kernel built here."""
+    """Whether the native kernel computes this grouped 1x1 convolution: groups of 2, 4, 8 or 16 channels in and out
+    (wider ones are oneDNN's fast case), a float32 CPU input laid out channels_last, outside autocast and compiled
+    graphs, the kernel built here."""
     width = weight.shape[1]
     return (
         weight.shape[0] == width * groups

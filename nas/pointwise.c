@@ -3,21 +3,23 @@
 
    The batched edges (nas/batched.py) run each candidate's pointwise convolution as one convolution over the edges'
    stacked channels, a group per edge; under PC-DARTS a group is C/K = 2, 4 or 8 channels wide, and oneDNN's
-   grouped kernel then runs at a fraction of the memory's speed. The tensor is x[p, c]: P pixels of C channels each,
+   grouped kernel then runs at a fraction of the memory's speed (at 16, DARTS's width, it is 1.2-1.5x slower than
+   this one). The tensor is x[p, c]: P pixels of C channels each,
    channels innermost, in groups of w channels; the weight is W[j, i], output channel j, input i of its group.
 
      forward:               y[p, j] = sum over i < w of W[j, i] * x[p, g(j) + i]             g(j) = j - j % w
      input gradient:        y[p, j] = sum over o < w of W[g(j) + o, j % w] * x[p, g(j) + o]  (W transposed)
      weight gradient:  dW[j, i] = sum over p of x[p, g(j) + i] * dy[p, j]
 
-   With w = 2, 4 or 8 (dividing 16) and C a multiple of w, the whole tensor, read flat, is a run of groups of w
+   With w = 2, 4, 8 or 16 (dividing 16) and C a multiple of w, the whole tensor, read flat, is a run of groups of w
    values, so every block of 16 consecutive values holds whole groups whatever C is, and x[p, g(j) + i] over a
    block's lanes is one permutation of the block (lane l takes lane l - l % w + i): each output block is w
    permutations and w fused multiply-adds by per-lane weights. Lane l of block b is channel (16 b + l) % C, so the
    lane weights repeat every S = C / gcd(C, 16) blocks. The last values, fewer than a block, are read zero-padded.
-   The weight gradient keeps each period position's w sums in registers over 256 periods at a time, then in double,
+   With w = 16 a block is one group, and the permutation is a broadcast of one input value, read from memory. The
+   weight gradient keeps each period position's w sums in registers over 256 periods at a time, then in double,
    and adds the threads' sums in a fixed order, so the result does not depend on timing. A failed allocation, or a
-   width that is not 2, 4 or 8, leaves NaN in the output.
+   width that is not 2, 4, 8 or 16, leaves NaN in the output.
    Built and loaded by nas/kernels.py. */
 #include <math.h>
 #include <stdint.h>
@@ -64,14 +66,21 @@ static inline vec load_part(const float* p, int64_t n) {
 }
 
 /* One block: w (a constant where inlined) permutations and multiply-adds. */
+/* One block of a 16-wide group: each input value broadcast from memory times its weights. */
+static inline __attribute__((always_inline)) vec block_wide(const float* xb, const float* wb) {
+    vec acc = load(wb) * xb[0];
+    for (int64_t i = 1; i < LANES; i++) acc += load(wb + i * LANES) * xb[i];
+    return acc;
+}
+
 static inline __attribute__((always_inline)) vec block_out(vec xv, const float* wb, const ivec* index, const int64_t w) {
     vec acc = load(wb) * __builtin_shuffle(xv, index[0]);
     for (int64_t i = 1; i < w; i++) acc += load(wb + i * LANES) * __builtin_shuffle(xv, index[i]);
     return acc;
 }
 
-/* y = the forward (transposed 0) or the input gradient (transposed 1) of x; W: (C, w), w = 2, 4 or 8, C a multiple
-   of w. */
+/* y = the forward (transposed 0) or the input gradient (transposed 1) of x; W: (C, w), w = 2, 4, 8 or 16, C a
+   multiple of w. */
 void pointwise_grouped_f32(const float* x, const float* W, float* y, int64_t P, int64_t C, int64_t w, int transposed,
                            int threads) {
     const int64_t S = C / gcd64(C, LANES), n = P * C, blocks = n / LANES;
@@ -80,8 +89,14 @@ void pointwise_grouped_f32(const float* x, const float* W, float* y, int64_t P, 
         for (int64_t v = 0; v < n; v++) y[v] = NAN;
         return;
     }
-    ivec index[8];
+    ivec index[16];
     index_vectors(index, w);
+    if (w == LANES) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t b = 0; b < blocks; b++) store(y + b * LANES, block_wide(x + b * LANES, Wv + (b % S) * w * LANES));
+        free(Wv);
+        return;
+    }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const vec xv = load(x + b * LANES);
@@ -101,11 +116,19 @@ void pointwise_grouped_f32(const float* x, const float* W, float* y, int64_t P, 
 static inline __attribute__((always_inline)) void position_sums(const float* x, const float* dy, float* f,
                                                                 const ivec* index, int64_t b0, int64_t b1, int64_t S,
                                                                 const int64_t w) {
-    vec acc[8];
+    vec acc[16];
     for (int64_t i = 0; i < w; i++) acc[i] = (vec){0};
-    for (int64_t b = b0; b < b1; b += S) {
-        const vec xv = load(x + b * LANES), gv = load(dy + b * LANES);
-        for (int64_t i = 0; i < w; i++) acc[i] += gv * __builtin_shuffle(xv, index[i]);
+    if (w == LANES) {
+        for (int64_t b = b0; b < b1; b += S) {
+            const float* xb = x + b * LANES;
+            const vec gv = load(dy + b * LANES);
+            for (int64_t i = 0; i < LANES; i++) acc[i] += gv * xb[i];
+        }
+    } else {
+        for (int64_t b = b0; b < b1; b += S) {
+            const vec xv = load(x + b * LANES), gv = load(dy + b * LANES);
+            for (int64_t i = 0; i < w; i++) acc[i] += gv * __builtin_shuffle(xv, index[i]);
+        }
     }
     for (int64_t i = 0; i < w; i++) store(f + i * LANES, load(f + i * LANES) + acc[i]);
 }
@@ -122,7 +145,7 @@ void pointwise_grouped_weight_grad_f32(const float* x, const float* dy, float* d
         free(partial);
         return;
     }
-    ivec index[8];
+    ivec index[16];
     index_vectors(index, w);
 #pragma omp parallel num_threads(threads)
     {
@@ -140,8 +163,10 @@ void pointwise_grouped_weight_grad_f32(const float* x, const float* dy, float* d
                     position_sums(x, dy, fs, index, b0, b1, S, 2);
                 else if (w == 4)
                     position_sums(x, dy, fs, index, b0, b1, S, 4);
-                else
+                else if (w == 8)
                     position_sums(x, dy, fs, index, b0, b1, S, 8);
+                else
+                    position_sums(x, dy, fs, index, b0, b1, S, 16);
             }
             for (int64_t v = 0; v < size; v++) sum[v] += f[v];
         }

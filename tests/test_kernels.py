@@ -335,7 +335,18 @@ def test_the_native_sum_computes_every_batched_sum_of_a_search_step(
 
 @pytest.mark.parametrize(
     ("channels", "width", "pixels"),
-    [(32, 4, 16 * 64), (64, 8, 16 * 16), (12, 4, 37), (8, 4, 5), (4, 4, 3), (24, 8, 7 * 9), (20, 2, 11), (6, 2, 1)],
+    [
+        (32, 4, 16 * 64),
+        (64, 8, 16 * 16),
+        (12, 4, 37),
+        (8, 4, 5),
+        (4, 4, 3),
+        (24, 8, 7 * 9),
+        (20, 2, 11),
+        (6, 2, 1),
+        (128, 16, 300),  # DARTS's width: a broadcast, not a permutation
+        (48, 16, 5),
+    ],
 )
 def test_the_native_grouped_pointwise_convolution_equals_pytorchs(channels: int, width: int, pixels: int) -> None:
     """Forward, input gradient (each group's weight transposed) and weight gradient against float64 PyTorch: channel
@@ -386,7 +397,7 @@ def test_the_native_grouped_pointwise_convolution_has_pytorchs_gradients_and_hes
 
 
 class NarrowPointwise(TorchDispatchMode):
-    """How many grouped 1x1 convolutions of groups 2, 4 or 8 channels wide PyTorch runs, forward and backward."""
+    """How many grouped 1x1 convolutions of groups 2, 4, 8 or 16 channels wide PyTorch runs, forward and backward."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -396,17 +407,21 @@ class NarrowPointwise(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name in ("convolution", "convolution_backward"):
             weight, groups = (args[1], args[8]) if name == "convolution" else (args[2], args[9])
-            narrow = weight.shape[0] == weight.shape[1] * groups and weight.shape[1] in (2, 4, 8)
+            narrow = weight.shape[0] == weight.shape[1] * groups and weight.shape[1] in (2, 4, 8, 16)
             self.count += groups > 1 and narrow and tuple(weight.shape[2:]) == (1, 1)
         return func(*args, **(kwargs or {}))
 
 
-def test_the_native_pointwise_kernel_computes_every_narrow_grouped_1x1_convolution_of_a_search_step() -> None:
-    """Second order, default switches, PC-DARTS on 16 channels (4 through each edge's candidates, 8 in a reduction
-    cell): no grouped 1x1 convolution of narrow groups is left to PyTorch; with the switch off, there are some."""
-    pc_darts = {"channels": 16, "partial_channels": 4, "edge_normalization": True}
-    on = one_step_under(NarrowPointwise(), SpeedConfig(), **pc_darts).count
-    off = one_step_under(NarrowPointwise(), SpeedConfig(native_pointwise=False), **pc_darts).count
+@pytest.mark.parametrize("partial_channels", [1, 4], ids=["darts", "pc-darts"])
+def test_the_native_pointwise_kernel_computes_every_narrow_grouped_1x1_convolution_of_a_search_step(
+    partial_channels: int,
+) -> None:
+    """Second order, default switches, 16 channels (DARTS: 16 a group, 32 in a reduction cell; PC-DARTS: 4 and 8):
+    no grouped 1x1 convolution of groups 2-16 channels wide is left to PyTorch; with the switch off, there are
+    some."""
+    supernet = {"channels": 16, "partial_channels": partial_channels, "edge_normalization": partial_channels > 1}
+    on = one_step_under(NarrowPointwise(), SpeedConfig(), **supernet).count
+    off = one_step_under(NarrowPointwise(), SpeedConfig(native_pointwise=False), **supernet).count
     assert on == 0 < off
 
 
