@@ -19,7 +19,7 @@
   fraction of the memory's speed (PC-DARTS's batched edges, C/K channels a group) or, at 16 (DARTS's), 1.2-1.5x
   slower.
 
-The library (both files) is built once per machine, source and compiler, with ``-march=native``, into
+The library (all five files) is built once per machine, source and compiler, with ``-march=native``, into
 ``$XDG_CACHE_HOME/raydarts/kernels`` (``~/.cache`` by default) under a name that hashes all four, so a machine with
 another CPU sharing the home folder builds its own. Processes that build at once (Ray workers) each write their own
 file and rename it into place. Where no compiler builds it, a warning says why once and the callers keep PyTorch's
