@@ -351,8 +351,10 @@ class DepthwiseConv2d(nn.Conv2d):
         batched edges pass their concatenated weights)."""
         stride, padding, dilation = self.stride[0], self.padding[0], self.dilation[0]
         as_it_is = self.flipped and self.native_grad and dilation > 1 and stride == 1  # no dense re-layout
-        if as_it_is and _native_weight_gradient(x, weight, min_kernel=1):
-            return _NativeGradDepthwise.apply(x, weight, 1, padding, dilation, True)
+        if as_it_is and native_grad_applies(x, weight, min_kernel=1):
+            if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):  # an α pass: the input's alone
+                return _NativeGradDepthwise.apply(x, weight, 1, padding, dilation, True)
+            return F.conv2d(x, weight, None, 1, padding, dilation, weight.shape[0])
         if self.dense and dilation > 1:
             return dilated_as_dense(x, weight, stride, padding, dilation, self.native_grad)
         return depthwise_conv2d(x, weight, stride, padding, dilation, self.native_grad, self.flipped)

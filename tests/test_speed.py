@@ -968,22 +968,36 @@ class DilatedBackward(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("batched_edges", [True, False])
-def test_flipped_input_gradients_leave_no_dilated_convolution_to_pytorchs_backward(batched_edges: bool) -> None:
+def test_flipped_input_gradients_leave_no_dilated_convolution_to_pytorchs_backward(
+    batched_edges: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Second order, default switches (the dense re-layout on): with flipped_input_grad every dilated depthwise
-    convolution at stride 1 runs dilated as it is, forward and flipped, and PyTorch's dilated backward runs only
-    for the reductions' stride-2 edges, which are re-laid dense (their sub-grid is a dense convolution: no
-    dilated one at all); off, none runs dilated (all re-laid dense)."""
+    convolution at stride 1 runs dilated as it is, forward and flipped, in the weight passes and in the α passes
+    (weights as constants) alike: nothing is re-laid dense, and PyTorch's dilated backward never runs (the
+    reductions' stride-2 edges read one sub-grid, a dense convolution); off, none runs dilated (all re-laid
+    dense)."""
+    import nas.ops
+
+    relaid = []
+    grids_to_batch = nas.ops._grids_to_batch
+
+    def counted(x: torch.Tensor, d: int) -> torch.Tensor:
+        relaid.append(d)
+        return grids_to_batch(x, d)
+
+    monkeypatch.setattr(nas.ops, "_grids_to_batch", counted)
     seen = {}
     for on in (True, False):
         torch.manual_seed(0)
         cfg = tiny_config(SpeedConfig(flipped_input_grad=on, batched_edges=batched_edges), xi=0.01)
         searcher = Searcher(cfg, in_channels=1, num_classes=3)
         x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+        relaid.clear()
         with DilatedBackward() as mode:
             searcher.step(x, y, x, y)
-        seen[on] = (mode.forward, mode.backward)
-    assert seen[True][0] > 0 and seen[True][1] == 0
-    assert seen[False] == (0, 0)
+        seen[on] = (mode.forward, mode.backward, len(relaid))
+    assert seen[True][0] > 0 and seen[True][1:] == (0, 0)
+    assert seen[False][:2] == (0, 0) and seen[False][2] > 0
 
 
 def test_dense_dilation_reaches_every_dilated_convolution_and_keeps_the_state_dict() -> None:
