@@ -6,7 +6,8 @@ achieved FLOP/s as a fraction of the measured matmul rate, and peak memory. On C
 process (its peak RSS is its own); on CUDA all run in this one, each after the last one's memory is freed: the
 allocator's peak is per row anyway, and CUDA's and cuDNN's start-up (about 20 s on an H200, its kernels loaded on
 first use) is paid once, not once per row. ``--rounds R`` runs the selected rows R times in turn and reports each
-row's median over its rounds.
+row's median over its rounds. ``--interleaved`` instead builds every selected row in this one process and times
+one step of each in turn (no peak memory): the way to see a difference of a few percent on a host whose speed drifts.
 
 - FLOPs of a step are nominal: the supernet's forward FLOPs per image (``bench/flops.py``, convolutions and the
   classifier, 2 per multiply-accumulate) × 3 per forward/backward pass × batch × passes, with 2 passes for a first-
@@ -36,6 +37,7 @@ row's median over its rounds.
     python bench/speed.py --batch 4 --layers 3 --channels 4 --input-size 8 --iters 2 --warmup 1   # seconds
     python bench/speed.py --device cuda --batch 64 --threads 4         # the paper's batch on a GPU (bench/gpu.sh)
     python bench/speed.py --only default default-batched --rounds 3    # two paths in turn, 3 processes each
+    python bench/speed.py --only default-flipped_input_grad default --interleaved --iters 8   # one process, in turn
 """
 
 from __future__ import annotations
@@ -159,7 +161,7 @@ class Row:
     gflop_per_step: float
     gflops: float
     fraction_of_matmul: float
-    peak_mb: float
+    peak_mb: float | None  # None: --interleaved (one process for all rows)
     rss_after_build_mb: float | None
     ops_per_step: int | None  # aten operators that do work, one step (None: a compiled row)
     page_faults_per_step: float  # the process's minor page faults per timed step
@@ -238,11 +240,11 @@ def matmul_gflops(
         n *= 2
 
 
-def measure(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> Row:
-    """Build, then warm up and time the steps of one case (in a fresh process on CPU: :func:`run_row`)."""
+def build(case: Case, args: argparse.Namespace) -> tuple[Searcher, tuple[torch.Tensor, ...]]:
+    """The case's searcher and one train and one val batch (random, already on the device)."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    device, cuda = args.device, args.device.startswith("cuda")
+    device = args.device
     cfg = SearchConfig(
         layers=args.layers,
         channels=args.channels,
@@ -259,31 +261,31 @@ def measure(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> R
     x_w, x_a = torch.randn(shape, device=device), torch.randn(shape, device=device)
     y_w, y_a = (torch.randint(args.classes, (args.batch,), device=device) for _ in range(2))
     synchronize(device)
-    rss_after_build = None if cuda else current_rss_bytes()
-    allocated = torch.cuda.memory_allocated(device) if cuda else 0
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    clock, times, faults_before = StepClock(device), [], 0
-    # The first steps compile, or run eagerly and then capture the step's CUDA graph (nas/graphed.py).
-    captured = case.speed.get("compile") or case.speed.get("cuda_graph")
-    warmup = max(args.warmup, 3) if captured else args.warmup
-    collections = CollectionClock()
-    for i in range(warmup + args.iters):
-        if i == warmup:
-            faults_before = minor_page_faults()
-            collections.start()
-        seconds = clock.time(lambda: searcher.step(x_w, y_w, x_a, y_a))
-        if i >= warmup:
-            times.append(seconds)
-    synchronize(device)
-    collections.stop()
-    faults = (minor_page_faults() - faults_before) / args.iters
-    peak = (torch.cuda.max_memory_allocated(device) - allocated) if cuda else peak_rss_bytes() - (rss_after_build or 0)
-    ops = None
-    if not captured:
-        with OperatorCount() as counter:
-            searcher.step(x_w, y_w, x_a, y_a)
-        ops = counter.count
+    return searcher, (x_w, y_w, x_a, y_a)
+
+
+def captured(case: Case) -> bool:
+    """Compiled or CUDA-graph rows: their first steps compile, or run eagerly and then capture the step's CUDA graph
+    (nas/graphed.py), so they warm up at least 3 steps and dispatch no operators one by one."""
+    return bool(case.speed.get("compile") or case.speed.get("cuda_graph"))
+
+
+def warmup_steps(case: Case, args: argparse.Namespace) -> int:
+    return max(args.warmup, 3) if captured(case) else args.warmup
+
+
+def operators_per_step(case: Case, searcher: Searcher, batches: tuple[torch.Tensor, ...]) -> int | None:
+    """The operators one more (untimed) step dispatches; None for a captured row."""
+    if captured(case):
+        return None
+    with OperatorCount() as counter:
+        searcher.step(*batches)
+    return counter.count
+
+
+def make_row(case: Case, args: argparse.Namespace, matmul: dict[str, float], times: list[float], **measured) -> Row:
+    """A row from its timed steps (seconds) and what else was measured (peak_mb, rss_after_build_mb,
+    ops_per_step, page_faults_per_step, gc_ms_per_step)."""
     seconds = statistics.median(times)
     flops = supernet_flops(args.in_channels, args.channels, args.classes, args.layers, input_size=args.input_size)
     step_flops = 3 * flops * args.batch * PASSES[case.order]
@@ -299,12 +301,80 @@ def measure(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> R
         gflop_per_step=step_flops / 1e9,
         gflops=step_flops / seconds / 1e9,
         fraction_of_matmul=step_flops / seconds / 1e9 / matmul[case.precision],
+        **measured,
+    )
+
+
+def measure(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> Row:
+    """Build, then warm up and time the steps of one case (in a fresh process on CPU: :func:`run_row`)."""
+    device, cuda = args.device, args.device.startswith("cuda")
+    searcher, batches = build(case, args)
+    rss_after_build = None if cuda else current_rss_bytes()
+    allocated = torch.cuda.memory_allocated(device) if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    clock, times, faults_before = StepClock(device), [], 0
+    warmup = warmup_steps(case, args)
+    collections = CollectionClock()
+    for i in range(warmup + args.iters):
+        if i == warmup:
+            faults_before = minor_page_faults()
+            collections.start()
+        seconds = clock.time(functools.partial(searcher.step, *batches))
+        if i >= warmup:
+            times.append(seconds)
+    synchronize(device)
+    collections.stop()
+    faults = (minor_page_faults() - faults_before) / args.iters
+    peak = (torch.cuda.max_memory_allocated(device) - allocated) if cuda else peak_rss_bytes() - (rss_after_build or 0)
+    return make_row(
+        case,
+        args,
+        matmul,
+        times,
         peak_mb=peak / MB,
         rss_after_build_mb=None if rss_after_build is None else rss_after_build / MB,
-        ops_per_step=ops,
+        ops_per_step=operators_per_step(case, searcher, batches),
         page_faults_per_step=faults,
         gc_ms_per_step=1000 * collections.seconds / args.iters,
     )
+
+
+def interleaved(selected: list[Case], args: argparse.Namespace, matmul: dict[str, float]) -> list[Row]:
+    """All cases in this one process, one step of each in turn: a host whose speed drifts from minute to minute
+    slows every case alike, so a difference of a few percent between two paths shows (fresh processes one after
+    another need many rounds for it). No peak memory: the process's is all the cases' together."""
+    built = [build(case, args) for case in selected]
+    warmup = max(warmup_steps(case, args) for case in selected)
+    clock = StepClock(args.device)
+    times: list[list[float]] = [[] for _ in selected]
+    faults, collected = [0] * len(selected), [0.0] * len(selected)
+    for i in range(warmup + args.iters):
+        for k, (searcher, batches) in enumerate(built):
+            step = functools.partial(searcher.step, *batches)
+            if i < warmup:
+                step()
+                continue
+            collections, faults_before = CollectionClock(), minor_page_faults()
+            collections.start()
+            times[k].append(clock.time(step))
+            collections.stop()
+            faults[k] += minor_page_faults() - faults_before
+            collected[k] += collections.seconds
+    return [
+        make_row(
+            case,
+            args,
+            matmul,
+            times[k],
+            peak_mb=None,
+            rss_after_build_mb=None,
+            ops_per_step=operators_per_step(case, *built[k]),
+            page_faults_per_step=faults[k] / args.iters,
+            gc_ms_per_step=1000 * collected[k] / args.iters,
+        )
+        for k, case in enumerate(selected)
+    ]
 
 
 def run_row(case: Case, args: argparse.Namespace, matmul: dict[str, float]) -> Row:
@@ -354,10 +424,11 @@ def format_table(rows: list[Row], matmul: dict[str, float]) -> str:
     for r in rows:
         speedup = plain.get(r.order, float("nan")) / r.ms_per_step
         ops = "-" if r.ops_per_step is None else str(r.ops_per_step)
+        peak = "-" if r.peak_mb is None else f"{r.peak_mb:.0f}"
         faults = f"{r.page_faults_per_step / 1000:.1f}k"
         lines.append(
             f"{r.name:24} {r.order:6} {r.hessian:7} {r.ms_per_step:9.0f} {r.images_per_second:7.1f} {r.gflops:8.1f} "
-            f"{r.fraction_of_matmul:6.1%} {r.peak_mb:8.0f} {ops:>8} {faults:>7} {r.gc_ms_per_step:6.1f} {speedup:10.2f}"
+            f"{r.fraction_of_matmul:6.1%} {peak:>8} {ops:>8} {faults:>7} {r.gc_ms_per_step:6.1f} {speedup:10.2f}"
         )
     rates = ", ".join(f"{kind} {rate:.1f} GFLOP/s" for kind, rate in matmul.items())
     lines.append(f"matmul rate: {rates}")
@@ -383,6 +454,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run the selected cases this many times, one after another in turn (each in a fresh process on CPU); "
         "a row reports the median of its rounds (what decides a difference of 10%% on a host whose speed drifts)",
     )
+    parser.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="time the selected cases in this one process, one step of each in turn, and print each one's time "
+        "against the first selected case of its order (no peak memory)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", nargs="*", default=None, help="case names to run, in this order (default: all)")
     parser.add_argument("--json", type=Path, default=None)
@@ -393,6 +470,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
+    if args.interleaved and args.rounds > 1:
+        raise SystemExit("--interleaved times every row in one process: ask for more steps with --iters, not --rounds")
     unknown = sorted(set(args.only or []) - {c.name for c in cases()})
     if unknown:  # a renamed row must not vanish from a table without a word
         raise SystemExit(
@@ -411,6 +490,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     precisions = dict.fromkeys(["fp32", *(c.precision for c in selected)])  # bf16 only where a row needs its rate
     matmul = {p: matmul_gflops(args.threads, args.device, dtype=dtypes[p]) for p in precisions}
+    if args.interleaved:
+        rows = interleaved(selected, args, matmul)
+        write_report(args, matmul, rows)
+        print(format_table(rows, matmul))
+        print(against_the_first(rows))
+        return rows
     measured: list[list[Row]] = [[] for _ in selected]
     rows: list[Row] = []
     print(format_table(rows, matmul).splitlines()[0], flush=True)
@@ -425,6 +510,21 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.json is not None:
         print(f"wrote {args.json}")
     return rows
+
+
+def against_the_first(rows: list[Row]) -> str:
+    """Each row's median step against the first row of its order (the base of an interleaved comparison)."""
+    base: dict[str, Row] = {}
+    lines = []
+    for r in rows:
+        first = base.setdefault(r.order, r)
+        if r is not first:
+            lines.append(
+                f"{r.name} {r.order}: {r.ms_per_step:.0f} against {first.name} {first.ms_per_step:.0f} ms "
+                f"({r.ms_per_step / first.ms_per_step:.3f}x; step by step "
+                f"{', '.join(f'{b / a:.2f}' for a, b in zip(first.ms_all, r.ms_all))})"
+            )
+    return "\n".join(lines)
 
 
 def write_report(args: argparse.Namespace, matmul: dict[str, float], rows: list[Row]) -> None:

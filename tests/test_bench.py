@@ -77,6 +77,44 @@ def test_the_speed_table_times_bf16_rows_against_the_bf16_matmul_rate_over_round
         speed_table([*tiny, "--device", "cpu", "--only", "default", "pc-darts K=4+cuda_graph"])
 
 
+def test_the_interleaved_table_times_its_rows_in_turn_in_one_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--interleaved: every row's steps in this process (no peak memory to report), each against the first row
+    asked for of its order, step by step; refused with --rounds (not a timing test: any speed)."""
+    import os
+
+    import bench.speed
+
+    built, build = [], bench.speed.build
+
+    def counted(case: bench.speed.Case, args):  # noqa: ANN001, ANN202 - the wrapped function's own types
+        built.append((case.name, case.order, os.getpid()))
+        return build(case, args)
+
+    monkeypatch.setattr(bench.speed, "build", counted)
+    out = tmp_path / "speed.json"
+    tiny = ["--batch", "2", "--layers", "3", "--channels", "4", "--input-size", "8", "--threads", "1"]
+    only = ["--only", "default", "plain", "--interleaved", "--iters", "2", "--warmup", "1", "--json", str(out)]
+    rows = speed_table([*tiny, *only])
+    asked = [("default", "first"), ("default", "second"), ("plain", "first"), ("plain", "second")]
+    assert built == [(*row, os.getpid()) for row in asked]  # all built in this process
+    assert [(r.name, r.order) for r in rows] == asked
+    assert [r["peak_mb"] for r in json.loads(out.read_text())["rows"]] == [None] * 4
+    for row in rows:
+        assert len(row.ms_all) == 2 and row.ms_per_step == pytest.approx(statistics.median(row.ms_all))
+        assert row.ops_per_step > 0
+    text = capsys.readouterr().out
+    for default, plain in (rows[0], rows[2]), (rows[1], rows[3]):
+        ratio, steps = plain.ms_per_step / default.ms_per_step, [b / a for a, b in zip(default.ms_all, plain.ms_all)]
+        assert (
+            f"plain {plain.order}: {plain.ms_per_step:.0f} against default {default.ms_per_step:.0f} ms "
+            f"({ratio:.3f}x; step by step {steps[0]:.2f}, {steps[1]:.2f})"
+        ) in text
+    with pytest.raises(SystemExit, match="--interleaved times every row in one process"):
+        speed_table([*tiny, "--only", "default", "--interleaved", "--rounds", "2"])
+
+
 def test_a_row_over_rounds_is_their_median_not_their_mean() -> None:
     """One slow round (the host busy for a minute) must not move the row: the median of three is the middle one."""
     from bench.speed import Row, over_rounds
