@@ -66,7 +66,7 @@ def _say_if_native_kernels_missing(config: PipelineConfig, context: LoopContext)
 
     speed = config.search.speed
     natives = (speed.native_depthwise_grad, speed.weightless_once, speed.native_norm, speed.native_sum)
-    natives += (speed.native_pointwise,)
+    natives += (speed.native_pointwise, speed.native_pool)
     if context.device.type == "cpu" and any(natives):
         problem = kernels.native_problem()
         if problem is not None:

@@ -18,8 +18,11 @@
   ``search.speed.native_pointwise``): forward, input and weight gradient, where oneDNN's grouped kernel runs at a
   fraction of the memory's speed (PC-DARTS's batched edges, C/K channels a group) or, at 16 (DARTS's), 1.2-1.5x
   slower.
+- Max and average pooling over dense channels, forward (``pool.c``, ``search.speed.native_pool``): PyTorch's
+  channels_last pooling vectorizes along the channels, and at PC-DARTS's 4-12 takes about 100 times as long as a
+  copy of its input.
 
-The library (all five files) is built once per machine, source and compiler, with ``-march=native``, into
+The library (all six files) is built once per machine, source and compiler, with ``-march=native``, into
 ``$XDG_CACHE_HOME/raydarts/kernels`` (``~/.cache`` by default) under a name that hashes all four, so a machine with
 another CPU sharing the home folder builds its own. Processes that build at once (Ray workers) each write their own
 file and rename it into place. Where no compiler builds it, a warning says why once and the callers keep PyTorch's
@@ -47,7 +50,7 @@ import torch
 
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("depthwise_grad.c", "edge_sum_grad.c", "norm_cl.c", "edge_sum.c", "pointwise.c")
+    for name in ("depthwise_grad.c", "edge_sum_grad.c", "norm_cl.c", "edge_sum.c", "pointwise.c", "pool.c")
 )
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 BUILD_SECONDS = 120
@@ -118,7 +121,7 @@ def native_kernels() -> NativeKernels:
 def _without(problem: str) -> NativeKernels:
     text = (
         "native kernels (search.speed.native_depthwise_grad, weightless_once, native_norm, native_sum, "
-        f"native_pointwise): {problem}; "
+        f"native_pointwise, native_pool): {problem}; "
         "PyTorch's operators run"
     )
     warnings.warn(text, stacklevel=3)
@@ -154,6 +157,9 @@ def _load(cc: str) -> ctypes.CDLL:
     function = library.pointwise_grouped_weight_grad_f32
     function.restype = None
     function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    function = library.pool2d_forward_f32
+    function.restype = None
+    function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 12 + [ctypes.c_int] * 2
     return library
 
 
@@ -451,3 +457,58 @@ def grouped_pointwise_weight_gradient(x: torch.Tensor, grad: torch.Tensor, width
         x.data_ptr(), grad.data_ptr(), d_weight.data_ptr(), n * h * w, c, width, torch.get_num_threads()
     )
     return d_weight
+
+
+def pooled_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """The output length of a pooling along one dimension, by PyTorch's rule (with ``ceil_mode`` a last window
+    that starts inside the input or its left padding is kept)."""
+    out = (size + 2 * padding - kernel + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def dense_channels(x: torch.Tensor) -> bool:
+    """Whether the channels of a 4-d tensor lie next to each other (stride 1; one channel always does)."""
+    return x.stride(1) == 1 or x.shape[1] == 1
+
+
+def pool2d(
+    x: torch.Tensor, kernel: int, stride: int, padding: int, ceil_mode: bool, is_max: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``F.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode, return_indices=True)`` (``is_max``) or
+    ``F.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad=False)`` and None, square windows, for a
+    4-d float32 CPU tensor whose channels are dense (stride 1: channels_last, or channels cut from such a tensor);
+    the results channels_last, the indices as PyTorch's backward takes them. The library must be available
+    (:func:`native_available`)."""
+    library = native_library()
+    if library is None:
+        raise RuntimeError("the native kernels are not available here (nas.kernels.native_available)")
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4 or not dense_channels(x):
+        raise TypeError(f"the native pooling takes a 4-d float32 CPU tensor with dense channels, not {tuple(x.shape)}")
+    if not 0 <= padding <= kernel // 2 or stride < 1:
+        raise ValueError(f"no pooling of window {kernel}, stride {stride}, padding {padding}")
+    n, c, h, w = x.shape
+    oh, ow = (pooled_size(size, kernel, stride, padding, ceil_mode) for size in (h, w))
+    y = torch.empty(n, c, oh, ow, memory_format=torch.channels_last)
+    indices = torch.empty(n, c, oh, ow, dtype=torch.int64, memory_format=torch.channels_last) if is_max else None
+    library.pool2d_forward_f32(
+        x.data_ptr(),
+        y.data_ptr(),
+        _pointer(indices),
+        n,
+        c,
+        h,
+        w,
+        x.stride(0),
+        x.stride(2),
+        x.stride(3),
+        oh,
+        ow,
+        kernel,
+        stride,
+        padding,
+        is_max,
+        torch.get_num_threads(),
+    )
+    return y, indices

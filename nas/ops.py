@@ -808,12 +808,89 @@ class _MaxPoolRecomputed(torch.autograd.Function):
         return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, *geometry, indices), None
 
 
+class _NativePool(torch.autograd.Function):
+    """A max or average pooling by the native kernel (:func:`pool2d`); the backward PyTorch's own, from the argmax
+    indices the kernel wrote as PyTorch writes them. Under ``create_graph`` (the exact Hessian) it differentiates a
+    recomputed forward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernel: int, stride: int, padding: int, ceil_mode: bool, is_max: bool):  # noqa: ANN001, ANN205
+        y, indices = kernels.pool2d(x, kernel, stride, padding, ceil_mode, is_max)
+        ctx.geometry, ctx.is_max = (kernel, stride, padding, ceil_mode), is_max
+        ctx.save_for_backward(x, *([indices] if is_max else []))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        x, *indices = ctx.saved_tensors
+        kernel, stride, padding, ceil_mode = ctx.geometry
+        if torch.is_grad_enabled():
+            with torch.enable_grad():
+                y = pool2d(x, kernel, stride, padding, ceil_mode, ctx.is_max, native=False)
+            return _gradients_to_differentiate_again(y, (x,), (True,), grad)[0], None, None, None, None, None
+        window, step, pad = [kernel] * 2, [stride] * 2, [padding] * 2
+        if ctx.is_max:
+            d_x = torch.ops.aten.max_pool2d_with_indices_backward(
+                grad, x, window, step, pad, [1, 1], ceil_mode, indices[0]
+            )
+        else:
+            d_x = torch.ops.aten.avg_pool2d_backward(grad, x, window, step, pad, ceil_mode, False, None)
+        return d_x, None, None, None, None, None
+
+
+def pool2d(
+    x: torch.Tensor, kernel: int, stride: int, padding: int, ceil_mode: bool, is_max: bool, native: bool
+) -> torch.Tensor:
+    """``F.max_pool2d`` (``is_max``) or ``F.avg_pool2d`` with ``count_include_pad=False`` of a square window; with
+    ``native`` (``search.speed.native_pool``) by the native kernel where it applies (:func:`native_pool_applies`):
+    the same values, argmax and gradients as PyTorch's."""
+    if native and native_pool_applies(x):
+        return _NativePool.apply(x, kernel, stride, padding, ceil_mode, is_max)
+    if is_max:
+        return F.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode)
+    return F.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad=False)
+
+
+def native_pool_applies(x: torch.Tensor) -> bool:
+    """Whether the native kernel computes a pooling of ``x``: a 4-d float32 CPU tensor whose channels are dense
+    (channels_last, or channels cut from it, as PC-DARTS cuts them), outside autocast and compiled graphs (a graph
+    cannot trace a C call), the kernel built here."""
+    return (
+        x.dim() == 4
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and kernels.dense_channels(x)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and kernels.native_available()
+    )
+
+
+def pool_geometry(layer: nn.Module) -> tuple[int, int, int, bool, bool] | None:
+    """(kernel, stride, padding, ceil_mode, is_max) of a pooling :func:`pool2d` computes: an ``nn.MaxPool2d``
+    without dilation or returned indices, or an ``nn.AvgPool2d`` that counts only the inputs inside, both of square
+    windows, strides and paddings; None for any other layer."""
+    if type(layer) is nn.MaxPool2d:
+        if layer.return_indices or _pair(layer.dilation) != (1, 1):
+            return None
+    elif type(layer) is not nn.AvgPool2d or layer.count_include_pad or layer.divisor_override is not None:
+        return None
+    kernel, padding = _pair(layer.kernel_size), _pair(layer.padding)
+    stride = _pair(layer.stride if layer.stride is not None else layer.kernel_size)
+    if any(len(set(pair)) != 1 for pair in (kernel, stride, padding)):
+        return None
+    return kernel[0], stride[0], padding[0], layer.ceil_mode, type(layer) is nn.MaxPool2d
+
+
 def forward_layer(layer: nn.Module, x: torch.Tensor, recompute: bool) -> torch.Tensor:
     """``layer(x)``; with ``recompute`` (``search.speed.recompute_depthwise``) a max pooling that keeps no argmax
-    indices for the backward (:class:`_MaxPoolRecomputed`); a training batch norm marked ``native_norm`` by the
-    search by the native kernel where it applies (:func:`batch_norm`)."""
+    indices for the backward (:class:`_MaxPoolRecomputed`); a pooling marked ``native_pool`` by the search by the
+    native kernel where it applies (:func:`pool2d`); a training batch norm marked ``native_norm`` by the search by
+    the native kernel where it applies (:func:`batch_norm`)."""
     if recompute and type(layer) is nn.MaxPool2d and not layer.return_indices and torch.is_grad_enabled():
         return _MaxPoolRecomputed.apply(x, layer)
+    if getattr(layer, "native_pool", False) and (geometry := pool_geometry(layer)) is not None:
+        return pool2d(x, *geometry, native=True)
     native = type(layer) is nn.BatchNorm2d and getattr(layer, "native_norm", False)
     if native and batch_statistics(layer) and native_norm_applies(x):
         return batch_norm(x, layer.weight, layer.bias, norm_arguments(layer))

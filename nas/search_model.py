@@ -42,6 +42,7 @@ from nas.ops import (
     norm_arguments,
     norm_relu_separable,
     norm_relu_separable_layers,
+    pool2d,
     separable,
     starts_with_relu,
     train_norm,
@@ -97,13 +98,15 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
-def partial_split(x: torch.Tensor, partial: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+def partial_split(
+    x: torch.Tensor, partial: int, stride: int, native_pool: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PC-DARTS's split of an edge input: its first C/K channels (for the candidates, a view) and the rest (passed
-    by, max-pooled at stride 2)."""
+    by, max-pooled at stride 2; ``native_pool``: ``search.speed.native_pool``)."""
     k = x.shape[1] // partial
     through, bypass = x.split([k, x.shape[1] - k], dim=1)  # split: a gradient in x's layout (a slice's is not)
     if stride == 2:
-        bypass = F.max_pool2d(bypass, 2, 2, ceil_mode=True)
+        bypass = pool2d(bypass, 2, 2, 0, True, is_max=True, native=native_pool)
     return through, bypass
 
 
@@ -481,12 +484,15 @@ class MixedOp(nn.Module):
                 module.native_norm = speed.native_norm
             if type(module) is nn.Conv2d:
                 module.native_pointwise = speed.native_pointwise
+            if type(module) in (nn.MaxPool2d, nn.AvgPool2d):
+                module.native_pool = speed.native_pool
         self.active = tuple(i for i, name in enumerate(primitives) if not (speed.skip_none and name == "none"))
         self.after_relu = tuple(speed.shared_relu and starts_with_relu(op) for op in self.ops)
         self.stacked = speed.stacked_mixture
         self.norm_in_sum = speed.norm_in_sum
         self.recompute_depthwise = speed.recompute_depthwise
         self.native_sum = speed.native_sum
+        self.native_pool = speed.native_pool
         self.fast = speed.skip_none or speed.shared_relu or speed.stacked_mixture or speed.norm_in_sum
         self._index: dict[tuple[object, torch.device], torch.Tensor] = {}  # for a non-contiguous set of candidates
 
@@ -495,7 +501,7 @@ class MixedOp(nn.Module):
         (max-pooled at stride 2), then a channel shuffle of K groups."""
         if self.partial == 1:
             return self.mixture(x, weights)
-        through, bypass = partial_split(x, self.partial, self.stride)
+        through, bypass = partial_split(x, self.partial, self.stride, self.native_pool)
         return shuffled_node([self.mixture(through, weights)], [bypass], self.partial)
 
     def mixture(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -611,7 +617,7 @@ class SearchCell(nn.Module):
             for j, h in enumerate(states):
                 edge = self.edges[offset + j]
                 if j == len(parts):
-                    through, bypass = partial_split(h, self.partial, edge.stride)
+                    through, bypass = partial_split(h, self.partial, edge.stride, edge.native_pool)
                     layout = torch.channels_last if is_channels_last(h) else torch.contiguous_format
                     parts.append((through.contiguous(memory_format=layout), bypass))  # dense once, not per candidate
                 through, bypass = parts[j]
@@ -644,7 +650,8 @@ class SearchCell(nn.Module):
         for g, group in enumerate(self.groups):
             stride = self.edges[group[0][1]].stride  # one stride per group: a reduction's cell-input edges, or 1
             if self.partial > 1:
-                parts = {source: partial_split(states[source], self.partial, stride) for source, _ in group}
+                native = self.edges[0].native_pool
+                parts = {source: partial_split(states[source], self.partial, stride, native) for source, _ in group}
                 inputs = [parts[source][0] for source, _ in group]
             else:
                 inputs = [states[source] for source, _ in group]

@@ -158,7 +158,7 @@ def test_a_stage_prints_only_its_own_lines_unless_verbose(tmp_path: Path) -> Non
     ours = [line for line in lines if OUR_LINE.match(line)]
     assert ours[0] == (
         "[search s2 ξ=lr 2nd] rank 0: native kernels (search.speed.native_depthwise_grad, weightless_once, "
-        "native_norm, native_sum, native_pointwise): "
+        "native_norm, native_sum, native_pointwise, native_pool): "
         "no C compiler (cc, gcc, clang or $CC); PyTorch's operators run"
     )
     assert [line.split(" | ")[0] for line in ours[1:]] == [

@@ -3,7 +3,8 @@
 ones, reached by every 5x5 depthwise convolution of a search step; the once-per-state gradients of the batched sum
 (nas/edge_sum_grad.c, ``search.speed.weightless_once``) against their formulas; the channels_last training batch
 norm (nas/norm_cl.c, ``search.speed.native_norm``) against PyTorch's, reached by every narrow norm of a search step;
-built once into a cache, and PyTorch's operators where no compiler builds them."""
+the poolings (nas/pool.c, ``search.speed.native_pool``): PyTorch's values, argmax and gradients, every pooling of a
+search step; built once into a cache, and PyTorch's operators where no compiler builds them."""
 
 from __future__ import annotations
 
@@ -422,6 +423,119 @@ def test_the_native_pointwise_kernel_computes_every_narrow_grouped_1x1_convoluti
     supernet = {"channels": 16, "partial_channels": partial_channels, "edge_normalization": partial_channels > 1}
     on = one_step_under(NarrowPointwise(), SpeedConfig(), **supernet).count
     off = one_step_under(NarrowPointwise(), SpeedConfig(native_pointwise=False), **supernet).count
+    assert on == 0 < off
+
+
+def pooling_input(layout: str, channels: int, height: int, width: int, values: str) -> torch.Tensor:
+    """A pooling's input: channels_last, or the first ``channels`` of a wider channels_last tensor (PC-DARTS's cut);
+    random values, small integers (ties in every window), or random with NaN and whole rows of -inf."""
+    gen = torch.Generator().manual_seed(channels * 100 + height)
+    wide = channels if layout == "channels_last" else channels + 5
+    if values == "ties":
+        base = torch.randint(-2, 3, (3, wide, height, width), generator=gen).float()
+    else:
+        base = torch.randn(3, wide, height, width, generator=gen)
+    if values == "nan_inf":
+        base[0, :, 1] = float("-inf")
+        base[1, 0, 2, 3] = base[2, -1, 0, 0] = float("nan")
+    return base.contiguous(memory_format=torch.channels_last)[:, :channels]
+
+
+@pytest.mark.parametrize("values", ["random", "ties", "nan_inf"])
+@pytest.mark.parametrize("layout", ["channels_last", "cut"])
+@pytest.mark.parametrize(
+    ("channels", "height", "width", "kernel", "stride", "padding", "ceil_mode"),
+    [
+        (4, 8, 8, 3, 1, 1, False),  # a PC-DARTS candidate's pooling
+        (12, 7, 9, 3, 2, 1, False),  # a reduction's, odd sizes
+        (8, 7, 5, 2, 2, 0, True),  # PC-DARTS's passed-by channels at stride 2: ceil_mode's clipped last windows
+        (17, 6, 6, 3, 1, 0, False),  # no padding, channels past a vector
+        (3, 5, 11, 5, 1, 2, False),  # a wider window
+        (16, 9, 9, 3, 3, 1, True),  # stride 3
+        (1, 4, 4, 3, 1, 1, False),  # one channel
+    ],
+)
+@pytest.mark.parametrize("is_max", [True, False], ids=["max", "avg"])
+def test_the_native_pooling_equals_pytorchs(
+    channels: int,
+    height: int,
+    width: int,
+    kernel: int,
+    stride: int,
+    padding: int,
+    ceil_mode: bool,
+    layout: str,
+    values: str,
+    is_max: bool,
+) -> None:
+    """Max pooling: PyTorch's values and argmax indices exactly (ties go to the first in the window's row order, a
+    NaN wins, a window of -inf points at its first input), so that PyTorch's backward reads them; average pooling
+    counting only the inputs inside: PyTorch's values."""
+    x = pooling_input(layout, channels, height, width, values)
+    y, indices = kernels.pool2d(x, kernel, stride, padding, ceil_mode, is_max)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    if is_max:
+        want_y, want_indices = F.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode, return_indices=True)
+        torch.testing.assert_close(y, want_y, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(indices, want_indices)
+    else:
+        want_y = F.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad=False)
+        torch.testing.assert_close(y, want_y, rtol=1e-6, atol=1e-6, equal_nan=True)
+        assert indices is None
+
+
+def test_the_native_pooling_refuses_what_it_does_not_compute() -> None:
+    with pytest.raises(TypeError, match="dense channels"):
+        kernels.pool2d(torch.randn(2, 3, 5, 5), 3, 1, 1, False, True)  # channels-first: channel stride 25
+    with pytest.raises(ValueError, match="no pooling of window 3, stride 1, padding 2"):
+        kernels.pool2d(torch.randn(2, 3, 5, 5).contiguous(memory_format=torch.channels_last), 3, 1, 2, False, True)
+
+
+@pytest.mark.parametrize("geometry", [(3, 1, 1, False), (3, 2, 1, False), (2, 2, 0, True)])
+@pytest.mark.parametrize("is_max", [True, False], ids=["max", "avg"])
+def test_the_native_pooling_has_pytorchs_gradients_and_hessian(geometry: tuple, is_max: bool) -> None:
+    """:func:`nas.ops.pool2d` with the native kernel: PyTorch's values and input gradient, and under
+    ``create_graph`` (the exact Hessian) a gradient that is differentiated again, with respect to the output's
+    gradient, to PyTorch's."""
+    from nas.ops import pool2d
+
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 9, 7, 7, generator=gen).contiguous(memory_format=torch.channels_last)[:, :6]
+    results = []
+    for native in (True, False):
+        leaf = x.clone().requires_grad_()
+        y = pool2d(leaf, *geometry, is_max=is_max, native=native)
+        assert (y.grad_fn.name() == "_NativePoolBackward") == native
+        probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        (first,) = torch.autograd.grad((y * probe).sum(), leaf, create_graph=True)
+        (second,) = torch.autograd.grad((first * torch.linspace(-1, 1, first.numel()).view(first.shape)).sum(), probe)
+        (plain,) = torch.autograd.grad((pool2d(leaf, *geometry, is_max=is_max, native=native) * probe).sum(), leaf)
+        results.append((y, first, second, plain))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+class Poolings(TorchDispatchMode):
+    """How many max and average poolings PyTorch computes forward (their backwards stay PyTorch's either way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        self.count += func.overloadpacket.__name__ in ("max_pool2d_with_indices", "avg_pool2d", "max_pool2d")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("batched_edges", [True, False])
+@pytest.mark.parametrize("partial_channels", [1, 4], ids=["darts", "pc-darts"])
+def test_the_native_pooling_computes_every_pooling_of_a_search_step(partial_channels: int, batched_edges: bool) -> None:
+    """Second order, default switches: no pooling forward is left to PyTorch (the candidates' 3x3 ones at stride 1
+    and 2, PC-DARTS's 2x2 of the passed-by channels in a reduction cell), edge by edge and batched; with the switch
+    off, they all are."""
+    supernet = {"channels": 16, "partial_channels": partial_channels, "edge_normalization": partial_channels > 1}
+    on = one_step_under(Poolings(), SpeedConfig(batched_edges=batched_edges), **supernet).count
+    off = one_step_under(Poolings(), SpeedConfig(native_pool=False, batched_edges=batched_edges), **supernet).count
     assert on == 0 < off
 
 

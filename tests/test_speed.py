@@ -99,6 +99,7 @@ def test_each_switch_alone_gives_the_plain_paths_alpha_and_weights(switch: str, 
         "native_sum": {"batched_edges": True, "channels_last": True},
         "flipped_input_grad": {"native_depthwise_grad": True},  # for the backwards that are ours
         "native_pointwise": {"batched_edges": True, "channels_last": True},
+        "native_pool": {"channels_last": True},  # dense channels
     }
     speed = PLAIN.model_copy(update={switch: True, **needs.get(switch, {})})
     assert_same(three_steps(tiny_config(speed)), plain_second_order)
@@ -578,7 +579,8 @@ def test_weightless_candidates_run_once_per_state_in_training_and_per_edge_in_ev
     nets, outputs, channels = [], [], []
     for once in (True, False):
         torch.manual_seed(0)
-        net = tiny_network(SpeedConfig(weightless_once=once), partial_channels).to(memory_format=torch.channels_last)
+        speed = SpeedConfig(weightless_once=once, native_pool=False)  # PyTorch's poolings: the ones counted here
+        net = tiny_network(speed, partial_channels).to(memory_format=torch.channels_last)
         with PoolChannels() as pools:
             outputs.append(net(x))
         nets.append(net)
