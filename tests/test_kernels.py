@@ -397,20 +397,25 @@ def test_the_native_grouped_pointwise_convolution_has_pytorchs_gradients_and_hes
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-class NarrowPointwise(TorchDispatchMode):
-    """How many grouped 1x1 convolutions of groups 2, 4, 8 or 16 channels wide PyTorch runs, forward and backward."""
+class CountingMode(TorchDispatchMode):
+    """How many of the operators PyTorch runs ``counted(name, args)`` picks out."""
 
-    def __init__(self) -> None:
+    def __init__(self, counted: Callable[[str, tuple], bool]) -> None:
         super().__init__()
-        self.count = 0
+        self.counted, self.count = counted, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
-        name = func.overloadpacket.__name__
-        if name in ("convolution", "convolution_backward"):
-            weight, groups = (args[1], args[8]) if name == "convolution" else (args[2], args[9])
-            narrow = weight.shape[0] == weight.shape[1] * groups and weight.shape[1] in (2, 4, 8, 16)
-            self.count += groups > 1 and narrow and tuple(weight.shape[2:]) == (1, 1)
+        self.count += self.counted(func.overloadpacket.__name__, args)
         return func(*args, **(kwargs or {}))
+
+
+def narrow_pointwise(name: str, args: tuple) -> bool:
+    """A grouped 1x1 convolution of groups 2, 4, 8 or 16 channels wide, forward or backward."""
+    if name not in ("convolution", "convolution_backward"):
+        return False
+    weight, groups = (args[1], args[8]) if name == "convolution" else (args[2], args[9])
+    narrow = weight.shape[0] == weight.shape[1] * groups and weight.shape[1] in (2, 4, 8, 16)
+    return groups > 1 and narrow and tuple(weight.shape[2:]) == (1, 1)
 
 
 @pytest.mark.parametrize("partial_channels", [1, 4], ids=["darts", "pc-darts"])
@@ -421,8 +426,8 @@ def test_the_native_pointwise_kernel_computes_every_narrow_grouped_1x1_convoluti
     no grouped 1x1 convolution of groups 2-16 channels wide is left to PyTorch; with the switch off, there are
     some."""
     supernet = {"channels": 16, "partial_channels": partial_channels, "edge_normalization": partial_channels > 1}
-    on = one_step_under(NarrowPointwise(), SpeedConfig(), **supernet).count
-    off = one_step_under(NarrowPointwise(), SpeedConfig(native_pointwise=False), **supernet).count
+    on = one_step_under(CountingMode(narrow_pointwise), SpeedConfig(), **supernet).count
+    off = one_step_under(CountingMode(narrow_pointwise), SpeedConfig(native_pointwise=False), **supernet).count
     assert on == 0 < off
 
 
@@ -515,16 +520,9 @@ def test_the_native_pooling_has_pytorchs_gradients_and_hessian(geometry: tuple, 
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-class Poolings(TorchDispatchMode):
-    """How many max and average poolings PyTorch computes forward (their backwards stay PyTorch's either way)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
-        self.count += func.overloadpacket.__name__ in ("max_pool2d_with_indices", "avg_pool2d", "max_pool2d")
-        return func(*args, **(kwargs or {}))
+def pooling(name: str, args: tuple) -> bool:
+    """A max or average pooling's forward (their backwards stay PyTorch's either way)."""
+    return name in ("max_pool2d_with_indices", "avg_pool2d", "max_pool2d")
 
 
 @pytest.mark.parametrize("batched_edges", [True, False])
@@ -534,8 +532,10 @@ def test_the_native_pooling_computes_every_pooling_of_a_search_step(partial_chan
     and 2, PC-DARTS's 2x2 of the passed-by channels in a reduction cell), edge by edge and batched; with the switch
     off, they all are."""
     supernet = {"channels": 16, "partial_channels": partial_channels, "edge_normalization": partial_channels > 1}
-    on = one_step_under(Poolings(), SpeedConfig(batched_edges=batched_edges), **supernet).count
-    off = one_step_under(Poolings(), SpeedConfig(native_pool=False, batched_edges=batched_edges), **supernet).count
+    on = one_step_under(CountingMode(pooling), SpeedConfig(batched_edges=batched_edges), **supernet).count
+    off = one_step_under(
+        CountingMode(pooling), SpeedConfig(native_pool=False, batched_edges=batched_edges), **supernet
+    ).count
     assert on == 0 < off
 
 
