@@ -582,6 +582,8 @@ class SearchCell(nn.Module):
         self._weightless: dict[tuple[int, int], str] = {}
         self._index: dict[tuple[object, torch.device], torch.Tensor] = {}
         self._batchable: tuple[int, bool] | None = None
+        self._candidates: dict[tuple[int, int], Candidates] = {}
+        self._candidates_key: tuple[int, bool] | None = None
 
     def forward(
         self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor, edge_weights: torch.Tensor | None = None
@@ -710,15 +712,15 @@ class SearchCell(nn.Module):
                 relu_stack = F.relu(stack) if any(first.after_relu) else stack  # search.speed.shared_relu: one ReLU
         outputs, norms, states = [], [], None
         for k, shared in zip(first.active, once):
-            candidates = [self.edges[edge].ops[k] for _, edge in group]
+            candidates, split_candidates = self.candidates(g, k)
             if shared:
                 if states is None:  # one stack of the states for every such candidate (what the poolings keep)
                     states = distinct[0] if len(distinct) == 1 else torch.cat(list(distinct), dim=1)
-                output, norm = self.run_once_per_state(candidates, states, len(distinct), stats)
+                output, norm = self.run_once_per_state(candidates, split_candidates, states, len(distinct), stats)
                 outputs.append(output)
                 norms.append(norm)
                 continue
-            splits = [closing_norm(op, first.after_relu[k]) for op in candidates] if normalize else [None]
+            splits = split_candidates if normalize else [None]
             norm = None
             if all(split is not None for split in splits):
                 norm = stacked_norm_arguments([split[1] for split in splits], stats)
@@ -769,17 +771,40 @@ class SearchCell(nn.Module):
             self._weightless[(g, k)] = kind
         return kind == "plain" or (kind == "normalized" and normalize and self.training)
 
+    def candidates(self, g: int, k: int) -> Candidates:
+        """Candidate ``k`` on each edge of group ``g``, and each one's :func:`closing_norm` (after the edge's shared
+        ReLU, if it takes one): what every forward of the group reads, found once (walking the modules is a
+        tenth of a PC-DARTS step's Python) and again only after ``train()``/``eval()`` or a swap of the modules
+        (the key :meth:`can_batch` watches; a cell whose norms were swapped for cross-rank ones runs edge by edge,
+        without this)."""
+        key = (id(self.preprocess1[-1]), self.training)
+        if self._candidates_key != key:
+            self._candidates, self._candidates_key = {}, key
+        found = self._candidates.get((g, k))
+        if found is None:
+            group = self.groups[g]
+            after_relu = self.edges[group[0][1]].after_relu[k]
+            candidates = [self.edges[edge].ops[k] for _, edge in group]
+            found = self._candidates[(g, k)] = (candidates, [closing_norm(op, after_relu) for op in candidates])
+        return found
+
     def run_once_per_state(
-        self, candidates: Sequence[nn.Module], x: torch.Tensor, sources: int, stats: RunningStats
+        self,
+        candidates: Sequence[nn.Module],
+        splits: Sequence[tuple[list[nn.Module], nn.BatchNorm2d] | None],
+        x: torch.Tensor,
+        sources: int,
+        stats: RunningStats,
     ) -> tuple[torch.Tensor, tuple | None]:
         """A candidate without weights on ``x``, the group's ``sources`` states stacked (one block per state, not per
         edge), and its closing batch norm's arguments for the sum (None: no norm in the sum), the statistics of the
-        first edge leaving each state updated by it and the other edges' following (:meth:`RunningStats.follow`)."""
-        split = closing_norm(candidates[0], False)
+        first edge leaving each state updated by it and the other edges' following (:meth:`RunningStats.follow`).
+        ``splits``: each candidate's :func:`closing_norm` (such a candidate takes no shared ReLU)."""
+        split = splits[0]
         if split is None:  # no batch norm (once_per_state)
             return candidates[0](x), None
         per_state = len(candidates) // sources
-        norms = [closing_norm(op, False)[1] for op in candidates]
+        norms = [each[1] for each in splits]
         if not one_norm(norms):
             raise RuntimeError("weightless candidates of one group must have alike batch norms")
         leaders = norms[::per_state]
@@ -797,6 +822,8 @@ class SearchCell(nn.Module):
 
 
 EdgeGroup = tuple[tuple[int, int], ...]  # (source state, edge index) per edge, in stacking order
+# one candidate on each edge of a group, and each one's closing_norm
+Candidates = tuple[list[nn.Module], list[tuple[list[nn.Module], nn.BatchNorm2d] | None]]
 
 
 def edge_groups(nodes: int) -> tuple[EdgeGroup, ...]:

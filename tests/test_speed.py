@@ -607,6 +607,24 @@ def test_weightless_candidates_run_once_per_state_in_training_and_per_edge_in_ev
     assert channels[2] == channels[3]
 
 
+def test_a_cells_candidates_are_found_once_and_again_after_eval_or_a_swap() -> None:
+    """SearchCell.candidates: each group's candidates and their closing norms are looked up once, not on every
+    forward; switching to eval mode (no closing norm in the sum) or swapping the modules (the key can_batch watches)
+    finds them again, with the swapped-in norm."""
+    cell = tiny_network(SpeedConfig()).cells[0]
+    k = PRIMITIVES.index("max_pool_3x3")  # the pooling, then its closing norm
+    candidates, splits = cell.candidates(0, k)
+    assert cell.candidates(0, k)[0] is candidates  # found once
+    assert all(split is not None and type(split[1]) is torch.nn.BatchNorm2d for split in splits)
+    cell.eval()
+    assert cell.candidates(0, k)[1] == [None] * len(splits)  # a norm in eval mode is no closing norm of the sum
+    cell.train()
+    op = cell.edges[cell.groups[0][0][1]].ops[k]
+    op[-1] = torch.nn.BatchNorm2d(op[-1].num_features, affine=False)
+    cell.preprocess1[-1] = torch.nn.BatchNorm2d(cell.preprocess1[-1].num_features)  # as ray.sync_bn swaps them all
+    assert cell.candidates(0, k)[1][0][1] is op[-1]
+
+
 def two_mixed_ops(
     stride: int, channels_last: bool, switch: str = "norm_in_sum", **common: bool
 ) -> tuple[MixedOp, MixedOp]:
