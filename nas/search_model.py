@@ -583,7 +583,7 @@ class SearchCell(nn.Module):
         self._index: dict[tuple[object, torch.device], torch.Tensor] = {}
         self._batchable: tuple[int, bool] | None = None
         self._candidates: dict[tuple[int, int], Candidates] = {}
-        self._candidates_key: tuple[int, bool] | None = None
+        self._lookups_key: tuple[int, bool] | None = None
 
     def forward(
         self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor, edge_weights: torch.Tensor | None = None
@@ -761,6 +761,7 @@ class SearchCell(nn.Module):
         """Whether candidate ``k`` of group ``g``'s edges can be computed once per state: it acts channel by channel
         without weights, alike on every edge (:func:`nas.batched.weightless`, looked at once), and takes no shared
         ReLU; with a batch norm, only inside the sum in training (batch statistics, the same for every edge)."""
+        self._current_lookups()
         kind = self._weightless.get((g, k))
         if kind is None:
             candidates = [self.edges[edge].ops[k] for _, edge in self.groups[g]]
@@ -771,15 +772,20 @@ class SearchCell(nn.Module):
             self._weightless[(g, k)] = kind
         return kind == "plain" or (kind == "normalized" and normalize and self.training)
 
+    def _current_lookups(self) -> None:
+        """Forget what :meth:`candidates` and :meth:`once_per_state` found once the cell was switched between
+        ``train()`` and ``eval()`` or its modules were swapped (the key :meth:`can_batch` watches)."""
+        key = (id(self.preprocess1[-1]), self.training)
+        if self._lookups_key != key:
+            self._candidates, self._weightless, self._lookups_key = {}, {}, key
+
     def candidates(self, g: int, k: int) -> Candidates:
         """Candidate ``k`` on each edge of group ``g``, and each one's :func:`closing_norm` (after the edge's shared
         ReLU, if it takes one): what every forward of the group reads, found once (walking the modules is a
         tenth of a PC-DARTS step's Python) and again only after ``train()``/``eval()`` or a swap of the modules
         (the key :meth:`can_batch` watches; a cell whose norms were swapped for cross-rank ones runs edge by edge,
         without this)."""
-        key = (id(self.preprocess1[-1]), self.training)
-        if self._candidates_key != key:
-            self._candidates, self._candidates_key = {}, key
+        self._current_lookups()
         found = self._candidates.get((g, k))
         if found is None:
             group = self.groups[g]

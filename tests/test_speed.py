@@ -610,7 +610,8 @@ def test_weightless_candidates_run_once_per_state_in_training_and_per_edge_in_ev
 def test_a_cells_candidates_are_found_once_and_again_after_eval_or_a_swap() -> None:
     """SearchCell.candidates: each group's candidates and their closing norms are looked up once, not on every
     forward; switching to eval mode (no closing norm in the sum) or swapping the modules (the key can_batch watches)
-    finds them again, with the swapped-in norm."""
+    finds them again, with the swapped-in norm; so does once_per_state (a pooling swapped for a convolution has
+    weights)."""
     cell = tiny_network(SpeedConfig()).cells[0]
     k = PRIMITIVES.index("max_pool_3x3")  # the pooling, then its closing norm
     candidates, splits = cell.candidates(0, k)
@@ -619,10 +620,13 @@ def test_a_cells_candidates_are_found_once_and_again_after_eval_or_a_swap() -> N
     cell.eval()
     assert cell.candidates(0, k)[1] == [None] * len(splits)  # a norm in eval mode is no closing norm of the sum
     cell.train()
+    assert cell.once_per_state(0, k, normalize=True)
     op = cell.edges[cell.groups[0][0][1]].ops[k]
     op[-1] = torch.nn.BatchNorm2d(op[-1].num_features, affine=False)
+    op[0] = torch.nn.Conv2d(op[-1].num_features, op[-1].num_features, 3, padding=1)
     cell.preprocess1[-1] = torch.nn.BatchNorm2d(cell.preprocess1[-1].num_features)  # as ray.sync_bn swaps them all
     assert cell.candidates(0, k)[1][0][1] is op[-1]
+    assert not cell.once_per_state(0, k, normalize=True)
 
 
 def two_mixed_ops(
