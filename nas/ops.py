@@ -352,9 +352,9 @@ class DepthwiseConv2d(nn.Conv2d):
         stride, padding, dilation = self.stride[0], self.padding[0], self.dilation[0]
         as_it_is = self.flipped and self.native_grad and dilation > 1 and stride == 1  # no dense re-layout
         if as_it_is and native_grad_applies(x, weight, min_kernel=1):
-            if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):  # an α pass: the input's alone
+            if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):  # α passes: the input's alone
                 return _NativeGradDepthwise.apply(x, weight, 1, padding, dilation, True)
-            return F.conv2d(x, weight, None, 1, padding, dilation, weight.shape[0])
+            return F.conv2d(x, weight, None, 1, padding, dilation, weight.shape[0])  # no gradient wanted
         if self.dense and dilation > 1:
             return dilated_as_dense(x, weight, stride, padding, dilation, self.native_grad)
         return depthwise_conv2d(x, weight, stride, padding, dilation, self.native_grad, self.flipped)
