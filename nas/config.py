@@ -192,7 +192,7 @@ class SpeedConfig(_Section):
         description="on CPU, the candidates' max and average poolings over channels_last activations (and PC-DARTS's "
         "pooling of the passed-by channels at stride 2) by a native kernel (nas/kernels.py), forward; the backward "
         "is PyTorch's, from the argmax the kernel writes as PyTorch does: PyTorch's channels_last pooling vectorizes "
-        "along the channels and takes 3-10x as long at PC-DARTS's 4-16 channels. The same values; PyTorch's kernel "
+        "along the channels and takes 2-10x as long at PC-DARTS's 4-16 channels. The same values; PyTorch's kernel "
         "runs where no compiler builds it (bench/README.md)",
     )
     native_sum: bool = Field(

@@ -1,13 +1,14 @@
 /* Max and average pooling over float32 tensors whose channels are dense (channels_last, or a run of channels cut
-   from a channels_last tensor), forward (nas.ops.native_pool, search.speed.native_pool).
+   from a channels_last tensor), forward (nas.ops.pool2d, search.speed.native_pool).
 
    PyTorch's channels_last pooling vectorizes along the channels: at the 4, 8 or 12 channels of PC-DARTS's
    candidates (C/K) a 3x3 pooling of [16, 4, 32, 32] takes 100 times as long as copying it (bench/README.md). Here
    a stride-1 pooling runs over one output row at a time as a flat array of OW*C values: each input row inside the
    window is copied into a buffer padded by p pixels on either side (-inf for the max, 0 for the average), and then
    window column kw of output value j is buffer value j + kw*C, the same offset for every value, so the inner loops
-   run over the flat row whatever C is and the compiler vectorizes them. Other strides (a reduction's 3x3 at stride
-   2, PC-DARTS's 2x2 of the passed-by channels) loop pixel by pixel with the channels innermost.
+   run over the flat row whatever C is and the compiler vectorizes them. At a larger stride (a reduction's 3x3,
+   PC-DARTS's 2x2 of the passed-by channels) the row is pooled so at stride 1 and every s-th pixel kept. Only where
+   ceil_mode clips a last window past the padded row does a pooling loop pixel by pixel, the channels innermost.
 
    The results are PyTorch's: the maximum is the first one in the window's row-major order, a NaN taking the place
    of whatever came before it (PyTorch's rule), and its index is the input position ih*W + iw within the plane, as

@@ -761,10 +761,9 @@ class SearchCell(nn.Module):
         """Whether candidate ``k`` of group ``g``'s edges can be computed once per state: it acts channel by channel
         without weights, alike on every edge (:func:`nas.batched.weightless`, looked at once), and takes no shared
         ReLU; with a batch norm, only inside the sum in training (batch statistics, the same for every edge)."""
-        self._current_lookups()
+        candidates = self.candidates(g, k)[0]  # the lookups made current
         kind = self._weightless.get((g, k))
         if kind is None:
-            candidates = [self.edges[edge].ops[k] for _, edge in self.groups[g]]
             normalized = any(isinstance(m, nn.BatchNorm2d) for m in candidates[0].modules())
             kind = "normalized" if normalized else "plain"
             if self.edges[self.groups[g][0][1]].after_relu[k] or not weightless(candidates):
